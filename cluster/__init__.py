@@ -1,0 +1,1 @@
+"""Cluster plumbing: local start/join, runtime environments, KubeRay manifests."""

@@ -1,0 +1,167 @@
+"""Build SAM (tiny or official vit_b/l/h) from `segment_anything.modeling` classes.
+
+`import segment_anything` runs the package `__init__`, which imports the
+predictor and with it torchvision; no CPU torchvision exists for this torch.
+The modeling subpackage itself needs only torch, so we register the package
+module without executing its `__init__` and import the submodules directly.
+Official checkpoints are read with `torch.load(weights_only=True)`: a state
+dict of tensors and nothing that can run code.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+import types
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def _segment_anything_module(name: str) -> types.ModuleType:
+    """Import `segment_anything.<name>` without running the package __init__."""
+    if "segment_anything" not in sys.modules:
+        spec = importlib.util.find_spec("segment_anything")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("segment-anything is not installed: run the setup step (make setup)")
+        package = types.ModuleType("segment_anything")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["segment_anything"] = package
+    return importlib.import_module(f"segment_anything.{name}")
+
+
+def sam_modeling() -> types.ModuleType:
+    return _segment_anything_module("modeling")
+
+
+@dataclass(frozen=True)
+class TinySamSpec:
+    """Dimensions of a tiny SAM; saved as config.json beside its weights."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    encoder_dim: int = 32
+    encoder_depth: int = 2
+    encoder_heads: int = 2
+    prompt_dim: int = 32
+    decoder_mlp_dim: int = 64
+    decoder_heads: int = 2
+
+
+def build_tiny_sam(spec: TinySamSpec) -> torch.nn.Module:
+    m = sam_modeling()
+    grid = spec.image_size // spec.patch_size
+    return m.Sam(
+        image_encoder=m.ImageEncoderViT(
+            img_size=spec.image_size,
+            patch_size=spec.patch_size,
+            embed_dim=spec.encoder_dim,
+            depth=spec.encoder_depth,
+            num_heads=spec.encoder_heads,
+            mlp_ratio=2.0,
+            out_chans=spec.prompt_dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=max(1, grid // 2),
+            global_attn_indexes=(spec.encoder_depth - 1,),
+        ),
+        prompt_encoder=m.PromptEncoder(
+            embed_dim=spec.prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(spec.image_size, spec.image_size),
+            mask_in_chans=4,
+        ),
+        mask_decoder=m.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=m.TwoWayTransformer(
+                depth=2,
+                embedding_dim=spec.prompt_dim,
+                mlp_dim=spec.decoder_mlp_dim,
+                num_heads=spec.decoder_heads,
+            ),
+            transformer_dim=spec.prompt_dim,
+            iou_head_depth=2,
+            iou_head_hidden_dim=spec.prompt_dim,
+        ),
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
+    )
+
+
+def _build_official(variant: str) -> torch.nn.Module:
+    registry = _segment_anything_module("build_sam").sam_model_registry
+    return registry[variant](checkpoint=None)
+
+
+def save_tiny_sam(sam: torch.nn.Module, spec: TinySamSpec, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(spec), indent=2))
+    torch.save(sam.state_dict(), out / "sam.pt")
+    return out
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights-only read of a SAM checkpoint, with an error that says what to fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a weights-only SAM state dict ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a SAM state dict)")
+    return state
+
+
+def load_sam(variant: str, checkpoint: str | Path | None) -> torch.nn.Module:
+    """`tiny`: a folder written by make-tiny. `vit_b/l/h`: an official .pth file (or None = random init)."""
+    if variant == "tiny":
+        if checkpoint is None:
+            raise ValueError("a tiny SAM needs its folder (model.sam.checkpoint or make-tiny's sam/)")
+        folder = Path(checkpoint)
+        spec = TinySamSpec(**json.loads((folder / "config.json").read_text()))
+        sam = build_tiny_sam(spec)
+        weights = folder / "sam.pt"
+    elif variant in ("vit_b", "vit_l", "vit_h"):
+        sam = _build_official(variant)
+        weights = None if checkpoint is None else Path(checkpoint)
+    else:
+        raise ValueError(f"unknown SAM variant '{variant}': expected tiny, vit_b, vit_l or vit_h")
+    if weights is not None:
+        state = load_state_dict(weights)
+        missing, unexpected = sam.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights}: does not match SAM {variant}: "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+    return sam.eval()
+
+
+def sam_preprocess(image: np.ndarray, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """RGB uint8 [H, W, 3] -> SAM input [3, S, S] and the resized (h, w) inside it.
+
+    As SAM's own pipeline: resize the longest side to S (bilinear), normalise
+    with SAM's pixel statistics, pad bottom/right with zeros.
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = image_size / max(h, w)
+    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR), dtype=np.float32)
+    x = (torch.from_numpy(resized).permute(2, 0, 1) - torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)) / torch.tensor(
+        SAM_PIXEL_STD
+    ).view(3, 1, 1)
+    return torch.nn.functional.pad(x, (0, image_size - nw, 0, image_size - nh)), (nh, nw)

@@ -1,0 +1,157 @@
+"""Frozen vision encoders that turn an image into patch features for the LLM.
+
+They run only inside the feature cache (`segrl precompute`), never in the
+training loop (SegCompass A.1). `tiny` is a small ViT built offline; `llava`
+takes the CLIP tower out of a llava-hf checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TinyVisionSpec:
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class TinyVisionEncoder(nn.Module):
+    """ViT: patchify conv + learned positions + pre-norm transformer layers."""
+
+    def __init__(self, spec: TinyVisionSpec):
+        super().__init__()
+        self.spec = spec
+        self.patch = nn.Conv2d(3, spec.hidden_size, spec.patch_size, stride=spec.patch_size)
+        self.pos = nn.Parameter(torch.randn(1, spec.grid * spec.grid, spec.hidden_size) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            spec.hidden_size, spec.num_heads, 2 * spec.hidden_size, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, spec.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(spec.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] normalised pixels -> [B, grid*grid, hidden] patch features (row-major)."""
+        x = self.patch(pixels).flatten(2).transpose(1, 2) + self.pos
+        return self.norm(self.layers(x))
+
+
+def save_tiny_vision(encoder: TinyVisionEncoder, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(encoder.spec), indent=2))
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, out / "model.safetensors")
+    return out
+
+
+def load_tiny_vision(folder: str | Path) -> TinyVisionEncoder:
+    folder = Path(folder)
+    encoder = TinyVisionEncoder(TinyVisionSpec(**json.loads((folder / "config.json").read_text())))
+    encoder.load_state_dict(load_file(folder / "model.safetensors"))
+    return encoder.eval().requires_grad_(False)
+
+
+class VisionTower:
+    """A frozen encoder plus its preprocessing: RGB uint8 [H, W, 3] -> features [N, D]."""
+
+    def __init__(self, encoder: nn.Module, image_size: int, mean, std, feature_fn=None):
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.image_size = image_size
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.feature_fn = feature_fn or (lambda enc, px: enc(px))
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Resize to a square (bilinear) and normalise; LLaVA-1.5 pads to square first."""
+        from PIL import Image
+
+        batch = []
+        for img in images:
+            square = _pad_to_square(img)
+            resized = Image.fromarray(square).resize((self.image_size, self.image_size), Image.BILINEAR)
+            batch.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        return (torch.stack(batch) - self.mean) / self.std
+
+    @torch.no_grad()
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        return self.feature_fn(self.encoder, self.preprocess(images))
+
+
+def _pad_to_square(img: np.ndarray) -> np.ndarray:
+    """Pad the short side with the mean colour, keeping the image centred (LLaVA-1.5 'pad')."""
+    h, w = img.shape[:2]
+    if h == w:
+        return img
+    side = max(h, w)
+    fill = np.array([int(255 * m) for m in CLIP_MEAN], dtype=np.uint8)
+    out = np.broadcast_to(fill, (side, side, 3)).copy()
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = img
+    return out
+
+
+def _tiny_tower(path: str) -> VisionTower:
+    encoder = load_tiny_vision(Path(path) / "vision")
+    return VisionTower(encoder, encoder.spec.image_size, CLIP_MEAN, CLIP_STD)
+
+
+def _llava_tower(path: str) -> VisionTower:
+    """CLIP ViT-L/336 from a llava-hf checkpoint; penultimate layer, CLS dropped (LLaVA-1.5).
+
+    Only the `vision_tower.` tensors are read, so the 7B language model is never loaded here.
+    """
+    from transformers import AutoConfig, CLIPVisionModel
+
+    folder = _local_checkpoint(path)
+    config = AutoConfig.from_pretrained(folder)
+    encoder = CLIPVisionModel(config.vision_config)
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        for key, value in load_file(shard).items():
+            if "vision_tower." in key:
+                state[key.split("vision_tower.", 1)[1]] = value
+    missing, _ = encoder.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"{folder}: vision tower weights incomplete, e.g. missing {missing[:3]}")
+    layer = config.vision_feature_layer
+
+    def features(enc, px):
+        return enc(pixel_values=px, output_hidden_states=True).hidden_states[layer][:, 1:]
+
+    return VisionTower(encoder, config.vision_config.image_size, CLIP_MEAN, CLIP_STD, features)
+
+
+def _local_checkpoint(name_or_path: str) -> Path:
+    """A local folder as is; a hub id is fetched (config + safetensors only) on clusters with access."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"]))
+
+
+VISION_TOWERS = {"tiny": _tiny_tower, "llava": _llava_tower}
+
+
+def load_vision_tower(family: str, name_or_path: str) -> VisionTower:
+    if family not in VISION_TOWERS:
+        raise ValueError(
+            f"no vision tower for model family '{family}' in the feature cache yet; known: {sorted(VISION_TOWERS)}"
+        )
+    return VISION_TOWERS[family](name_or_path)

@@ -1,0 +1,128 @@
+"""The `segrl` command. Each subcommand takes `--config FILE` and `key=value` overrides.
+
+Errors a user can fix (bad config, bad data file) print one clear line and
+exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipelines.config import Config, ConfigError, dump_config, load_config
+from pipelines.data.schema import DataError
+
+DEFAULT_CONFIG = "configs/tiny.yaml"
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
+
+
+def command(name: str, help_text: str, add_args: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    """Register a subcommand: `fn(config, args)`."""
+
+    def wrap(fn: Callable) -> Callable:
+        COMMANDS[name] = (help_text, add_args, fn)
+        return fn
+
+    return wrap
+
+
+@command("config", "print the resolved configuration as YAML")
+def cmd_config(config: Config, args: argparse.Namespace) -> None:
+    print(dump_config(config), end="")
+
+
+def _force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date copy exists")
+
+
+@command("make-data", "generate the synthetic reasoning-segmentation dataset", _force)
+def cmd_make_data(config: Config, args: argparse.Namespace) -> dict:
+    from pipelines.build import build_synthetic
+
+    return build_synthetic(config, force=args.force)
+
+
+@command("make-tiny", "build the tiny tokenizer, LM, vision encoder, projector and SAM", _force)
+def cmd_make_tiny(config: Config, args: argparse.Namespace) -> dict:
+    from pipelines.build import build_tiny
+
+    return build_tiny(config, force=args.force)
+
+
+def _precompute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--splits", nargs="+", help="split names (default: train + eval splits)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=1, help="encoder actors")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a new local cluster)")
+
+
+@command("precompute", "cache frozen vision/SAM encoder features per image (Ray Data)", _precompute_args)
+def cmd_precompute(config: Config, args: argparse.Namespace) -> dict:
+    from cluster.local import connect
+    from pipelines.precompute import precompute
+
+    connect(args.address)
+    report = precompute(config, args.splits, batch_size=args.batch_size, concurrency=args.concurrency)
+    print("\n".join(report.lines()))
+    return {"encoded": report.encoded, "cached": report.cached, "failed": len(report.failures)}
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    from pipelines.data.converters import CONVERTERS
+
+    p.add_argument("format", choices=sorted(CONVERTERS), help="upstream dataset format")
+    p.add_argument("src", help="upstream file or folder (see README: Datasets)")
+    p.add_argument("--split", required=True, help="split to convert (train, val, test, testA, ...)")
+    p.add_argument("--out", required=True, help="canonical Parquet file to write")
+    p.add_argument("--image-root", help="folder of the images (REFER/gRefCOCO: COCO train2014)")
+
+
+@command("convert", "convert ReasonSeg / RefCOCO(+/g) / gRefCOCO into the canonical schema", _convert_args)
+def cmd_convert(config: Config, args: argparse.Namespace) -> None:
+    from pipelines.data.converters import convert
+    from pipelines.data.schema import read_table
+
+    out = convert(args.format, args.src, args.split, args.out, image_root=args.image_root)
+    print(f"wrote {read_table(out).num_rows} samples to {out}")
+
+
+def _main_args(p: argparse.ArgumentParser) -> None:
+    _force(p)
+    _precompute_args(p)
+
+
+@command("main", "the main job: build tiny models and data, precompute features, report", _main_args)
+def cmd_main(config: Config, args: argparse.Namespace) -> None:
+    from pipelines.build import report_lines
+
+    data = cmd_make_data(config, args)
+    tiny = cmd_make_tiny(config, args)
+    feats = cmd_precompute(config, args)
+    print("\n".join(report_lines(config, data, tiny, feats)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segrl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+        add_args(p)
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seed=1")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        COMMANDS[args.command][2](config, args)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"segrl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

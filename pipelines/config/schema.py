@@ -1,0 +1,225 @@
+"""Typed configuration: every YAML key maps to a field here; unknown keys are errors.
+
+Sections follow the sample's way through the system: paths, data, model (LM,
+vision side, SAM, SAE), rollout, optimisation (GRPO), reward. Later stages add
+fields as they land; a key nobody reads does not belong here.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+
+class Section(BaseModel):
+    """Strict base: unknown keys and silent type coercions are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class PathsConfig(Section):
+    """Where generated things live; relative paths are relative to the working directory."""
+
+    work_dir: str = Field("work", description="root of models, data, caches and runs (git-ignored)")
+    models_dir: str = "{work_dir}/models"
+    data_dir: str = "{work_dir}/data"
+    cache_dir: str = "{work_dir}/cache"
+    runs_dir: str = "{work_dir}/runs"
+
+    def resolve(self, name: str) -> str:
+        return getattr(self, name).format(work_dir=self.work_dir)
+
+
+class SyntheticDataConfig(Section):
+    """Size and look of the synthetic reasoning-segmentation set."""
+
+    n_train: PositiveInt = 2000
+    n_val: PositiveInt = 200
+    n_test: PositiveInt = 200
+    image_size: int = Field(64, ge=16, le=1024)
+    query_weights: dict[str, float] | None = None
+
+
+class DataConfig(Section):
+    dataset: Literal["synthetic", "reasonseg", "refcoco", "refcoco+", "refcocog", "grefcoco"] = "synthetic"
+    root: str = Field("{data_dir}/synthetic", description="folder holding <split>.parquet files")
+    train_split: str = "train"
+    eval_splits: list[str] = ["val"]
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    max_prompt_length: PositiveInt = 256
+    max_response_length: PositiveInt = 128
+    image_min_pixels: PositiveInt | None = Field(None, description="Qwen2.5-VL dynamic resolution bounds")
+    image_max_pixels: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _pixels(self) -> "DataConfig":
+        lo, hi = self.image_min_pixels, self.image_max_pixels
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"image_min_pixels {lo} exceeds image_max_pixels {hi}")
+        return self
+
+
+class TinyLMConfig(Section):
+    """Shape of the offline-built Qwen2-style causal LM (make-tiny only)."""
+
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 2
+    num_kv_heads: PositiveInt = 1
+    intermediate_size: PositiveInt = 256
+    vocab_size: int = Field(1024, ge=300, description="BPE target size incl. bytes and special tokens")
+    max_position_embeddings: PositiveInt = 1024
+
+    @model_validator(mode="after")
+    def _heads(self) -> "TinyLMConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size // self.num_heads < 32:
+            raise ValueError("head dim (hidden_size / num_heads) must be >= 32: vLLM's CPU attention rejects 16")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class TinyVisionConfig(Section):
+    """Frozen tiny ViT producing patch features (the CLIP stand-in)."""
+
+    image_size: int = Field(64, ge=16)
+    patch_size: PositiveInt = 8
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _grid(self) -> "TinyVisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class TinySamConfig(Section):
+    """Tiny SAM built from segment_anything.modeling classes."""
+
+    image_size: int = Field(64, ge=32)
+    patch_size: PositiveInt = 8
+    encoder_dim: PositiveInt = 32
+    encoder_depth: PositiveInt = 2
+    encoder_heads: PositiveInt = 2
+    prompt_dim: int = Field(32, ge=8, description="SAM prompt/transformer dim; multiple of 8")
+    decoder_mlp_dim: PositiveInt = 64
+    decoder_heads: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _sam_constraints(self) -> "TinySamConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.prompt_dim % 8:
+            raise ValueError(f"prompt_dim {self.prompt_dim} must be a multiple of 8 (mask decoder upscaling)")
+        if (self.prompt_dim // 2) % self.decoder_heads:
+            raise ValueError("prompt_dim / 2 must be divisible by decoder_heads (attention downsampling)")
+        return self
+
+
+class TinyConfig(Section):
+    seed: int = 0
+    lm: TinyLMConfig = TinyLMConfig()
+    vision: TinyVisionConfig = TinyVisionConfig()
+    sam: TinySamConfig = TinySamConfig()
+
+
+class SamConfig(Section):
+    variant: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
+    checkpoint: str | None = Field(None, description="state dict path; tiny: built by make-tiny")
+
+
+class SaeConfig(Section):
+    """Frozen sparse autoencoder on a middle layer (SegCompass A.1-A.2, SAE-V style)."""
+
+    layer: int = Field(2, ge=1, description="HF hidden_states index = output of decoder layer k (1-based)")
+    expansion: PositiveInt = 8
+    l1_coef: float = Field(5e-3, ge=0)
+    lr: float = Field(5e-5, gt=0)
+    batch_size: PositiveInt = 64
+    epochs: PositiveInt = 10
+
+
+class ModelConfig(Section):
+    family: Literal["tiny", "llava", "qwen2_5_vl"] = "tiny"
+    name_or_path: str = Field("{models_dir}/tiny", description="tiny: make-tiny's folder; else HF id or path")
+    ref_token: str = "<SEG>"
+    num_slots: int = Field(1, ge=1, le=64, description="K slot masks (1 = single object)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyConfig = TinyConfig()
+    sam: SamConfig = SamConfig()
+    sae: SaeConfig = SaeConfig()
+
+
+class RolloutConfig(Section):
+    group_size: PositiveInt = 8
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class LRMultipliers(Section):
+    """Per-module learning-rate multipliers over the base LM rate (SegCompass A.2)."""
+
+    projector: float = Field(1.0, gt=0)
+    query_codebook: float = Field(25.0, gt=0)
+    slot_mapper: float = Field(80.0, gt=0)
+    mask_decoder: float = Field(10.0, gt=0)
+
+
+class OptimConfig(Section):
+    lr: float = Field(2e-6, gt=0, lt=1)
+    lr_multipliers: LRMultipliers = LRMultipliers()
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    schedule: Literal["one_cycle", "constant"] = "one_cycle"
+    one_cycle_final_div: float = Field(6.7, ge=1)
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    total_steps: PositiveInt = 100
+
+    @model_validator(mode="after")
+    def _betas(self) -> "OptimConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class GRPOConfig(Section):
+    prompts_per_step: PositiveInt = 16
+    clip_ratio: float = Field(0.2, gt=0, lt=1)
+    kl_coef: float = Field(0.2, ge=0)
+    micro_batch_size: PositiveInt = 2
+
+
+class RewardConfig(Section):
+    preset: str = "paper"
+    weights: tuple[float, float] = Field((0.3, 0.7), description="(format, mask)")
+    confidence_threshold: float = Field(0.5, ge=0, le=1)
+
+
+class Config(Section):
+    """The whole run configuration (one YAML file + dotted overrides)."""
+
+    seed: int = 0
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    optim: OptimConfig = OptimConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    reward: RewardConfig = RewardConfig()
+
+    @property
+    def global_batch_size(self) -> int:
+        """Responses per optimiser step: prompts per step times group size."""
+        return self.grpo.prompts_per_step * self.rollout.group_size
+
+    def resolve_path(self, template: str) -> str:
+        """Expand {work_dir}/{models_dir}/{data_dir}/{cache_dir}/{runs_dir} in a path value."""
+        names = ("work_dir", "models_dir", "data_dir", "cache_dir", "runs_dir")
+        return template.format(**{n: self.paths.resolve(n) for n in names})

