@@ -140,7 +140,10 @@ def load_sam(variant: str, checkpoint: str | Path | None) -> torch.nn.Module:
         raise ValueError(f"unknown SAM variant '{variant}': expected tiny, vit_b, vit_l or vit_h")
     if weights is not None:
         state = load_state_dict(weights)
-        missing, unexpected = sam.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = sam.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise ValueError(f"{weights}: does not match SAM {variant}: {str(exc).splitlines()[1:3]}") from None
         if missing or unexpected:
             raise ValueError(
                 f"{weights}: does not match SAM {variant}: "

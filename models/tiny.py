@@ -79,8 +79,10 @@ def make_tiny(spec: TinySpec, corpus: Iterable[str], out_dir: str | Path) -> Pat
 
     vision = TinyVisionEncoder(spec.vision)
     save_tiny_vision(vision, out / "vision")
-    save_projector(Projector(spec.vision.hidden_size, spec.lm.hidden_size), out / "projector")
-    save_tiny_sam(build_tiny_sam(spec.sam), spec.sam, out / "sam")
+    projector = Projector(spec.vision.hidden_size, spec.lm.hidden_size)
+    save_projector(projector, out / "projector")
+    sam = build_tiny_sam(spec.sam)
+    save_tiny_sam(sam, spec.sam, out / "sam")
 
     summary = {
         "spec": asdict(spec),
@@ -88,6 +90,8 @@ def make_tiny(spec: TinySpec, corpus: Iterable[str], out_dir: str | Path) -> Pat
         "parameters": {
             "lm": sum(p.numel() for p in lm.parameters()),
             "vision": sum(p.numel() for p in vision.parameters()),
+            "projector": sum(p.numel() for p in projector.parameters()),
+            "sam": sum(p.numel() for p in sam.parameters()),
         },
     }
     (out / "tiny.json").write_text(json.dumps(summary, indent=2))

@@ -111,7 +111,7 @@ def precompute(config: Config, splits: list[str] | None = None, batch_size: int 
             key=store.root.name,
         ),
         batch_size=batch_size,
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=1,
         batch_format="numpy",
     )

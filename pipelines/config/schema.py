@@ -36,7 +36,7 @@ class SyntheticDataConfig(Section):
     n_train: PositiveInt = 2000
     n_val: PositiveInt = 200
     n_test: PositiveInt = 200
-    image_size: int = Field(64, ge=16, le=1024)
+    image_size: int = Field(64, ge=48, le=1024, description="smaller makes small shapes indistinguishable")
     query_weights: dict[str, float] | None = None
 
 

@@ -1,0 +1,112 @@
+"""Build steps of the main job: synthetic data and tiny models, each skipped when up to date.
+
+A step is up to date when its stamp file records the same parameters (and,
+for the tiny models, the same tokenizer corpus); `--force` rebuilds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+from pipelines.config import Config
+from pipelines.data.schema import read_table
+
+
+def _stamp_matches(stamp: Path, params: dict) -> bool:
+    try:
+        return json.loads(stamp.read_text()).get("params") == params
+    except (OSError, ValueError):
+        return False
+
+
+def split_summary(root: Path, splits: list[str]) -> dict[str, dict[str, int]]:
+    """Per split: number of samples by answer type (and in total)."""
+    out = {}
+    for split in splits:
+        table = read_table(root / f"{split}.parquet")
+        counts = Counter(table.column("answer_type").to_pylist())
+        out[split] = {"total": table.num_rows, **dict(sorted(counts.items()))}
+    return out
+
+
+def build_synthetic(config: Config, force: bool = False) -> dict:
+    from pipelines.data.synthetic import SPLITS, make_synthetic
+
+    if config.data.dataset != "synthetic":
+        raise ValueError(
+            f"data.dataset is '{config.data.dataset}': real datasets are converted with `segrl convert`, not generated"
+        )
+    root = Path(config.resolve_path(config.data.root))
+    params = {"seed": config.seed, **config.data.synthetic.model_dump(mode="json")}
+    stamp = root / "synthetic.json"
+    if force or not _stamp_matches(stamp, params) or not all((root / f"{s}.parquet").exists() for s in SPLITS):
+        s = config.data.synthetic
+        make_synthetic(
+            root, seed=config.seed, n_train=s.n_train, n_val=s.n_val, n_test=s.n_test,
+            image_size=s.image_size, query_weights=s.query_weights,
+        )
+        stamp.write_text(json.dumps({"params": params}, indent=2))
+    else:
+        print(f"make-data: {root} is up to date (use --force to rebuild)")
+    return {"root": str(root), "splits": split_summary(root, list(SPLITS))}
+
+
+def tiny_spec(config: Config):
+    from models.sam import TinySamSpec
+    from models.tiny import TinyLMSpec, TinySpec
+    from models.vision import TinyVisionSpec
+
+    t = config.model.tiny
+    return TinySpec(
+        seed=t.seed,
+        ref_token=config.model.ref_token,
+        lm=TinyLMSpec(**t.lm.model_dump()),
+        vision=TinyVisionSpec(**t.vision.model_dump()),
+        sam=TinySamSpec(**t.sam.model_dump()),
+    )
+
+
+def build_tiny(config: Config, force: bool = False) -> dict:
+    """Train the tokenizer on the synthetic train split and build the tiny models."""
+    from dataclasses import asdict
+
+    from models.tiny import make_tiny
+    from pipelines.data.synthetic import corpus
+
+    if config.model.family != "tiny":
+        raise ValueError(f"model.family is '{config.model.family}': make-tiny builds only the tiny family")
+    data_root = Path(config.resolve_path(config.data.root))
+    train_file = data_root / f"{config.data.train_split}.parquet"
+    if not train_file.exists():
+        raise FileNotFoundError(f"{train_file}: the tokenizer is trained on the synthetic set; run `segrl make-data` first")
+    texts = corpus(data_root, ref_token=config.model.ref_token)
+    spec = tiny_spec(config)
+    params = {"spec": asdict(spec), "corpus_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
+    out = Path(config.resolve_path(config.model.name_or_path))
+    stamp = out / "build.json"
+    if force or not _stamp_matches(stamp, params):
+        make_tiny(spec, texts, out)
+        stamp.write_text(json.dumps({"params": params}, indent=2))
+    else:
+        print(f"make-tiny: {out} is up to date (use --force to rebuild)")
+    return {"path": str(out), **json.loads((out / "tiny.json").read_text())}
+
+
+def report_lines(config: Config, data: dict, tiny: dict, features: dict) -> list[str]:
+    """The main job's closing report: what was built and where."""
+    lines = [f"dataset   {data['root']}"]
+    for split, counts in data["splits"].items():
+        detail = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "total")
+        lines.append(f"  {split:<6} {counts['total']:>6} samples ({detail})")
+    params = tiny["parameters"]
+    lines.append(f"models    {tiny['path']}")
+    lines.append(
+        f"  tokenizer {tiny['vocab_size']} tokens (ref token {config.model.ref_token}); "
+        f"LM {params['lm']:,} params; vision encoder {params['vision']:,} params; SAM {params.get('sam', 0):,} params"
+    )
+    lines.append(
+        f"features  {features['encoded']} encoded, {features['cached']} cached, {features['failed']} failed"
+    )
+    return lines

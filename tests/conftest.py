@@ -1,0 +1,38 @@
+"""Session-wide fixtures: expensive things (a Ray cluster, the tiny workspace) start once."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipelines.config import load_config
+
+TINY_OVERRIDES = ["data.synthetic.n_train=40", "data.synthetic.n_val=10", "data.synthetic.n_test=10"]
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    """configs/tiny.yaml with a small synthetic set, everything under a temporary work dir."""
+    work = tmp_path_factory.mktemp("work")
+    return load_config("configs/tiny.yaml", [f"paths.work_dir={work}", *TINY_OVERRIDES])
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tiny_config):
+    """Synthetic data + tiny models built once for the session (seconds)."""
+    from pipelines.build import build_synthetic, build_tiny
+
+    data = build_synthetic(tiny_config)
+    tiny = build_tiny(tiny_config)
+    return {"config": tiny_config, "data": data, "tiny": tiny}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session; actors get one thread each."""
+    from cluster.local import connect, disconnect
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    connect(num_cpus=2)
+    yield
+    disconnect()

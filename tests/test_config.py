@@ -1,0 +1,122 @@
+"""Typed config: shipped files validate; bad keys, types and values are named errors."""
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipelines.cli import main as cli_main
+from pipelines.config import ConfigError, dump_config, load_config
+from pipelines.config.load import parse_override
+
+CONFIGS = sorted(Path("configs").glob("*.yaml"))
+
+
+def test_all_shipped_configs_are_listed():
+    assert {p.name for p in CONFIGS} >= {"tiny.yaml", "llava15-7b-reasonseg.yaml", "qwen25vl-7b-grefcoco.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.model.ref_token == "<SEG>"
+
+
+@pytest.mark.parametrize(
+    "name, family, sae_layer, slots",
+    [("llava15-7b-reasonseg.yaml", "llava", 16, 1), ("qwen25vl-7b-grefcoco.yaml", "qwen2_5_vl", 13, 4)],
+)
+def test_paper_configs_carry_segcompass_a2_settings(name, family, sae_layer, slots):
+    c = load_config(Path("configs") / name)
+    assert (c.model.family, c.model.sae.layer, c.model.num_slots) == (family, sae_layer, slots)
+    assert (c.data.max_prompt_length, c.data.max_response_length) == (1400, 2000)
+    assert c.global_batch_size == 128 and c.rollout.group_size == 8 and c.grpo.prompts_per_step == 16
+    assert (c.grpo.clip_ratio, c.grpo.kl_coef, c.optim.one_cycle_final_div) == (0.2, 0.2, 6.7)
+    assert c.optim.lr == 2e-6
+    m = c.optim.lr_multipliers
+    assert (m.query_codebook, m.slot_mapper, m.mask_decoder) == (25.0, 80.0, 10.0)
+    assert (c.optim.weight_decay, c.optim.betas, c.optim.grad_clip) == (0.01, (0.9, 0.999), 1.0)
+    assert c.model.sam.variant == "vit_h"
+
+
+def test_dotted_override_sets_nested_value():
+    c = load_config("configs/tiny.yaml", ["model.tiny.lm.hidden_size=256", "rollout.temperature=0.7"])
+    assert c.model.tiny.lm.hidden_size == 256
+    assert c.rollout.temperature == 0.7
+
+
+def _write(tmp_path, tree) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.parametrize(
+    "tree, needle",
+    [
+        ({"model": {"tiny": {"lm": {"hiden_size": 64}}}}, "unknown key 'model.tiny.lm.hiden_size'"),
+        ({"optimm": {}}, "unknown key 'optimm'"),
+        ({"rollout": {"group_size": "eight"}}, "rollout.group_size"),
+        ({"grpo": {"clip_ratio": 1.5}}, "grpo.clip_ratio"),
+        ({"model": {"family": "gpt"}}, "model.family"),
+        ({"model": {"tiny": {"lm": {"hidden_size": 64, "num_heads": 4}}}}, "head dim"),
+        ({"data": {"image_min_pixels": 10, "image_max_pixels": 5}}, "image_min_pixels"),
+    ],
+)
+def test_bad_file_names_key_and_file(tmp_path, tree, needle):
+    path = _write(tmp_path, tree)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert needle in str(err.value)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.tiny.lm.hidden_sze=3", "unknown key 'model.tiny.lm.hidden_sze'"),
+        ("model.tiny.lm.hidden_size=-4", "model.tiny.lm.hidden_size"),
+        ("seed.value=1", "'seed' is a value"),
+        ("novalue", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_override_is_named(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert needle in str(err.value)
+    assert override.split("=")[0] in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_dump_round_trips(tmp_path):
+    config = load_config("configs/qwen25vl-7b-grefcoco.yaml", ["seed=7"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+def test_paths_expand_from_work_dir():
+    c = load_config("configs/tiny.yaml", ["paths.work_dir=/scratch/run"])
+    assert c.resolve_path(c.model.name_or_path) == "/scratch/run/models/tiny"
+    assert c.resolve_path(c.data.root) == "/scratch/run/data/synthetic"
+
+
+@given(key=st.lists(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), min_size=1, max_size=4), value=st.integers())
+def test_parse_override_splits_key_and_parses_value(key, value):
+    parts, parsed = parse_override(f"{'.'.join(key)}={value}")
+    assert parts == key and parsed == value
+
+
+def test_cli_reports_config_error_without_traceback(capsys):
+    assert cli_main(["config", "--config", "configs/tiny.yaml", "grpo.kl_coef=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "grpo.kl_coef" in err and "Traceback" not in err

@@ -1,0 +1,175 @@
+"""Tiny synthetic datasets in each upstream layout (ReasonSeg, REFER, gRefCOCO).
+
+No real data ships with the repo (ReasonSeg is CC-BY-NC, COCO images carry their
+own licences); these writers draw a few-KB stand-in with known pixel counts so
+converter tests can assert exact masks. Builders return plain dicts/lists that a
+test may break before writing them.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines.data.schema import encode_mask
+
+H, W = 48, 64  # image 1
+H2, W2 = 40, 50  # image 2
+
+CROWD = np.zeros((H2, W2), bool)
+CROWD[5:9, 30:45] = True  # 60 px, stored as uncompressed RLE (COCO iscrowd)
+COMPRESSED = np.zeros((H2, W2), bool)
+COMPRESSED[30:40, 0:5] = True  # 50 px, stored as compressed RLE
+
+
+def rect(x0, y0, x1, y1):
+    """LabelMe points of a rectangle covering pixels x0..x1, y0..y1 (inclusive)."""
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+
+
+def write_image(path: Path, height: int, width: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+# ---------------------------------------------------------------- ReasonSeg
+
+
+def reasonseg_ann() -> dict:
+    """Target 300 px, an ignore box of 16 px inside it, a flag box elsewhere."""
+    return {
+        "text": ["what keeps the papers together?", "segment the stapler"],
+        "is_sentence": True,
+        "shapes": [
+            {"label": "target", "points": rect(10, 5, 29, 19)},
+            {"label": "Ignore", "points": rect(12, 7, 15, 10)},
+            {"label": "flag", "points": rect(40, 30, 50, 40)},
+        ],
+    }
+
+
+def write_reasonseg(root: Path, ann: dict | str, split="train", name="img1", image=True) -> Path:
+    """`<root>/ReasonSeg/<split>/<name>.{jpg,json}`; a str `ann` is written verbatim."""
+    folder = root / "ReasonSeg" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    if image:
+        write_image(folder / f"{name}.jpg", H, W)
+    (folder / f"{name}.json").write_text(ann if isinstance(ann, str) else json.dumps(ann))
+    return root / "ReasonSeg"
+
+
+# ---------------------------------------------------------------- COCO / REFER
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO iscrowd segmentation: column-major run lengths starting with zeros."""
+    flat = mask.ravel(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return {"counts": np.diff(np.concatenate([[0], edges])).tolist(), "size": list(mask.shape)}
+
+
+def instances() -> dict:
+    """Two images; ann 10 a 300-px rectangle, 11 two 100-px squares, 12 CROWD, 13 COMPRESSED."""
+
+    def ann(ann_id, image_id, segmentation):
+        crowd = int(isinstance(segmentation, dict))
+        return {"id": ann_id, "image_id": image_id, "segmentation": segmentation, "category_id": 1, "iscrowd": crowd}
+
+    return {
+        "images": [
+            {"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": H, "width": W},
+            {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "height": H2, "width": W2},
+        ],
+        "annotations": [
+            ann(10, 1, [[10, 5, 30, 5, 30, 20, 10, 20]]),
+            ann(11, 2, [[0, 0, 10, 0, 10, 10, 0, 10], [20, 20, 30, 20, 30, 30, 20, 30]]),
+            ann(12, 2, uncompressed_rle(CROWD)),
+            ann(13, 2, encode_mask(COMPRESSED)),
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+
+
+def sentences(*ids) -> list[dict]:
+    return [{"sent_id": i, "sent": f"the thing {i}", "raw": f"The thing {i}.", "tokens": ["the", "thing"]} for i in ids]
+
+
+def refer_refs() -> list[dict]:
+    """train: refs 100 (2 sentences) and 103 (1); val: 101 (two-part polygon); testA: 102 (crowd RLE)."""
+
+    def ref(ref_id, ann_id, image_id, split, sents):
+        # REFER's file_name carries an "_<ann_id>" suffix: it is not the image file.
+        return {
+            "ref_id": ref_id,
+            "ann_id": ann_id,
+            "image_id": image_id,
+            "category_id": 1,
+            "split": split,
+            "sentences": sentences(*sents),
+            "sent_ids": list(sents),
+            "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+        }
+
+    return [
+        ref(100, 10, 1, "train", [1000, 1001]),
+        ref(101, 11, 2, "val", [1010]),
+        ref(102, 12, 2, "testA", [1020, 1021]),
+        ref(103, 10, 1, "train", [1030]),
+    ]
+
+
+def write_coco_images(root: Path) -> Path:
+    images = root / "images" / "train2014"
+    write_image(images / "COCO_train2014_000000000001.jpg", H, W)
+    write_image(images / "COCO_train2014_000000000002.jpg", H2, W2)
+    return images
+
+
+def write_refer(root: Path, refs: list | bytes, inst: dict | str, refs_name="refs(unc).p", images=True):
+    """(dataset folder, image root); bytes / str arguments are written verbatim."""
+    folder = root / "refer_seg" / "ds"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / refs_name).write_bytes(refs if isinstance(refs, bytes) else pickle.dumps(refs, protocol=2))
+    (folder / "instances.json").write_text(inst if isinstance(inst, str) else json.dumps(inst))
+    return folder, (write_coco_images(root) if images else root / "images" / "train2014")
+
+
+# ---------------------------------------------------------------- gRefCOCO
+
+
+def grefs() -> list[dict]:
+    """Single-target 200, multi-target 201 (anns 11, 12, 13; 2 sentences), no-target 202."""
+
+    def ref(ref_id, ann_ids, image_id, sents, no_target):
+        return {
+            "ref_id": ref_id,
+            "ann_id": ann_ids,
+            "image_id": image_id,
+            "category_id": [-1] if no_target else [1] * len(ann_ids),
+            "split": "train",
+            "sentences": sentences(*sents),
+            "sent_ids": list(sents),
+            "no_target": no_target,
+        }
+
+    return [
+        ref(200, [10], 1, [2000], False),
+        ref(201, [11, 12, 13], 2, [2010, 2011], False),
+        ref(202, [-1], 1, [2020], True),
+    ]
+
+
+def write_grefcoco(root: Path, refs: list | str, name="grefs(unc).json"):
+    """(grefcoco folder, image root); `name` ending in .p pickles, a str `refs` is written verbatim."""
+    folder = root / "grefcoco"
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(refs, str):
+        (folder / name).write_text(refs)
+    else:
+        (folder / name).write_bytes(pickle.dumps(refs) if name.endswith(".p") else json.dumps(refs).encode())
+    (folder / "instances.json").write_text(json.dumps(instances()))
+    return folder, write_coco_images(root)
