@@ -1,0 +1,44 @@
+"""The `segrl` command: the main job's report, conversion, and clear errors."""
+from upstream_fixtures import reasonseg_ann, write_reasonseg
+
+from pipelines.cli import build_parser, main
+from pipelines.data.schema import read_samples
+from tests_support import overrides_for
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    names = parser._subparsers._group_actions[0].choices
+    assert {"config", "make-data", "make-tiny", "precompute", "convert", "main"} <= set(names)
+
+
+def test_main_job_builds_and_reports(tiny_workspace, ray_cluster, capsys):
+    config = tiny_workspace["config"]
+    assert main(["main", *overrides_for(config)]) == 0
+    out = capsys.readouterr().out
+    assert "is up to date" in out  # the session fixture already built data and models
+    n_train = config.data.synthetic.n_train
+    assert f"train      {n_train} samples" in out
+    assert "tokenizer" in out and "LM " in out and "SAM " in out
+    assert "0 failed" in out
+
+
+def test_convert_writes_canonical_split(tmp_path, capsys):
+    src = write_reasonseg(tmp_path, reasonseg_ann(), split="val", name="img1")
+    out_file = tmp_path / "out" / "val.parquet"
+    assert main(["convert", "reasonseg", str(src), "--split", "val", "--out", str(out_file)]) == 0
+    assert "wrote 1 samples" in capsys.readouterr().out
+    assert read_samples(out_file)[0].dataset == "reasonseg"
+
+
+def test_data_error_is_one_line(tmp_path, capsys):
+    root = write_reasonseg(tmp_path, "{ truncated", split="val", name="img1")
+    code = main(["convert", "reasonseg", str(root), "--split", "val", "--out", str(tmp_path / "o.parquet")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "img1.json" in err and "Traceback" not in err
+
+
+def test_make_tiny_without_data_says_what_to_run(tmp_path, capsys):
+    assert main(["make-tiny", f"paths.work_dir={tmp_path}"]) == 2
+    assert "run `segrl make-data` first" in capsys.readouterr().err
