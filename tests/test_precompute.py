@@ -14,11 +14,14 @@ from pipelines.config import load_config
 from pipelines.data.features import FeatureStore, content_hash, encoder_key
 from pipelines.data.schema import read_samples, resolve_image
 from pipelines.precompute import dataset_images, feature_store, precompute
+from tests_support import overrides_for
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny_workspace, ray_cluster):
-    config = tiny_workspace["config"]
+def first_run(tiny_workspace, ray_cluster, tmp_path_factory):
+    """The first precompute into a cache of this module's own (other tests may fill the shared one)."""
+    cache = tmp_path_factory.mktemp("feature-cache")
+    config = load_config("configs/tiny.yaml", [*overrides_for(tiny_workspace["config"]), f"paths.cache_dir={cache}"])
     return config, precompute(config, batch_size=8)
 
 
@@ -59,7 +62,7 @@ def test_broken_images_are_reported_and_the_rest_cached(first_run, tmp_path):
     images = sorted((copy / "images").glob("train-*.png"))  # cached before: only the test split is new
     images[0].write_bytes(b"not a png at all")
     images[1].unlink()
-    broken = load_config("configs/tiny.yaml", [f"paths.work_dir={config.paths.work_dir}", f"data.root={copy}"])
+    broken = config.model_copy(update={"data": config.data.model_copy(update={"root": str(copy)})})
     report = precompute(broken, splits=["train", "val", "test"], batch_size=8)
     failed = {Path(p).name: why for p, why in report.failures}
     assert set(failed) == {images[0].name, images[1].name}
