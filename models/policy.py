@@ -1,0 +1,156 @@
+"""The policy: cached vision features -> trainable projector -> causal LM.
+
+One forward over prompt + response yields everything the losses, rewards and
+segmentation heads need, captured by hooks in that same pass:
+
+- `logprobs`: log pi(response token | prefix) for every response token;
+- `ref_hidden`: last-layer hidden states at the reference tokens (`<SEG>`);
+- `image_hidden`: last-layer hidden states at the image tokens (READ);
+- `layer_hidden`: the output of decoder layer k (the SAE's input).
+
+Hidden-state index convention (as Hugging Face `output_hidden_states`):
+`hidden_states[0]` is the embedding output and `hidden_states[k]` the output
+of decoder layer k (1-based), so `sae_layer=16` on LLaVA-1.5-7B is the output
+of its 16th of 32 layers. `hidden_states[-1]` is after the final norm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.projector import Projector, load_projector
+from models.prompt import IMAGE_TOKEN, build_prompt_embeds
+
+REF_POSITIONS = ("token", "previous")
+
+
+@dataclass
+class PolicyOutput:
+    logprobs: torch.Tensor  # [B, R] log-probabilities of response tokens (0 where padded)
+    response_mask: torch.Tensor  # [B, R] bool
+    ref_hidden: list[torch.Tensor]  # per sample [n_ref, H], last layer
+    image_hidden: list[torch.Tensor]  # per sample [N, H], last layer (N may vary: dynamic resolution)
+    layer_hidden: torch.Tensor  # [B, T, H], output of decoder layer k
+    layer_ref_hidden: list[torch.Tensor]  # per sample [n_ref, H], layer k at the reference tokens
+    attention_mask: torch.Tensor  # [B, T]
+    image_spans: list[tuple[int, int]]  # per sample [start, end) of the image tokens in the sequence
+
+
+class Policy(nn.Module):
+    """LLaVA-style policy around any HF causal LM with `.model.layers` and `.lm_head`."""
+
+    def __init__(self, lm: nn.Module, projector: Projector, image_token_id: int, ref_token_id: int,
+                 sae_layer: int, ref_position: str = "token"):
+        super().__init__()
+        if ref_position not in REF_POSITIONS:
+            raise ValueError(f"ref_position must be one of {REF_POSITIONS}, got '{ref_position}'")
+        n_layers = len(lm.model.layers)
+        if not 1 <= sae_layer <= n_layers:
+            raise ValueError(f"sae_layer {sae_layer} is outside 1..{n_layers} (decoder layers of this LM)")
+        self.lm, self.projector = lm, projector
+        self.image_token_id, self.ref_token_id = image_token_id, ref_token_id
+        self.sae_layer, self.ref_position = sae_layer, ref_position
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def prompt_embeds(self, ids: list[int], vision_features: torch.Tensor) -> torch.Tensor:
+        return build_prompt_embeds(ids, self.image_token_id, vision_features, self.projector, self.embed_tokens)
+
+    def _sequences(self, prompt_ids, vision_features, response_ids):
+        """Right-padded [B, T, H] inputs, attention mask, prompt lengths and image spans."""
+        rows, spans, prompt_lens = [], [], []
+        for ids, feats, resp in zip(prompt_ids, vision_features, response_ids):
+            prompt = self.prompt_embeds(ids, feats)
+            at = list(ids).index(self.image_token_id)
+            spans.append((at, at + feats.shape[0]))
+            prompt_lens.append(prompt.shape[0])
+            resp_t = torch.as_tensor(resp, dtype=torch.long, device=prompt.device)
+            rows.append(torch.cat([prompt, self.embed_tokens(resp_t)], 0))
+        length = max(r.shape[0] for r in rows)
+        embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=embeds.device)
+        for i, r in enumerate(rows):
+            embeds[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = 1
+        return embeds, mask, prompt_lens, spans
+
+    def forward(self, prompt_ids: list[list[int]], vision_features: list[torch.Tensor],
+                response_ids: list[list[int]]) -> PolicyOutput:
+        embeds, mask, prompt_lens, spans = self._sequences(prompt_ids, vision_features, response_ids)
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(_module, _inputs, output):
+            captured["layer"] = output[0] if isinstance(output, tuple) else output
+
+        handle = self.lm.model.layers[self.sae_layer - 1].register_forward_hook(grab)
+        try:
+            last = self.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        finally:
+            handle.remove()
+
+        r_max = max(max(len(r) for r in response_ids), 1)
+        batch = len(response_ids)
+        # Position p predicts token p + 1: response token j is predicted at prompt_len - 1 + j.
+        pred_pos = torch.zeros(batch, r_max, dtype=torch.long, device=embeds.device)
+        targets = torch.zeros(batch, r_max, dtype=torch.long, device=embeds.device)
+        resp_mask = torch.zeros(batch, r_max, dtype=torch.bool, device=embeds.device)
+        for i, resp in enumerate(response_ids):
+            n = len(resp)
+            pred_pos[i, :n] = torch.arange(prompt_lens[i] - 1, prompt_lens[i] - 1 + n)
+            targets[i, :n] = torch.as_tensor(resp, dtype=torch.long)
+            resp_mask[i, :n] = True
+        hidden = last.gather(1, pred_pos[..., None].expand(-1, -1, last.shape[-1]))
+        logp = torch.log_softmax(self.lm.lm_head(hidden).float(), dim=-1)
+        logprobs = logp.gather(-1, targets[..., None]).squeeze(-1) * resp_mask
+
+        ref_idx = self._ref_positions(response_ids, prompt_lens)
+        return PolicyOutput(
+            logprobs=logprobs,
+            response_mask=resp_mask,
+            ref_hidden=[last[i, idx] for i, idx in enumerate(ref_idx)],
+            image_hidden=[last[i, s:e] for i, (s, e) in enumerate(spans)],
+            layer_hidden=captured["layer"],
+            layer_ref_hidden=[captured["layer"][i, idx] for i, idx in enumerate(ref_idx)],
+            attention_mask=mask,
+            image_spans=spans,
+        )
+
+    def _ref_positions(self, response_ids, prompt_lens) -> list[torch.Tensor]:
+        """Sequence positions whose hidden state represents each reference token.
+
+        "token": the reference token's own position (the paper's wording);
+        "previous": the position that predicted it (LISA's shifted mask).
+        """
+        shift = 0 if self.ref_position == "token" else -1
+        out = []
+        for resp, plen in zip(response_ids, prompt_lens):
+            hits = [plen + j + shift for j, t in enumerate(resp) if int(t) == self.ref_token_id]
+            out.append(torch.tensor(hits, dtype=torch.long))
+        return out
+
+
+def load_policy(family: str, name_or_path: str, ref_token: str, sae_layer: int, ref_position: str = "token",
+                dtype: torch.dtype = torch.float32):
+    """(policy, tokenizer) from a tiny folder or a real checkpoint."""
+    if family not in POLICY_LOADERS:
+        raise ValueError(f"no policy loader for model family '{family}'; known: {sorted(POLICY_LOADERS)}")
+    lm, projector, tokenizer = POLICY_LOADERS[family](name_or_path, dtype)
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, ref_token])
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+        raise ValueError(f"tokenizer of {name_or_path} lacks {IMAGE_TOKEN} or {ref_token}")
+    return Policy(lm, projector, ids[0], ids[1], sae_layer, ref_position), tokenizer
+
+
+def _load_tiny(path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return lm, load_projector(Path(path) / "projector").to(dtype), AutoTokenizer.from_pretrained(path)
+
+
+POLICY_LOADERS = {"tiny": _load_tiny}
