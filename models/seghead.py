@@ -1,0 +1,114 @@
+"""SegCompass segmentation head: SAE concepts -> K slot queries -> Q-V heatmaps -> SAM masks.
+
+Per sample (SegCompass A.1 and the released head, research note section 5):
+
+1. the frozen SAE encodes the layer-k states of the reference tokens; weak
+   activations (|a| < `act_threshold`) are zeroed;
+2. the **query codebook** (a bias-free linear map of the SAE dictionary)
+   turns them into concept tokens;
+3. the **slot mapper** prepends K learnable slot queries, mixes them with the
+   concept tokens in a small transformer, fuses each slot with the projected
+   last-layer reference state, and attends (Q·K) over a 1x1 projection of the
+   cached SAM image embedding -> K heatmaps + K confidences;
+4. the heatmaps are SAM **mask prompts** (dense), the projected reference
+   state a sparse prompt; the SAM **mask decoder** returns K mask logits.
+
+SAM's image encoder never runs here: embeddings come from the feature cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.sae import SparseAutoencoder, top_features
+
+
+@dataclass
+class SegHeadOutput:
+    mask_logits: torch.Tensor  # [K, 4h, 4w] SAM low-res mask logits
+    conf_logits: torch.Tensor  # [K] slot confidence logits
+    heatmaps: torch.Tensor  # [K, 4h, 4w] heatmap logits (the SAM mask prompts)
+    iou_pred: torch.Tensor  # [K] SAM's predicted IoU
+    sae_ids: torch.Tensor  # [n_tokens, top_k] strongest SAE features per reference token
+    sae_acts: torch.Tensor  # [n_tokens, top_k] their activations
+
+
+class SlotMapper(nn.Module):
+    """Slot queries + concept tokens -> K fused slot vectors -> heatmaps and confidences."""
+
+    def __init__(self, dim: int, lm_dim: int, sam_dim: int, num_slots: int, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.slots = nn.Parameter(torch.randn(num_slots, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.mixer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.ref_proj = nn.Linear(lm_dim, dim)
+        self.fuse = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.query = nn.Linear(dim, sam_dim)
+        self.key = nn.Conv2d(sam_dim, sam_dim, 1)
+        self.refine = nn.Conv2d(1, 1, 3, padding=1)
+        nn.init.constant_(self.refine.bias, -1.8)  # heatmaps start mostly "background"
+        self.confidence = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    def forward(self, concepts: torch.Tensor, ref_vecs: torch.Tensor, sam_embedding: torch.Tensor):
+        """concepts [n, D], ref_vecs [K, H_lm], sam_embedding [C, h, w] -> heatmaps [K, h, w], conf [K]."""
+        k = self.slots.shape[0]
+        mixed = self.mixer(torch.cat([self.slots, concepts], 0)[None])[0, :k]
+        fused = self.fuse(torch.cat([self.ref_proj(ref_vecs), mixed], -1))
+        keys = self.key(sam_embedding[None])[0]  # [C, h, w]
+        scores = torch.einsum("kc,chw->khw", self.query(fused), keys) / keys.shape[0] ** 0.5
+        heat = self.refine(scores[:, None])[:, 0]
+        return heat, self.confidence(fused).squeeze(-1)
+
+
+class SegCompassHead(nn.Module):
+    """The trainable segmentation modules around a frozen SAE and a SAM prompt encoder + mask decoder."""
+
+    def __init__(self, sae: SparseAutoencoder, sam: nn.Module, lm_dim: int, num_slots: int = 1,
+                 codebook_dim: int = 128, act_threshold: float = 0.0, top_k: int = 8):
+        super().__init__()
+        self.sae = sae.freeze()
+        sam_dim = sam.prompt_encoder.embed_dim
+        self.codebook = nn.Linear(sae.d_sae, codebook_dim, bias=False)
+        self.slot_mapper = SlotMapper(codebook_dim, lm_dim, sam_dim, num_slots)
+        self.sparse_prompt = nn.Sequential(nn.Linear(lm_dim, lm_dim), nn.ReLU(), nn.Linear(lm_dim, sam_dim))
+        self.prompt_encoder, self.mask_decoder = sam.prompt_encoder, sam.mask_decoder
+        self.num_slots, self.act_threshold, self.top_k = num_slots, act_threshold, top_k
+
+    def param_modules(self) -> dict[str, nn.Module]:
+        """Trainable parts by learning-rate group (SegCompass A.2 multipliers)."""
+        return {
+            "query_codebook": self.codebook,
+            "slot_mapper": self.slot_mapper,
+            "mask_decoder": nn.ModuleList([self.sparse_prompt, self.prompt_encoder, self.mask_decoder]),
+        }
+
+    def slot_refs(self, ref_hidden: torch.Tensor) -> torch.Tensor:
+        """[n_ref, H] -> [K, H]: the k-th slot takes the k-th reference token, extra slots the last one."""
+        idx = torch.clamp(torch.arange(self.num_slots), max=ref_hidden.shape[0] - 1)
+        return ref_hidden[idx]
+
+    def forward(self, ref_hidden: torch.Tensor, layer_ref_hidden: torch.Tensor,
+                sam_embedding: torch.Tensor) -> SegHeadOutput:
+        """ref_hidden [n_ref, H] last layer; layer_ref_hidden [n_ref, H] layer k; sam_embedding [C, h, w]."""
+        if ref_hidden.shape[0] == 0:
+            raise ValueError("no reference token in the response: a false-premise answer has no mask to decode")
+        acts = self.sae.encode(layer_ref_hidden.to(self.codebook.weight.dtype))
+        acts = acts * (acts.abs() >= self.act_threshold)
+        heat, conf = self.slot_mapper(self.codebook(acts), self.slot_refs(ref_hidden), sam_embedding)
+        side = 4 * sam_embedding.shape[-1]
+        heat = F.interpolate(heat[:, None], size=(side, side), mode="bilinear", align_corners=False)
+        sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=heat)
+        sparse = torch.cat([sparse, self.sparse_prompt(self.slot_refs(ref_hidden))[:, None]], 1)
+        low, iou = self.mask_decoder(
+            image_embeddings=sam_embedding[None],
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        ids, values = top_features(acts.detach(), min(self.top_k, acts.shape[-1]))
+        return SegHeadOutput(low[:, 0], conf, heat[:, 0], iou[:, 0], ids, values)

@@ -1,0 +1,61 @@
+"""SegCompass head: shapes, and gradients into every trainable part and none into frozen ones."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.sae import SparseAutoencoder
+from models.sam import TinySamSpec, build_tiny_sam
+from models.seghead import SegCompassHead
+
+LM_DIM = 48
+
+
+def _head(num_slots):
+    torch.manual_seed(0)
+    sam = build_tiny_sam(TinySamSpec())
+    sae = SparseAutoencoder(LM_DIM, 96)
+    return SegCompassHead(sae, sam, LM_DIM, num_slots=num_slots, codebook_dim=32, top_k=4), sam
+
+
+@pytest.mark.parametrize("num_slots, n_ref", [(1, 1), (4, 1), (4, 4), (3, 5)])
+def test_output_shapes(num_slots, n_ref):
+    head, sam = _head(num_slots)
+    emb = torch.randn(32, 8, 8)
+    out = head(torch.randn(n_ref, LM_DIM), torch.randn(n_ref, LM_DIM), emb)
+    assert out.mask_logits.shape == (num_slots, 32, 32)
+    assert out.heatmaps.shape == (num_slots, 32, 32)
+    assert out.conf_logits.shape == (num_slots,) and out.iou_pred.shape == (num_slots,)
+    assert out.sae_ids.shape == (n_ref, 4) and out.sae_acts.shape == (n_ref, 4)
+    assert torch.all(out.sae_acts[:, :-1] >= out.sae_acts[:, 1:])
+
+
+def test_gradients_reach_trainable_parts_only():
+    head, sam = _head(2)
+    ref = torch.randn(2, LM_DIM, requires_grad=True)
+    layer = torch.randn(2, LM_DIM, requires_grad=True)
+    out = head(ref, layer, torch.randn(32, 8, 8))
+    (out.mask_logits.mean() + out.conf_logits.sum() + out.heatmaps.mean()).backward()
+    for group, module in head.param_modules().items():
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), group
+    assert not any(p.requires_grad for p in head.sae.parameters())
+    assert all(p.grad is None for p in sam.image_encoder.parameters())
+    assert ref.grad.abs().sum() > 0 and layer.grad.abs().sum() > 0  # the LM is trained through the head
+
+
+def test_no_reference_token_is_a_clear_error():
+    head, _ = _head(1)
+    with pytest.raises(ValueError, match="no reference token"):
+        head(torch.zeros(0, LM_DIM), torch.zeros(0, LM_DIM), torch.randn(32, 8, 8))
+
+
+def test_weak_sae_activations_are_dropped():
+    head, _ = _head(1)
+    ref, emb = torch.randn(1, LM_DIM), torch.randn(32, 8, 8)
+    layer_a, layer_b = torch.randn(1, LM_DIM) * 20, torch.randn(1, LM_DIM) * 20
+    kept_a, kept_b = head(ref, layer_a, emb), head(ref, layer_b, emb)
+    assert (kept_a.heatmaps - kept_b.heatmaps).abs().max() > 1e-4  # concepts steer the heatmaps
+    head.act_threshold = 1e9
+    gone_a, gone_b = head(ref, layer_a, emb), head(ref, layer_b, emb)
+    assert torch.equal(gone_a.heatmaps, gone_b.heatmaps) and torch.equal(gone_a.mask_logits, gone_b.mask_logits)
