@@ -1,0 +1,35 @@
+"""Mask geometry between the image frame and SAM's low-resolution mask frame.
+
+SAM sees the image resized so its longest side is `img_size`, padded at the
+bottom/right to a square; its mask decoder predicts at `lowres` = 4x the
+embedding grid over that square. GT masks go image -> low-res for losses and
+rewards (soft, as SegCompass's `mask_float_256`); predictions go low-res ->
+image for metrics (as `Sam.postprocess_masks`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+
+def gt_to_lowres(masks: np.ndarray | torch.Tensor, input_size: tuple[int, int], img_size: int,
+                 lowres: int) -> torch.Tensor:
+    """[G, H, W] bool GT -> [G, lowres, lowres] float in [0, 1] in SAM's padded frame."""
+    m = torch.as_tensor(np.asarray(masks), dtype=torch.float32)
+    if m.ndim != 3:
+        raise ValueError(f"masks must be [G, H, W], got shape {tuple(m.shape)}")
+    if m.shape[0] == 0:
+        return torch.zeros(0, lowres, lowres)
+    h, w = input_size
+    resized = F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)
+    padded = F.pad(resized, (0, img_size - w, 0, img_size - h))
+    return F.interpolate(padded, size=(lowres, lowres), mode="area")[:, 0].clamp(0, 1)
+
+
+def lowres_to_image(logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int],
+                    img_size: int) -> torch.Tensor:
+    """[K, lowres, lowres] logits -> [K, H, W] logits in the image frame."""
+    up = F.interpolate(logits[:, None], size=(img_size, img_size), mode="bilinear", align_corners=False)
+    h, w = input_size
+    return F.interpolate(up[..., :h, :w], size=tuple(original_size), mode="bilinear", align_corners=False)[:, 0]
