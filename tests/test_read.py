@@ -1,0 +1,349 @@
+"""READ: similarity map, Similarity as Points, DtoC, SAM decode, false premise, threshold search."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from models.read import (
+    DEFAULT_SIGMA,
+    ReadParams,
+    best_threshold_iou,
+    decode_read_masks,
+    fixed_threshold_iou,
+    has_reference,
+    read_prompts,
+    read_segment,
+    refine_points,
+    sam_input_size,
+    select_cells,
+    similarity_map,
+    similarity_to_points,
+    threshold_grid,
+    to_sam_coords,
+    upsample_map,
+)
+from models.sam import TinySamSpec, build_tiny_sam
+
+# 3×3 map, cell index = row-major position; image (H, W) = (30, 60) → cells 10 px tall, 20 px wide.
+SIM_3X3 = np.array(
+    [
+        [0.90, 0.10, 0.50],
+        [0.00, 1.00, 0.85],
+        [0.20, 0.60, 0.15],
+    ]
+)
+
+
+# ----------------------------------------------------------------- similarity map
+
+
+def test_similarity_map_is_min_max_dot_product_on_any_grid():
+    torch.manual_seed(0)
+    seg = torch.randn(6)
+    image = torch.randn(15, 6)
+    sim = similarity_map(seg, image, (3, 5))
+    dots = image @ seg
+    expected = ((dots - dots.min()) / (dots.max() - dots.min())).reshape(3, 5)
+    assert sim.shape == (3, 5)
+    torch.testing.assert_close(sim, expected)
+    assert sim.min() == 0 and sim.max() == 1
+
+
+def test_similarity_map_is_row_major():
+    seg = torch.tensor([1.0, 0.0])
+    image = torch.stack([torch.tensor([float(i), 1.0]) for i in range(6)])  # dot = token index
+    sim = similarity_map(seg, image, (2, 3))
+    torch.testing.assert_close(sim, torch.tensor([[0.0, 0.2, 0.4], [0.6, 0.8, 1.0]]))
+
+
+def test_similarity_map_constant_is_zeros_not_nan():
+    sim = similarity_map(torch.ones(4), torch.ones(6, 4), (2, 3))
+    assert torch.equal(sim, torch.zeros(2, 3))
+
+
+def test_similarity_map_gradient_and_shape_errors():
+    seg = torch.randn(4, requires_grad=True)
+    image = torch.randn(6, 4, requires_grad=True)
+    (similarity_map(seg, image, (2, 3)) * torch.arange(6.0).reshape(2, 3)).sum().backward()
+    assert seg.grad.abs().sum() > 0 and image.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="grid 2x2 needs 4 image tokens"):
+        similarity_map(torch.randn(4), torch.randn(6, 4), (2, 2))
+    with pytest.raises(ValueError, match="seg_hidden"):
+        similarity_map(torch.randn(3), torch.randn(6, 4), (2, 3))
+
+
+# ------------------------------------------------------------- similarity as points
+
+
+def test_similarity_to_points_exact_order_labels_and_coords():
+    coords, labels = similarity_to_points(SIM_3X3, 9, 0.8, 0.2, (30, 60))
+    # positives desc: 1.00 (c4), 0.90 (c0), 0.85 (c5); negatives asc: 0.00 (c3), 0.10 (c1), 0.15 (c8), 0.20 (c6)
+    # neutrals in cell order: 0.50 (c2), 0.60 (c7)
+    cells = [4, 0, 5, 3, 1, 8, 6, 2, 7]
+    assert labels.tolist() == [1, 1, 1, 0, 0, 0, 0, -1, -1]
+    expected = [[(c % 3 + 0.5) * 20, (c // 3 + 0.5) * 10] for c in cells]
+    np.testing.assert_allclose(coords, expected)
+    assert coords.dtype == np.float64 and labels.dtype == np.int64
+
+
+def test_budget_takes_positives_then_negatives():
+    coords, labels = similarity_to_points(SIM_3X3, 5, 0.8, 0.2, (30, 60))
+    assert labels.tolist() == [1, 1, 1, 0, 0]
+    np.testing.assert_allclose(coords[-1], [30.0, 5.0])  # c1
+    _, labels = similarity_to_points(SIM_3X3, 2, 0.8, 0.2, (30, 60))
+    assert labels.tolist() == [1, 1]
+
+
+def test_neutrals_fill_the_budget():
+    sim = np.full((2, 3), 0.5)
+    sim[0, 0] = 1.0
+    cells, labels = select_cells(sim, 4, 0.8, 0.2)
+    assert labels.tolist() == [1, -1, -1, -1]
+    assert cells.tolist() == [0, 1, 2, 3]
+
+
+def test_point_count_capped_by_cells():
+    coords, labels = similarity_to_points(SIM_3X3, 30, 0.8, 0.2, (30, 60))
+    assert coords.shape == (9, 2) and labels.shape == (9,)
+
+
+def test_ties_keep_row_major_order_and_equal_thresholds_prefer_positive():
+    sim = np.array([[0.5, 0.9, 0.5], [0.9, 0.5, 0.1]])
+    cells, labels = select_cells(sim, 6, 0.5, 0.5)
+    assert cells.tolist() == [1, 3, 0, 2, 4, 5]
+    assert labels.tolist() == [1, 1, 1, 1, 1, 0]
+    _, labels = select_cells(np.array([[0.2, 0.8]], dtype=np.float32), 2, 0.8, 0.2)  # float32 at the thresholds
+    assert labels.tolist() == [1, 0]
+
+
+def test_coords_are_clamped_inside_small_images():
+    coords, _ = similarity_to_points(np.linspace(0, 1, 16).reshape(4, 4), 16, 0.8, 0.2, (2, 3))
+    assert coords[:, 0].max() == 2.0 and coords[:, 1].max() == 1.0
+    assert coords.min() >= 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sim": np.zeros(4)}, "sim must be a non-empty 2-D"),
+        ({"sim": np.array([[0.1, np.nan]])}, "sim contains NaN"),
+        ({"num_points": 0}, "num_points"),
+        ({"t_pos": 0.2, "t_neg": 0.8}, "t_neg"),
+        ({"image_size": (0, 10)}, "image_size"),
+        ({"image_size": (10,)}, "image_size"),
+    ],
+)
+def test_similarity_to_points_validates(kwargs, match):
+    args = {"sim": SIM_3X3, "num_points": 3, "t_pos": 0.8, "t_neg": 0.2, "image_size": (30, 60)} | kwargs
+    with pytest.raises(ValueError, match=match):
+        similarity_to_points(**args)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    sim=hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, max_side=6), elements=st.floats(0, 1)),
+    num_points=st.integers(1, 40),
+    thresholds=st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted),
+    image_size=st.tuples(st.integers(1, 80), st.integers(1, 80)),
+)
+def test_similarity_to_points_properties(sim, num_points, thresholds, image_size):
+    t_neg, t_pos = thresholds
+    cells, labels = select_cells(sim, num_points, t_pos, t_neg)
+    coords, labels_again = similarity_to_points(sim, num_points, t_pos, t_neg, image_size)
+    values = sim.ravel()[cells]
+    assert len(cells) == len(labels) == len(coords) == min(num_points, sim.size)
+    assert len(set(cells.tolist())) == len(cells)
+    assert np.array_equal(labels, labels_again)
+    assert (values[labels == 1] >= t_pos).all()
+    assert (values[labels == 0] <= t_neg).all() and (values[labels == 0] < t_pos).all()
+    assert ((values[labels == -1] > t_neg) & (values[labels == -1] < t_pos)).all()
+    rank = np.select([labels == 1, labels == 0], [0, 1], 2)
+    assert (np.diff(rank) >= 0).all()
+    assert (np.diff(values[labels == 1]) <= 0).all() and (np.diff(values[labels == 0]) >= 0).all()
+    n_pos, n_neg = int((sim >= t_pos).sum()), int(((sim <= t_neg) & (sim < t_pos)).sum())
+    assert (labels == 1).sum() == min(len(cells), n_pos)
+    assert (labels == 0).sum() == min(len(cells) - min(len(cells), n_pos), n_neg)
+    height, width = image_size
+    assert (coords[:, 0] >= 0).all() and (coords[:, 0] <= width - 1).all()
+    assert (coords[:, 1] >= 0).all() and (coords[:, 1] <= height - 1).all()
+
+
+# ------------------------------------------------------------------------ DtoC
+
+
+def naive_refine(point, sim, image_size, sigma):
+    full = upsample_map(sim, image_size)
+    ys, xs = np.mgrid[0 : image_size[0], 0 : image_size[1]]
+    softmax = np.exp(full) / np.exp(full).sum()
+    weight = np.exp(-((xs - point[0]) ** 2 + (ys - point[1]) ** 2) / (2 * sigma**2)) * softmax
+    return np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
+
+
+@pytest.mark.parametrize("sigma", [1 / np.sqrt(2), 2.0, 5.0])
+def test_refine_matches_full_image_weighted_mean(sigma):
+    rng = np.random.default_rng(0)
+    sim = rng.random((3, 4))
+    coords = np.array([[1.0, 2.0], [6.3, 0.0], [10.0, 6.0]])
+    refined = refine_points(coords, np.array([1, 0, 1]), sim, (7, 11), sigma)
+    for point, got in zip(coords, refined):
+        np.testing.assert_allclose(got, naive_refine(point, sim, (7, 11), sigma), atol=1e-9)
+
+
+def test_refine_moves_toward_nearby_peak_and_stays_close():
+    sim = np.zeros((4, 4))
+    sim[1, 2] = 1.0  # peak in the cell right of the point; cells are 10 px on a 40×40 image
+    point = np.array([[19.0, 15.0]])
+    for sigma in (DEFAULT_SIGMA, 2.0):
+        moved = refine_points(point, np.array([1]), sim, (40, 40), sigma)[0]
+        assert moved[0] > point[0, 0] and abs(moved[1] - point[0, 1]) < 0.1
+        assert np.linalg.norm(moved - point[0]) < 2.0
+    coords, labels = similarity_to_points(sim, 16, 0.8, 0.2, (40, 40))
+    assert np.abs(refine_points(coords, labels, sim, (40, 40)) - coords).max() < 2.0
+    corner = refine_points(np.array([[39.0, 0.0]]), np.array([0]), sim, (40, 40), sigma=5.0)[0]
+    assert 0 <= corner[0] <= 39 and 0 <= corner[1] <= 39
+
+
+def test_refine_leaves_neutrals_and_handles_tiny_sigma():
+    sim = np.random.default_rng(1).random((3, 3))
+    coords = np.array([[3.3, 4.4], [7.7, 1.1]])
+    out = refine_points(coords, np.array([-1, -1]), sim, (10, 10))
+    assert np.array_equal(out, coords)
+    out = refine_points(coords, np.array([-1, 1]), sim, (10, 10), sigma=1e-4)
+    assert np.array_equal(out[0], coords[0]) and np.isfinite(out).all()
+    with pytest.raises(ValueError, match="sigma"):
+        refine_points(coords, np.array([1, 1]), sim, (10, 10), sigma=0.0)
+
+
+def test_read_prompts_pipeline_and_downsample():
+    torch.manual_seed(0)
+    seg, image = torch.randn(8), torch.randn(24, 8)
+    prompts = read_prompts(seg, image, (4, 6), (45, 90), ReadParams(num_points=10))
+    assert prompts.sim.shape == (4, 6) and prompts.coords.shape == (10, 2)
+    raw, _ = similarity_to_points(prompts.sim.numpy(), 10, 0.8, 0.2, (45, 90))
+    assert np.abs(prompts.coords - raw).max() < 2.0
+    coarse = read_prompts(seg, image, (4, 6), (45, 90), ReadParams(num_points=100, downsample=2, refine=False))
+    assert coarse.coords.shape == (6, 2)  # 2×3 cells after downsampling
+    with pytest.raises(ValueError, match="downsample"):
+        ReadParams(downsample=0)
+
+
+# ---------------------------------------------------------------------- SAM decode
+
+
+@pytest.fixture(scope="module")
+def tiny_sam():
+    torch.manual_seed(0)
+    return build_tiny_sam(TinySamSpec())
+
+
+def test_sam_coordinate_frame():
+    assert sam_input_size((30, 60), 64) == (32, 64)
+    np.testing.assert_allclose(to_sam_coords(np.array([[59.0, 29.0]]), (30, 60), 64), [[59 * 64 / 60, 29 * 32 / 30]])
+    assert sam_input_size((1, 3), 1024) == (341, 1024)
+
+
+def decode_inputs(spec=TinySamSpec()):
+    torch.manual_seed(1)
+    grid = spec.image_size // spec.patch_size
+    embedding = torch.randn(spec.prompt_dim, grid, grid)
+    coords, labels = similarity_to_points(np.random.default_rng(2).random((4, 4)), 6, 0.7, 0.3, (30, 60))
+    return embedding, coords, labels
+
+
+def test_decode_shapes_and_gradients(tiny_sam):
+    embedding, coords, labels = decode_inputs()
+    seg = torch.randn(32, requires_grad=True)
+    tiny_sam.zero_grad()
+    out = decode_read_masks(tiny_sam, embedding, seg, coords, labels, (30, 60))
+    assert out.low_res_logits.shape == (1, 1, 32, 32) and out.mask_logits.shape == (1, 1, 30, 60)
+    (out.low_res_logits.sum() + out.mask_logits.sum()).backward()
+    assert seg.grad.abs().sum() > 0
+    decoder = tiny_sam.mask_decoder
+    for module in (decoder.transformer, decoder.output_upscaling, decoder.output_hypernetworks_mlps[0]):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert decode_read_masks(tiny_sam, embedding, seg, None, None, (30, 60), upsample=False).mask_logits is None
+    with pytest.raises(ValueError, match="coords and labels"):
+        decode_read_masks(tiny_sam, embedding, seg, coords, None, (30, 60))
+
+
+def test_points_steer_the_mask_and_neutrals_carry_no_location(tiny_sam):
+    embedding, coords, labels = decode_inputs()
+    seg = torch.randn(32)
+    labels = labels.copy()
+    labels[-1] = -1
+    with torch.no_grad():
+        base = decode_read_masks(tiny_sam, embedding, seg, coords, labels, (30, 60), upsample=False)
+        moved_neutral = coords.copy()
+        moved_neutral[-1] = [1.0, 1.0]
+        same = decode_read_masks(tiny_sam, embedding, seg, moved_neutral, labels, (30, 60), upsample=False)
+        moved_labelled = coords.copy()
+        moved_labelled[0] = [1.0, 1.0]
+        other = decode_read_masks(tiny_sam, embedding, seg, moved_labelled, labels, (30, 60), upsample=False)
+    torch.testing.assert_close(base.low_res_logits, same.low_res_logits)
+    assert not torch.allclose(base.low_res_logits, other.low_res_logits)
+
+
+def test_no_reference_token_means_no_mask(tiny_sam):
+    assert has_reference([5, 7, 9], 9) and has_reference(torch.tensor([[1, 9]]), 9)
+    assert not has_reference([], 9) and not has_reference(np.array([1, 2]), 9)
+    embedding, _, _ = decode_inputs()
+    common = dict(image_hidden=torch.randn(16, 8), grid=(4, 4), image_embedding=embedding, original_size=(30, 60))
+    assert read_segment(tiny_sam, [1, 2, 3], 99, seg_hidden=None, seg_embedding=None, **common) is None
+    result = read_segment(tiny_sam, [1, 99], 99, seg_hidden=torch.randn(8), seg_embedding=torch.randn(32), **common)
+    prompts, masks = result
+    assert prompts.coords.shape == (16, 2) and masks.mask_logits.shape == (1, 1, 30, 60)
+    with pytest.raises(ValueError, match="seg_hidden or seg_embedding is None"):
+        read_segment(tiny_sam, [99], 99, seg_hidden=None, seg_embedding=None, **common)
+
+
+# ------------------------------------------------------------- threshold search
+
+
+def naive_ious(prob, gt, thresholds):
+    out = []
+    for t in thresholds:
+        pred = prob >= t
+        union = (pred | gt).sum()
+        out.append((pred & gt).sum() / union if union else 1.0)
+    return np.array(out)
+
+
+def test_grid_search_equals_naive_loop():
+    rng = np.random.default_rng(3)
+    grid = threshold_grid(0.01)
+    assert len(grid) == 101 and grid[7] == 0.07 and grid[-1] == 1.0
+    for prob, gt in [
+        (rng.random((20, 30)), rng.random((20, 30)) > 0.6),
+        (np.round(rng.random((9, 9)), 2), rng.random((9, 9)) > 0.3),  # values exactly on the grid
+        (rng.random((5, 5)), np.zeros((5, 5), bool)),
+    ]:
+        ious = naive_ious(prob, gt, grid)
+        best_t, best_iou = best_threshold_iou(prob, gt)
+        assert best_iou == pytest.approx(ious.max())
+        assert best_t == grid[np.argmax(ious)]
+        for t in (0.0, 0.5, 0.73):
+            assert fixed_threshold_iou(prob, gt, t) == pytest.approx(naive_ious(prob, gt, [t])[0])
+
+
+def test_grid_search_picks_the_iou_maximising_threshold():
+    prob = np.full((4, 4), 0.1)
+    gt = np.zeros((4, 4), bool)
+    gt[:2, :2] = True
+    prob[:2, :2] = [[0.45, 0.7], [0.7, 0.7]]
+    prob[3, 3] = 0.3  # a distractor below the weakest target pixel
+    assert best_threshold_iou(prob, gt) == (0.31, 1.0)
+    assert fixed_threshold_iou(prob, gt) == pytest.approx(0.75)
+    assert best_threshold_iou(prob, gt, step=0.5) == (0.5, 0.75)
+
+
+def test_threshold_inputs_are_checked():
+    with pytest.raises(ValueError, match="one shape"):
+        best_threshold_iou(np.zeros((2, 2)), np.zeros((2, 3), bool))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        best_threshold_iou(np.full((2, 2), 1.5), np.zeros((2, 2), bool))
+    with pytest.raises(ValueError, match="ignore"):
+        best_threshold_iou(np.zeros((2, 2)), np.full((2, 2), 255))
+    with pytest.raises(ValueError, match="step"):
+        threshold_grid(0.0)
