@@ -106,3 +106,30 @@ def format_score(text: str, ref_token: str = "<SEG>", preset: str = DEFAULT_PRES
     if parts is None:
         return SCORE_INVALID
     return SCORE_DOWNGRADED if downgrade(parts) else SCORE_CLEAN
+
+
+def refusal_format_score(text: str, ref_token: str = "<SEG>", preset: str = DEFAULT_PRESET) -> float:
+    """Format score of a no-mask answer (READ's false premise): a think block and no reference token.
+
+    Valid: exactly one non-empty ``<think>…</think>`` and no ``ref_token``; downgraded to 0.9
+    for a long think or text before ``<think>`` (the refusal itself follows ``</think>``).
+    """
+    get_preset(preset)
+    _check_ref_token(ref_token)
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    if ref_token in text or text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1:
+        return SCORE_INVALID
+    open_at, close_at = text.index(THINK_OPEN), text.index(THINK_CLOSE)
+    think = text[open_at + len(THINK_OPEN) : close_at]
+    if close_at < open_at or not think.strip():
+        return SCORE_INVALID
+    long_or_prefixed = len(think) > MAX_THINK_CHARS or bool(text[:open_at].strip())
+    return SCORE_DOWNGRADED if long_or_prefixed else SCORE_CLEAN
+
+
+def response_format_score(text: str, ref_token: str = "<SEG>", preset: str = DEFAULT_PRESET) -> float:
+    """Either kind of answer: a text with the reference token is scored as a mask answer, else as a refusal."""
+    if isinstance(text, str) and ref_token and ref_token in text:
+        return format_score(text, ref_token, preset)
+    return refusal_format_score(text, ref_token, preset)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewards import format_score
+from rewards import format_score, refusal_format_score, response_format_score
 from rewards.format import DOWNGRADE_RULES, MAX_THINK_CHARS
 from rewards.presets import FORMAT_VARIANTS
 
@@ -112,3 +112,26 @@ def test_any_string_scores_in_the_allowed_set_and_validity_is_shared(text):
     code = format_score(text, preset="segcompass-code")
     assert paper in (0.0, 0.9, 1.0) and code in (0.0, 0.9, 1.0)
     assert (paper == 0.0) == (code == 0.0)  # presets differ only in the downgrade
+
+
+@pytest.mark.parametrize(
+    "text, score",
+    [
+        ("<think>There is no purple star.</think> No such object.", 1.0),
+        ("<think>no star</think>", 1.0),
+        ("Sure. <think>no star</think> No such object.", 0.9),
+        ("<think>" + "x" * 2049 + "</think> none", 0.9),
+        ("<think>   </think> none", 0.0),
+        ("<think>no star</think> <SEG>", 0.0),
+        ("</think>no star<think>", 0.0),
+        ("no think at all", 0.0),
+    ],
+)
+def test_refusal_format_cases(text, score):
+    assert refusal_format_score(text) == score
+
+
+def test_response_format_dispatches_on_the_reference_token():
+    assert response_format_score("<think>roll</think> <SEG>") == format_score("<think>roll</think> <SEG>")
+    assert response_format_score("<think>none</think> No such object.") == 1.0
+    assert response_format_score("<SEG><SEG>") == 0.0

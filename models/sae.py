@@ -1,0 +1,146 @@
+"""Sparse autoencoder on a middle LM layer (SAE-V / SAELens "standard", optional TopK).
+
+Parameters follow the SAELens layout so checkpoints map one-to-one:
+W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+
+Forward, with s = `input_scale` (fixed at training time, see `models/sae_train.py`):
+
+    z     = s · x                                   scale to the training normalisation
+    pre   = (z − b_dec·apply_b_dec_to_input) W_enc + b_enc
+    acts  = ReLU(pre)          | TopK: ReLU of the k largest pre-activations, 0 elsewhere
+    x_hat = (acts W_dec + b_dec) / s
+
+Subtracting b_dec before encoding (Bricken et al. 2023; SAELens `apply_b_dec_to_input`)
+centres the input on the decoder bias, so encoder directions see deviations from the
+"typical" activation rather than its large constant offset. SegCompass's released SAE
+turns it off; loading their cfg keeps whatever it says.
+
+The ReLU SAE is trained with MSE + λ·Σ_j |a_j|·‖W_dec[j]‖: weighting the L1 by decoder
+row norms stops the optimiser from shrinking activations while growing decoder rows,
+so no unit-norm projection of W_dec is needed. TopK fixes the sparsity by
+construction and trains on MSE alone.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Activation = Literal["relu", "topk"]
+DECODER_INIT_NORM = 0.1  # Anthropic "April update": small decoder rows, W_enc = W_decᵀ
+
+
+class SparseAutoencoder(nn.Module):
+    """Dictionary of d_sae features over d_in-dimensional hidden states."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        activation: Activation = "relu",
+        k: int | None = None,
+        *,
+        input_scale: float = 1.0,
+        apply_b_dec_to_input: bool = True,
+        layer: int | None = None,
+        hook_name: str | None = None,
+    ):
+        super().__init__()
+        _check_shape_args(d_in, d_sae, activation, k)
+        if not input_scale > 0:
+            raise ValueError(f"input_scale must be > 0, got {input_scale}")
+        self.d_in, self.d_sae, self.activation, self.k = d_in, d_sae, activation, k
+        self.input_scale = float(input_scale)
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.layer, self.hook_name = layer, hook_name
+        w_dec = torch.randn(d_sae, d_in)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True) * DECODER_INIT_NORM
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def config(self) -> dict:
+        """Everything besides the weights needed to rebuild this SAE (JSON-safe)."""
+        return {
+            "d_in": self.d_in, "d_sae": self.d_sae, "activation": self.activation, "k": self.k,
+            "input_scale": self.input_scale, "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "layer": self.layer, "hook_name": self.hook_name,
+        }
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations [.., d_sae]; x is cast to the SAE's dtype (LM states may be bf16)."""
+        z = self.scale_in(x)
+        if self.apply_b_dec_to_input:
+            z = z - self.b_dec
+        return z @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.activation == "relu":
+            return torch.relu(pre)
+        top = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations [.., d_sae] of hidden states x [.., d_in]."""
+        return self.activate(self.pre_activations(x))
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the caller's units (the input scale undone)."""
+        return self.decode_scaled(acts) / self.input_scale
+
+    def decode_scaled(self, acts: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the normalised space the loss is measured in."""
+        return acts @ self.W_dec + self.b_dec
+
+    def scale_in(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.W_enc.dtype) * self.input_scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acts = self.encode(x)
+        return self.decode(acts), acts
+
+    def freeze(self) -> SparseAutoencoder:
+        """Inference-only: no trainable parameters, gradients still flow to the input."""
+        self.requires_grad_(False)
+        return self.eval()
+
+
+def sae_loss(sae: SparseAutoencoder, x: torch.Tensor, l1_coef: float) -> dict[str, torch.Tensor]:
+    """Training objective on a batch x [.., d_in], measured in the normalised space.
+
+    recon    = mean over tokens of Σ_d (ẑ − z)²          (SAELens / SegCompass reduction)
+    sparsity = mean over tokens of Σ_j |a_j|·‖W_dec[j]‖₂
+    loss     = recon + l1_coef·sparsity for ReLU; recon alone for TopK.
+    Also returns the batch's `acts` [tokens, d_sae] so callers can track firing.
+    """
+    z = sae.scale_in(x).reshape(-1, sae.d_in)
+    acts = sae.encode(x).reshape(-1, sae.d_sae)
+    recon = (sae.decode_scaled(acts) - z).pow(2).sum(-1).mean()
+    sparsity = (acts.abs() * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    loss = recon if sae.activation == "topk" else recon + l1_coef * sparsity
+    return {"loss": loss, "recon": recon, "sparsity": sparsity, "acts": acts}
+
+
+def top_features(acts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k strongest features per token: (ids [.., k] int64, values [.., k]), descending.
+
+    Values are 0 where fewer than k features fire; callers that want only active
+    features mask on values > 0.
+    """
+    if not 1 <= k <= acts.shape[-1]:
+        raise ValueError(f"k must be in [1, {acts.shape[-1]}], got {k}")
+    top = acts.topk(k, dim=-1)
+    return top.indices, top.values
+
+
+def _check_shape_args(d_in: int, d_sae: int, activation: str, k: int | None) -> None:
+    if d_in < 1 or d_sae < 1:
+        raise ValueError(f"d_in and d_sae must be positive, got {d_in}, {d_sae}")
+    if activation == "relu" and k is not None:
+        raise ValueError("k is only meaningful for activation='topk'")
+    if activation == "topk" and (k is None or not 1 <= k <= d_sae):
+        raise ValueError(f"activation='topk' needs 1 <= k <= d_sae={d_sae}, got k={k}")
+    if activation not in ("relu", "topk"):
+        raise ValueError(f"activation must be 'relu' or 'topk', got {activation!r}")
