@@ -136,21 +136,50 @@ class Policy(nn.Module):
 
 def load_policy(family: str, name_or_path: str, ref_token: str, sae_layer: int, ref_position: str = "token",
                 dtype: torch.dtype = torch.float32):
-    """(policy, tokenizer) from a tiny folder or a real checkpoint."""
-    if family not in POLICY_LOADERS:
-        raise ValueError(f"no policy loader for model family '{family}'; known: {sorted(POLICY_LOADERS)}")
-    lm, projector, tokenizer = POLICY_LOADERS[family](name_or_path, dtype)
+    """(policy, tokenizer) from a segrl folder (make-tiny, a checkpoint) or an upstream checkpoint.
+
+    The reference token is added to the vocabulary (and the embeddings grown)
+    when the checkpoint does not have it yet, as LISA adds [SEG].
+    """
+    if (Path(name_or_path) / "projector" / "config.json").is_file():
+        loader = _load_segrl_folder
+    elif family in UPSTREAM_LOADERS:
+        loader = UPSTREAM_LOADERS[family]
+    else:
+        raise ValueError(f"no policy loader for model family '{family}'; known: tiny (segrl folders), "
+                         f"{', '.join(sorted(UPSTREAM_LOADERS))}")
+    lm, projector, tokenizer = loader(name_or_path, dtype)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        raise ValueError(f"tokenizer of {name_or_path} has no {IMAGE_TOKEN} token")
+    if ref_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([ref_token])
+        lm.resize_token_embeddings(len(tokenizer))
     ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, ref_token])
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-        raise ValueError(f"tokenizer of {name_or_path} lacks {IMAGE_TOKEN} or {ref_token}")
     return Policy(lm, projector, ids[0], ids[1], sae_layer, ref_position), tokenizer
 
 
-def _load_tiny(path: str, dtype: torch.dtype):
+def _load_segrl_folder(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return lm, load_projector(Path(path) / "projector").to(dtype), AutoTokenizer.from_pretrained(path)
 
 
-POLICY_LOADERS = {"tiny": _load_tiny}
+def _load_llava(path: str, dtype: torch.dtype):
+    """llava-hf checkpoint -> its language model as a plain causal LM + its projector."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from models.checkpoints import llava_lm_key, llava_projector_key, load_exact, local_checkpoint, read_tensors
+
+    folder = local_checkpoint(path)
+    config = AutoConfig.from_pretrained(folder)
+    if not isinstance(config.vision_feature_layer, int) or config.projector_hidden_act != "gelu":
+        raise ValueError(f"{folder}: only single-layer features and a GELU projector (LLaVA-1.5) are supported")
+    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype)
+    load_exact(lm, read_tensors(folder, llava_lm_key), folder, "language model")
+    projector = Projector(config.vision_config.hidden_size, config.text_config.hidden_size)
+    load_exact(projector, read_tensors(folder, llava_projector_key), folder, "projector")
+    return lm, projector.to(dtype), AutoTokenizer.from_pretrained(folder)
+
+
+UPSTREAM_LOADERS = {"llava": _load_llava}

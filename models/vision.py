@@ -112,38 +112,25 @@ def _tiny_tower(path: str) -> VisionTower:
 
 
 def _llava_tower(path: str) -> VisionTower:
-    """CLIP ViT-L/336 from a llava-hf checkpoint; penultimate layer, CLS dropped (LLaVA-1.5).
+    """CLIP tower of a llava-hf checkpoint; LLaVA-1.5 takes the penultimate layer and drops CLS.
 
     Only the `vision_tower.` tensors are read, so the 7B language model is never loaded here.
     """
     from transformers import AutoConfig, CLIPVisionModel
 
-    folder = _local_checkpoint(path)
+    from models.checkpoints import llava_vision_key, load_exact, local_checkpoint, read_tensors
+
+    folder = local_checkpoint(path)
     config = AutoConfig.from_pretrained(folder)
     encoder = CLIPVisionModel(config.vision_config)
-    state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        for key, value in load_file(shard).items():
-            if "vision_tower." in key:
-                state[key.split("vision_tower.", 1)[1]] = value
-    missing, _ = encoder.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(f"{folder}: vision tower weights incomplete, e.g. missing {missing[:3]}")
-    layer = config.vision_feature_layer
+    load_exact(encoder, read_tensors(folder, llava_vision_key), folder, "vision tower")
+    layer, drop_cls = config.vision_feature_layer, config.vision_feature_select_strategy == "default"
 
     def features(enc, px):
-        return enc(pixel_values=px, output_hidden_states=True).hidden_states[layer][:, 1:]
+        hidden = enc(pixel_values=px, output_hidden_states=True).hidden_states[layer]
+        return hidden[:, 1:] if drop_cls else hidden
 
     return VisionTower(encoder, config.vision_config.image_size, CLIP_MEAN, CLIP_STD, features)
-
-
-def _local_checkpoint(name_or_path: str) -> Path:
-    """A local folder as is; a hub id is fetched (config + safetensors only) on clusters with access."""
-    if Path(name_or_path).is_dir():
-        return Path(name_or_path)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors"]))
 
 
 VISION_TOWERS = {"tiny": _tiny_tower, "llava": _llava_tower}

@@ -87,6 +87,30 @@ def cmd_convert(config: Config, args: argparse.Namespace) -> None:
     print(f"wrote {read_table(out).num_rows} samples to {out}")
 
 
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a new local cluster)")
+
+
+@command("sae-train", "collect layer-k states of the policy (Ray Data), train and freeze the SAE", _address)
+def cmd_sae_train(config: Config, args: argparse.Namespace) -> dict:
+    from cluster.local import connect
+    from pipelines.sae_train import report_lines, run_sae_train
+
+    connect(args.address)
+    report = run_sae_train(config)
+    print("\n".join(report_lines(report)))
+    return report
+
+
+@command("sft", "supervised warm start (format + segmentation); prints val metrics before and after")
+def cmd_sft(config: Config, args: argparse.Namespace) -> dict:
+    from pipelines.sft import report_lines, run_sft
+
+    report = run_sft(config)
+    print("\n".join(report_lines(report)))
+    return report
+
+
 def _main_args(p: argparse.ArgumentParser) -> None:
     _force(p)
     _precompute_args(p)

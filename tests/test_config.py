@@ -62,6 +62,11 @@ def _write(tmp_path, tree) -> Path:
         ({"model": {"family": "gpt"}}, "model.family"),
         ({"model": {"tiny": {"lm": {"hidden_size": 64, "num_heads": 4}}}}, "head dim"),
         ({"data": {"image_min_pixels": 10, "image_max_pixels": 5}}, "image_min_pixels"),
+        ({"grpo": {"kl_estimator": "k9"}}, "grpo.kl_estimator: Value error, unknown KL estimator 'k9'"),
+        ({"grpo": {"policy_loss": "ppo2"}}, "grpo.policy_loss"),
+        ({"reward": {"preset": "nope"}}, "reward.preset: Value error, unknown reward preset 'nope'"),
+        ({"model": {"sae": {"activation": "topk"}}}, "k is required for activation topk"),
+        ({"data": {"synthetic": {"image_size": 32}}}, "data.synthetic.image_size"),
     ],
 )
 def test_bad_file_names_key_and_file(tmp_path, tree, needle):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -139,10 +139,33 @@ class SaeConfig(Section):
 
     layer: int = Field(2, ge=1, description="HF hidden_states index = output of decoder layer k (1-based)")
     expansion: PositiveInt = 8
+    activation: Literal["relu", "topk"] = "relu"
+    k: PositiveInt | None = Field(None, description="active features per token (topk only)")
+
+    @model_validator(mode="after")
+    def _topk(self) -> "SaeConfig":
+        if (self.activation == "topk") != (self.k is not None):
+            raise ValueError("k is required for activation topk and only allowed there")
+        return self
     l1_coef: float = Field(5e-3, ge=0)
     lr: float = Field(5e-5, gt=0)
     batch_size: PositiveInt = 64
     epochs: PositiveInt = 10
+    path: str = Field("{models_dir}/sae", description="trained SAE folder (segrl sae-train writes it)")
+    max_samples: PositiveInt = Field(1024, description="training samples whose states are collected")
+    tokens_per_sample: PositiveInt = Field(48, description="layer-k states kept per sample (random subset)")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class SegHeadConfig(Section):
+    """SegCompass query head (codebook, slot mapper) and which hidden state a reference token uses."""
+
+    codebook_dim: PositiveInt = 128
+    act_threshold: float = Field(0.0, ge=0, description="SAE activations below it are dropped (released: 2.0)")
+    top_k_features: PositiveInt = 8
+    ref_position: Literal["token", "previous"] = Field(
+        "token", description="token: the <SEG> position (paper); previous: the state that predicted it (LISA)"
+    )
 
 
 class ModelConfig(Section):
@@ -154,6 +177,7 @@ class ModelConfig(Section):
     tiny: TinyConfig = TinyConfig()
     sam: SamConfig = SamConfig()
     sae: SaeConfig = SaeConfig()
+    head: SegHeadConfig = SegHeadConfig()
 
 
 class RolloutConfig(Section):
@@ -190,16 +214,68 @@ class OptimConfig(Section):
 
 
 class GRPOConfig(Section):
+    """GRPO of SegCompass B.2; names select entries of the registries in models.losses."""
+
     prompts_per_step: PositiveInt = 16
     clip_ratio: float = Field(0.2, gt=0, lt=1)
+    clip_ratio_high: float | None = Field(None, gt=0, lt=1, description="only for policy_loss grpo_clip_higher")
     kl_coef: float = Field(0.2, ge=0)
+    kl_estimator: str = "k3"
+    policy_loss: str = "grpo_clip"
+    advantage_estimator: str = "grpo"
+    loss_aggregation: str = "seq_mean_group_mean"
+    is_correction: bool = Field(True, description="truncated importance weights for stale samples")
+    is_cap: float = Field(2.0, ge=1)
     micro_batch_size: PositiveInt = 2
+
+    @field_validator("kl_estimator", "policy_loss", "advantage_estimator", "loss_aggregation")
+    @classmethod
+    def _registered(cls, name: str, info) -> str:
+        from models import losses
+
+        registry = {"kl_estimator": losses.KL_ESTIMATORS, "policy_loss": losses.POLICY_LOSSES,
+                    "advantage_estimator": losses.ADVANTAGE_ESTIMATORS,
+                    "loss_aggregation": losses.AGGREGATIONS}[info.field_name]
+        registry.get(name)
+        return name
+
+
+class SegLossConfig(Section):
+    """Weights of the segmentation terms added to the GRPO loss (one backward, A.1)."""
+
+    seg_coef: float = Field(0.3, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    bce_weight: float = Field(1.0, ge=0)
+    conf_weight: float = Field(0.2, ge=0)
+
+
+class SftConfig(Section):
+    """Supervised warm start: templated reasoning + <SEG> (or a refusal) and the segmentation loss."""
+
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 16
+    lr: float = Field(1e-3, gt=0, lt=1)
+    head_lr: float = Field(1e-3, gt=0, lt=1)
+    seg_coef: float = Field(1.0, ge=0)
+    eval_samples: PositiveInt = 64
+    max_new_tokens: PositiveInt = 96
+    output: str = "{runs_dir}/sft"
 
 
 class RewardConfig(Section):
+    """Reward preset (rewards.presets registry) and the slot-confidence threshold."""
+
     preset: str = "paper"
     weights: tuple[float, float] = Field((0.3, 0.7), description="(format, mask)")
     confidence_threshold: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, name: str) -> str:
+        from rewards import get_preset
+
+        get_preset(name)
+        return name
 
 
 class Config(Section):
@@ -212,6 +288,8 @@ class Config(Section):
     rollout: RolloutConfig = RolloutConfig()
     optim: OptimConfig = OptimConfig()
     grpo: GRPOConfig = GRPOConfig()
+    seg_loss: SegLossConfig = SegLossConfig()
+    sft: SftConfig = SftConfig()
     reward: RewardConfig = RewardConfig()
 
     @property

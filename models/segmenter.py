@@ -1,0 +1,89 @@
+"""Policy + SegCompass head as one model, and its checkpoint folder.
+
+A checkpoint folder has the layout of make-tiny's folder, so it can be named
+as `model.name_or_path` again (and served by vLLM as is):
+
+    config.json, model.safetensors, tokenizer*   the LM (HF format)
+    projector/                                   trainable projector
+    vision/, sam/                                frozen encoders, copied unchanged (feature-cache identity)
+    head/model.safetensors, head/config.json     codebook, slot mapper, SAM prompt encoder + mask decoder
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.policy import Policy, PolicyOutput
+from models.projector import save_projector
+from models.seghead import SegCompassHead, SegHeadOutput
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    num_slots: int = 1
+    codebook_dim: int = 128
+    act_threshold: float = 0.0
+    top_k: int = 8
+
+
+class Segmenter(nn.Module):
+    """One forward: policy logprobs + hidden states, then masks for every response with a reference token."""
+
+    def __init__(self, policy: Policy, head: SegCompassHead):
+        super().__init__()
+        self.policy, self.head = policy, head
+
+    def param_modules(self) -> dict[str, nn.Module]:
+        """Trainable modules by learning-rate role (see models.optim.param_groups)."""
+        return {"lm": self.policy.lm, "projector": self.policy.projector, **self.head.param_modules()}
+
+    def forward(self, prompt_ids: list[list[int]], vision: list[torch.Tensor], response_ids: list[list[int]],
+                sam_embeddings: list[torch.Tensor]) -> tuple[PolicyOutput, list[SegHeadOutput | None]]:
+        out = self.policy(prompt_ids, vision, response_ids)
+        masks = [
+            self.head(ref, layer_ref, emb) if ref.shape[0] else None
+            for ref, layer_ref, emb in zip(out.ref_hidden, out.layer_ref_hidden, sam_embeddings)
+        ]
+        return out, masks
+
+
+def head_state(head: SegCompassHead) -> dict[str, torch.Tensor]:
+    """Trainable head weights; the frozen SAE is saved (and versioned) on its own."""
+    return {k: v.contiguous() for k, v in head.state_dict().items() if not k.startswith("sae.")}
+
+
+def save_segmenter(model: Segmenter, spec: HeadSpec, tokenizer, source: str | Path, out_dir: str | Path) -> Path:
+    """Write a checkpoint folder; frozen encoders are copied from `source` (the folder loaded from)."""
+    out, source = Path(out_dir), Path(source)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.policy.lm.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_projector(model.policy.projector, tmp / "projector")
+    for frozen in ("vision", "sam"):
+        if (source / frozen).exists():
+            shutil.copytree(source / frozen, tmp / frozen)
+    (tmp / "head").mkdir()
+    save_file(head_state(model.head), tmp / "head" / "model.safetensors")
+    (tmp / "head" / "config.json").write_text(json.dumps(asdict(spec), indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def load_head_weights(head: SegCompassHead, folder: str | Path) -> bool:
+    """Load trained head weights if the folder has them (a make-tiny folder has none)."""
+    path = Path(folder) / "head" / "model.safetensors"
+    if not path.is_file():
+        return False
+    missing, unexpected = head.load_state_dict(load_file(path), strict=False)
+    missing = [k for k in missing if not k.startswith("sae.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: head weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return True

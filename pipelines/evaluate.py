@@ -1,0 +1,67 @@
+"""Generate answers for a split, decode masks, and score them with the shared metrics.
+
+A response without the reference token is a "no such object" answer (no
+mask); otherwise the SegCompass head decodes K slots, the confident ones are
+merged, and the mask is compared in the image frame (LISA/GSVA conventions by
+default, `rewards.metrics.SegMetrics`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.generate import generate
+from models.mask_frames import lowres_to_image
+from models.prompt import prompt_ids
+from models.segmenter import Segmenter
+from pipelines.data.loader import SegDataset, SegItem
+from rewards import SegMetrics, response_format_score
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    responses: list[str]
+
+
+def predicted_mask(head_out, item: SegItem, img_size: int, num_slots: int, threshold: float) -> np.ndarray:
+    """Merge the kept slots (all for K = 1, confident ones otherwise) into one image-frame mask."""
+    logits = head_out.mask_logits
+    if num_slots > 1:
+        keep = torch.sigmoid(head_out.conf_logits) >= threshold
+        if not keep.any():
+            return np.zeros((item.sample.height, item.sample.width), bool)
+        logits = logits[keep]
+    image = lowres_to_image(logits, item.sam_input_size, (item.sample.height, item.sample.width), img_size)
+    return (image > 0).any(0).numpy()
+
+
+@torch.no_grad()
+def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, ref_token: str,
+             max_new_tokens: int, num_slots: int = 1, conf_threshold: float = 0.5, batch_size: int = 16,
+             preset: str = "paper", progress: bool = True) -> EvalResult:
+    model.eval()
+    meter, texts, formats = SegMetrics(), [], []
+    order = range(0, len(dataset), batch_size)
+    for start in tqdm(order, desc="eval", unit="batch", disable=not progress):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        prompts = [prompt_ids(tokenizer, it.sample.question, ref_token) for it in items]
+        embeds = [model.policy.prompt_embeds(p, it.vision) for p, it in zip(prompts, items)]
+        responses = generate(model.policy, tokenizer, embeds, max_new_tokens)
+        _, heads = model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items])
+        for item, resp, head in zip(items, responses, heads):
+            text = tokenizer.decode(resp, skip_special_tokens=True)
+            texts.append(text)
+            formats.append(response_format_score(text, ref_token, preset))
+            pred = None if head is None else predicted_mask(head, item, img_size, num_slots, conf_threshold)
+            gt = item.gt_stack.any(0) if item.gt_stack.shape[0] else np.zeros(
+                (item.sample.height, item.sample.width), bool)
+            meter.add(pred, gt, item.sample.ignore_mask)
+    model.train()
+    summary = meter.summary()
+    summary["format_valid"] = float(np.mean([f > 0 for f in formats])) if formats else float("nan")
+    summary["format_score"] = float(np.mean(formats)) if formats else float("nan")
+    return EvalResult(summary, texts)

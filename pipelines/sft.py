@@ -1,0 +1,106 @@
+"""`segrl sft`: supervised warm start so the policy emits the format before GRPO.
+
+LISA-style: cross-entropy on templated responses (`<think>…</think> <SEG>`,
+or a refusal for false premises) plus the segmentation loss on the decoded
+masks, one backward. Val format validity and gIoU are measured before and
+after; the checkpoint folder is what the GRPO config starts from.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.losses import segmentation_loss
+from models.optim import build_optimizer, clip_grad_norm, one_cycle, param_groups
+from models.prompt import prompt_ids
+from models.segmenter import save_segmenter
+from pipelines.config import Config, dump_config
+from pipelines.data.loader import SegDataset, SegItem
+from pipelines.data.synthetic import sft_target
+from pipelines.evaluate import evaluate
+from pipelines.modeling import build_segmenter, head_spec
+from pipelines.precompute import feature_store
+
+
+def sft_step(model, tokenizer, items: list[SegItem], config: Config) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch: mean per-sequence CE + seg_coef x mean segmentation loss."""
+    ref = config.model.ref_token
+    prompts = [prompt_ids(tokenizer, it.sample.question, ref) for it in items]
+    responses = [tokenizer(sft_target(it.sample, ref), add_special_tokens=False)["input_ids"]
+                 + [tokenizer.eos_token_id] for it in items]
+    out, heads = model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items])
+    ce = -(out.logprobs.sum(1) / out.response_mask.sum(1)).mean()
+    w = config.seg_loss
+    seg_terms = [
+        segmentation_loss(h.mask_logits, (it.gt_lowres >= 0.5).float(),
+                          h.conf_logits if config.model.num_slots > 1 else None,
+                          dice_weight=w.dice_weight, bce_weight=w.bce_weight, conf_weight=w.conf_weight)[0]
+        for it, h in zip(items, heads) if h is not None
+    ]
+    seg = torch.stack(seg_terms).mean() if seg_terms else ce.new_zeros(())
+    loss = ce + config.sft.seg_coef * seg
+    return loss, {"loss": loss.item(), "ce": ce.item(), "seg": seg.item()}
+
+
+def run_sft(config: Config, progress: bool = True) -> dict:
+    torch.manual_seed(config.seed)
+    model, tokenizer, img_size = build_segmenter(config)
+    root, store = Path(config.resolve_path(config.data.root)), feature_store(config)
+    train = SegDataset(root / f"{config.data.train_split}.parquet", store, img_size)
+    val = SegDataset(root / f"{config.data.eval_splits[0]}.parquet", store, img_size, limit=config.sft.eval_samples)
+    out_dir = Path(config.resolve_path(config.sft.output))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(config))
+
+    def score(tag: str) -> dict:
+        res = evaluate(model, tokenizer, val, img_size, config.model.ref_token, config.sft.max_new_tokens,
+                       config.model.num_slots, config.reward.confidence_threshold, preset=config.reward.preset,
+                       progress=progress)
+        (out_dir / f"samples-{tag}.json").write_text(json.dumps(res.responses[:8], indent=2))
+        return res.metrics
+
+    before = score("before")
+    s = config.sft
+    head_mult = s.head_lr / s.lr
+    groups = param_groups(model.param_modules(), s.lr,
+                          {"query_codebook": head_mult, "slot_mapper": head_mult, "mask_decoder": head_mult},
+                          config.optim.weight_decay)
+    optimizer = build_optimizer(groups, tuple(config.optim.betas))
+    steps_per_epoch = -(-len(train) // s.batch_size)
+    schedule = one_cycle(optimizer, s.epochs * steps_per_epoch, config.optim.one_cycle_final_div)
+    order, rng, step = list(range(len(train))), random.Random(config.seed), 0
+    with open(out_dir / "metrics.jsonl", "w") as log, tqdm(total=s.epochs * steps_per_epoch, desc="sft",
+                                                           disable=not progress) as bar:
+        for epoch in range(s.epochs):
+            rng.shuffle(order)
+            for start in range(0, len(order), s.batch_size):
+                loss, metrics = sft_step(model, tokenizer, [train[i] for i in order[start:start + s.batch_size]],
+                                         config)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                metrics["grad_norm"] = clip_grad_norm(model.parameters(), config.optim.grad_clip)
+                optimizer.step()
+                schedule.step()
+                step += 1
+                log.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
+                bar.set_postfix(ce=f"{metrics['ce']:.3f}", seg=f"{metrics['seg']:.3f}")
+                bar.update()
+    after = score("after")
+    source = config.resolve_path(config.model.name_or_path)
+    save_segmenter(model, head_spec(config), tokenizer, source, out_dir / "model")
+    report = {"before": before, "after": after, "steps": step, "checkpoint": str(out_dir / "model")}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def report_lines(report: dict) -> list[str]:
+    rows = [f"{'':8}{'format':>8}{'gIoU':>8}{'cIoU':>8}{'N-acc':>8}{'T-acc':>8}"]
+    for tag in ("before", "after"):
+        m = report[tag]
+        rows.append(f"{tag:8}{m['format_valid']:8.3f}{m['giou']:8.3f}{m['ciou']:8.3f}{m['n_acc']:8.3f}{m['t_acc']:8.3f}")
+    rows.append(f"checkpoint {report['checkpoint']} after {report['steps']} steps")
+    return rows
