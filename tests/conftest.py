@@ -36,3 +36,21 @@ def ray_cluster():
     connect(num_cpus=2)
     yield
     disconnect()
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_workspace, ray_cluster):
+    """The tiny workspace's feature cache, filled once (Ray Data)."""
+    from pipelines.precompute import precompute
+
+    return precompute(tiny_workspace["config"], splits=["train", "val", "test"], batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_sae(tiny_workspace, tiny_features):
+    """A quickly trained SAE on the tiny policy's layer-k states (a few epochs)."""
+    from pipelines.sae_train import run_sae_train
+
+    config = tiny_workspace["config"].model_copy(deep=True)
+    config.model.sae.epochs = 2
+    return run_sae_train(config, progress=False)

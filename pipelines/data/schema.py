@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
+from pipelines.data.rle import decode_rle
+
 ANSWER_TYPES = ("single", "multi", "no_target")
 
 RLE_TYPE = pa.struct([("counts", pa.string()), ("size", pa.list_(pa.int32()))])
@@ -79,11 +81,15 @@ def encode_mask(mask: np.ndarray) -> dict:
 
 
 def decode_mask(rle: dict) -> np.ndarray:
-    """COCO RLE dict (str or bytes `counts`) -> bool [H, W] array."""
+    """COCO RLE dict (str or bytes `counts`) -> bool [H, W] array.
+
+    Strict: pycocotools decodes a truncated string into uninitialised memory,
+    so our own decoder checks the runs cover the mask exactly.
+    """
     counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    return mask_utils.decode({"counts": counts, "size": list(rle["size"])}).astype(bool)
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return decode_rle({"counts": counts, "size": list(rle["size"])})
 
 
 @dataclass
