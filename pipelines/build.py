@@ -94,6 +94,37 @@ def build_tiny(config: Config, force: bool = False) -> dict:
     return {"path": str(out), **json.loads((out / "tiny.json").read_text())}
 
 
+def _fingerprint(*files: Path) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes() if f.is_file() else b"missing")
+    return digest.hexdigest()[:16]
+
+
+def cached_step(name: str, out_dir: Path, params: dict, run, force: bool = False) -> dict:
+    """Run a training step unless its report exists for the same parameters (stamp in `out_dir`)."""
+    stamp, report = out_dir / "stamp.json", out_dir / "report.json"
+    if not force and report.is_file() and _stamp_matches(stamp, params):
+        print(f"{name}: {out_dir} is up to date (use --force to rerun)")
+        return json.loads(report.read_text())
+    result = run()
+    stamp.write_text(json.dumps({"params": params}, indent=2))
+    return result
+
+
+def step_params(config: Config, *sections: str) -> dict:
+    """What a training step depends on: its config sections and the built inputs' stamps."""
+    model = Path(config.resolve_path(config.model.name_or_path))
+    data = Path(config.resolve_path(config.data.root))
+    params = {"seed": config.seed, "inputs": _fingerprint(model / "build.json", data / "synthetic.json")}
+    for section in sections:
+        node = config
+        for part in section.split("."):
+            node = getattr(node, part)
+        params[section] = node.model_dump(mode="json")
+    return params
+
+
 def report_lines(config: Config, data: dict, tiny: dict, features: dict) -> list[str]:
     """The main job's closing report: what was built and where."""
     lines = [f"dataset   {data['root']}"]

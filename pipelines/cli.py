@@ -116,14 +116,25 @@ def _main_args(p: argparse.ArgumentParser) -> None:
     _precompute_args(p)
 
 
-@command("main", "the main job: build tiny models and data, precompute features, report", _main_args)
+@command("main", "the main job: data, tiny models, features, SAE, SFT warm start; prints what it built",
+         _main_args)
 def cmd_main(config: Config, args: argparse.Namespace) -> None:
-    from pipelines.build import report_lines
+    from pathlib import Path
+
+    from pipelines import sae_train, sft
+    from pipelines.build import cached_step, report_lines, step_params
 
     data = cmd_make_data(config, args)
     tiny = cmd_make_tiny(config, args)
     feats = cmd_precompute(config, args)
-    print("\n".join(report_lines(config, data, tiny, feats)))
+    sae_params = step_params(config, "model.sae")
+    sae_report = cached_step("sae-train", Path(config.resolve_path(config.model.sae.path)), sae_params,
+                             lambda: sae_train.run_sae_train(config), args.force)
+    sft_params = {**step_params(config, "sft", "seg_loss", "model.head", "optim"), "sae": sae_params}
+    sft_report = cached_step("sft", Path(config.resolve_path(config.sft.output)), sft_params,
+                             lambda: sft.run_sft(config), args.force)
+    print("\n".join(report_lines(config, data, tiny, feats) + sae_train.report_lines(sae_report)
+                    + ["SFT warm start, val split:"] + sft.report_lines(sft_report)))
 
 
 def build_parser() -> argparse.ArgumentParser:

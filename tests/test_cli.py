@@ -14,13 +14,18 @@ def test_every_subcommand_has_help():
 
 def test_main_job_builds_and_reports(tiny_workspace, ray_cluster, capsys):
     config = tiny_workspace["config"]
-    assert main(["main", *overrides_for(config)]) == 0
+    quick = ["model.sae.epochs=2", "sft.epochs=1", "sft.eval_samples=8", "sft.max_new_tokens=16"]
+    assert main(["main", *overrides_for(config), *quick]) == 0
     out = capsys.readouterr().out
     assert "is up to date" in out  # the session fixture already built data and models
     n_train = config.data.synthetic.n_train
     assert f"train      {n_train} samples" in out
     assert "tokenizer" in out and "LM " in out and "SAM " in out
     assert "0 failed" in out
+    assert "explained variance" in out and "SFT warm start" in out and "gIoU" in out
+    assert main(["main", *overrides_for(config), *quick]) == 0  # a rerun skips every finished step
+    again = capsys.readouterr().out
+    assert "sae-train:" in again and "sft:" in again and again.count("is up to date") == 4
 
 
 def test_convert_writes_canonical_split(tmp_path, capsys):
