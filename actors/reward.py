@@ -10,7 +10,9 @@ Per row:
 - mask score: soft IoU of the single slot when K = G = 1 (no confidence gate), else the
   Hungarian multi-object score of the preset, slots gated by ``threshold`` (this includes
   a no-target row: G = 0);
-- format score of the text under the preset, reward ``w_format·format + w_mask·mask``;
+- format score of the text under the preset (a text without the reference token is a
+  "no such object" answer and is scored by ``response_format_score`` as a refusal),
+  reward ``w_format·format + w_mask·mask``;
 - advantage: ``group_advantages`` over the group's rows in ``response_index`` order.
 
 A malformed row (see ``pipelines.trajectory.ROW_ERRORS``) gets reward 0, null format and
@@ -43,6 +45,7 @@ from rewards import (
     get_preset,
     group_advantages,
     multi_object_score,
+    response_format_score,
     soft_iou,
     total_reward,
 )
@@ -84,7 +87,7 @@ def _score_row(row: ScoredRow, preset: str, ref_token: str, threshold: float):
             mask = multi_object_score(row.mask_probs, conf, row.gt_masks, threshold, preset)
     except ValueError as exc:  # every other input is checked: the probabilities are bad
         raise RowError(MASK_PROBS_INVALID, str(exc)) from None
-    return format_score(row.text, ref_token, preset), mask
+    return response_format_score(row.text, ref_token, preset), mask
 
 
 def score_batch(

@@ -167,7 +167,7 @@ def group_rows(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     return out
 
 
-def _mask_list(mask_probs) -> tuple[pa.Array, list[tuple[int, int, int]]]:
+def mask_list_array(mask_probs) -> tuple[pa.Array, list[tuple[int, int, int]]]:
     """large_list<float32> of [R, K, H, W] (zero-copy when float32) or of R [K, H, W] arrays."""
     if isinstance(mask_probs, np.ndarray) and mask_probs.ndim == 4:
         rows = [mask_probs.shape[1:]] * mask_probs.shape[0]
@@ -202,7 +202,7 @@ def make_scored_batch(
     here); ``no_target`` defaults to "the row has no GT masks". Contents are not checked
     (the reward workers report malformed rows), only that every column has R entries.
     """
-    masks, shapes = _mask_list(mask_probs)
+    masks, shapes = mask_list_array(mask_probs)
     n_rows = len(shapes)
     if isinstance(group_sizes, (int, np.integer)):
         group_sizes = [int(group_sizes)] * n_rows
