@@ -111,6 +111,23 @@ def cmd_sft(config: Config, args: argparse.Namespace) -> dict:
     return report
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="model folder to evaluate (default: model.name_or_path)")
+    p.add_argument("--split", default=None, help="split name (default: the first of data.eval_splits)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--out", help="JSON file for the metrics (default: <checkpoint>/eval-<split>.json)")
+
+
+@command("eval", "generate, segment and score a split: gIoU, cIoU, N-acc, T-acc, format validity", _eval_args)
+def cmd_eval(config: Config, args: argparse.Namespace) -> dict:
+    from pipelines.evaluate import run_eval, table_lines
+
+    result = run_eval(config, args.checkpoint, args.split, args.limit, args.out)
+    print("\n".join(table_lines({result["split"]: result["metrics"]})))
+    print(f"saved {result['path']}")
+    return result
+
+
 def _main_args(p: argparse.ArgumentParser) -> None:
     _force(p)
     _precompute_args(p)

@@ -65,3 +65,35 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
     summary["format_valid"] = float(np.mean([f > 0 for f in formats])) if formats else float("nan")
     summary["format_score"] = float(np.mean(formats)) if formats else float("nan")
     return EvalResult(summary, texts)
+
+
+def run_eval(config, checkpoint: str | None = None, split: str | None = None, limit: int | None = None,
+             out: str | None = None) -> dict:
+    """`segrl eval`: metrics of a checkpoint on a split, saved as JSON beside it (or at `out`)."""
+    import json
+    from pathlib import Path
+
+    from pipelines.modeling import build_segmenter
+    from pipelines.precompute import feature_store
+
+    checkpoint = checkpoint or config.resolve_path(config.model.name_or_path)
+    split = split or config.data.eval_splits[0]
+    model, tokenizer, img_size = build_segmenter(config, checkpoint)
+    dataset = SegDataset(Path(config.resolve_path(config.data.root)) / f"{split}.parquet", feature_store(config),
+                         img_size, limit=limit)
+    result = evaluate(model, tokenizer, dataset, img_size, config.model.ref_token, config.sft.max_new_tokens,
+                      config.model.num_slots, config.reward.confidence_threshold, preset=config.reward.preset)
+    path = Path(out) if out else Path(checkpoint) / f"eval-{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "metrics": result.metrics,
+                                "samples": result.responses[:16]}, indent=2))
+    return {"split": split, "metrics": result.metrics, "path": str(path)}
+
+
+def table_lines(rows: dict[str, dict]) -> list[str]:
+    """A fixed-width table of the headline metrics, one row per label."""
+    cols = [("format", "format_valid"), ("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_acc")]
+    lines = [f"{'':10}" + "".join(f"{name:>8}" for name, _ in cols) + f"{'n':>6}"]
+    for label, m in rows.items():
+        lines.append(f"{label:10}" + "".join(f"{m[key]:8.3f}" for _, key in cols) + f"{m['count']:6d}")
+    return lines

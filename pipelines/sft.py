@@ -21,7 +21,7 @@ from models.segmenter import save_segmenter
 from pipelines.config import Config, dump_config
 from pipelines.data.loader import SegDataset, SegItem
 from pipelines.data.synthetic import sft_target
-from pipelines.evaluate import evaluate
+from pipelines.evaluate import evaluate, table_lines
 from pipelines.modeling import build_segmenter, head_spec
 from pipelines.precompute import feature_store
 
@@ -98,9 +98,5 @@ def run_sft(config: Config, progress: bool = True) -> dict:
 
 
 def report_lines(report: dict) -> list[str]:
-    rows = [f"{'':8}{'format':>8}{'gIoU':>8}{'cIoU':>8}{'N-acc':>8}{'T-acc':>8}"]
-    for tag in ("before", "after"):
-        m = report[tag]
-        rows.append(f"{tag:8}{m['format_valid']:8.3f}{m['giou']:8.3f}{m['ciou']:8.3f}{m['n_acc']:8.3f}{m['t_acc']:8.3f}")
-    rows.append(f"checkpoint {report['checkpoint']} after {report['steps']} steps")
-    return rows
+    rows = table_lines({"before": report["before"], "after": report["after"]})
+    return rows + [f"checkpoint {report['checkpoint']} after {report['steps']} steps"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from models.sae_io import load_sae
+from pipelines.evaluate import run_eval
 from pipelines.modeling import build_segmenter
 from pipelines.sae_train import report_lines as sae_lines
 from pipelines.sft import report_lines as sft_lines
@@ -44,3 +45,6 @@ def test_sft_runs_saves_and_reloads(tiny_workspace, tiny_sae, tmp_path):
     start, _, _ = build_segmenter(config)
     assert not torch.equal(start.head.codebook.weight, reloaded.head.codebook.weight)
     assert "gIoU" in "\n".join(sft_lines(report))
+    result = run_eval(config, str(ckpt), "val", limit=4)
+    saved = json.loads(Path(result["path"]).read_text())
+    assert saved["metrics"]["count"] == 4 and saved["split"] == "val" and len(saved["samples"]) == 4

@@ -1,0 +1,280 @@
+"""segrl's asynchronous scheduler: rollout, scoring, rewards and the learner all busy at once.
+
+The driver runs one event loop over ObjectRefs. Each stage call returns a ``Handoff``: the
+ref of its bulk output, which only ever travels from actor to actor, and the ref of a small
+metadata dict, the only thing the driver fetches. As soon as a call completes, the next
+stage is submitted with the previous stage's data ref; prompts are admitted whenever the
+``StalenessController`` has room; the learner gets a batch whenever it is free and the
+controller can pick one; after each step the exported weights ref goes to the rollout pool
+and the scorer, and once every copy has landed the controller's rollout version moves up.
+
+Work moves in *chunks* of ``groups_per_call`` groups (one rollout call samples all their
+responses at once, which is what keeps vLLM's batches full); a chunk shares one weights
+version, so it is generated, scored, rewarded, trained or dropped as a whole.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import ray
+from ray.exceptions import RayError
+
+from pipelines.admission import StalenessController
+from pipelines.phase_timer import PhaseTimer
+
+ROLLOUT, SCORE, REWARD, LEARN, SYNC = "rollout", "score", "reward", "learn", "sync"
+META_TIMEOUT_S = 60.0  # metadata refs are fetched only once ready; this bounds a hang
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A stage call's outputs: ``data`` stays in the object store, ``meta`` is a small dict."""
+
+    data: ray.ObjectRef
+    meta: ray.ObjectRef
+
+
+class Stages(Protocol):
+    """The pipeline's stages as the scheduler sees them; every call returns at once."""
+
+    def rollout(self, group_ids: list[int]) -> Handoff:
+        """Sample the groups; meta has ``weights_version``, the version that sampled them."""
+
+    def score(self, data: ray.ObjectRef) -> Handoff:
+        """Reference logprobs and masks for a rollout batch."""
+
+    def reward(self, data: ray.ObjectRef) -> Handoff:
+        """Rewards and advantages; ``data`` is what the learner trains on."""
+
+    def learn(self, step: int, data: list[ray.ObjectRef]) -> Handoff:
+        """One optimiser step on the batches; data is the exported weights, meta the metrics."""
+
+    def sync(self, weights: ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
+        """Push the weights to the rollout pool and the scorer; one small ack dict per copy."""
+
+
+@dataclass(eq=False)
+class _Chunk:
+    ids: list[int]
+    admitted_at: float
+    data: ray.ObjectRef | None = None  # the latest stage's output
+    rewards: dict = field(default_factory=dict)  # the reward stage's metadata
+
+
+@dataclass
+class StepRecord:
+    """What one learner step trained and how long the learner waited for it."""
+
+    step: int
+    metrics: dict  # the learner's metadata
+    staleness: dict[int, int]  # s - v -> groups
+    rewards: list[dict]  # the reward stage's metadata of each chunk
+    groups: int
+    wait_s: float  # learner idle before this step
+    learn_s: float
+
+
+@dataclass
+class RunReport:
+    steps: list[StepRecord]
+    admission: dict  # StalenessController.stats()
+    phases: dict  # PhaseTimer.report(): busy/idle per stage, queue lengths
+    wall_s: float
+
+
+class Scheduler:
+    """Drives ``stages`` under ``controller``; ``run`` trains a number of steps.
+
+    ``straggler_timeout_s``: a chunk in flight for longer may be left behind by the learner
+    (it is then dropped if it turns up too old); None waits for every group.
+    ``on_step`` is called with each StepRecord as it completes (metrics, checkpoints).
+    """
+
+    def __init__(
+        self,
+        stages: Stages,
+        controller: StalenessController,
+        *,
+        groups_per_call: int = 1,
+        straggler_timeout_s: float | None = None,
+        poll_s: float = 0.05,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ):
+        if groups_per_call < 1 or controller.batch_size % groups_per_call:
+            raise ValueError(f"groups_per_call ({groups_per_call}) must divide the batch "
+                             f"size ({controller.batch_size})")
+        self.stages, self.controller = stages, controller
+        self.groups_per_call = groups_per_call
+        self.straggler_timeout_s, self.poll_s, self.on_step = straggler_timeout_s, poll_s, on_step
+        self.timer = PhaseTimer()
+        self._waiting: dict[ray.ObjectRef, tuple[str, object]] = {}  # meta/ack ref -> phase
+        self._chunk_of: dict[int, _Chunk] = {}  # group id -> its live chunk
+        self._ready: list[_Chunk] = []
+        self._syncing: dict[int, set[ray.ObjectRef]] = {}  # version -> acks still due
+        self._learning = False
+        self._idle_since = time.perf_counter()
+
+    def run(self, num_steps: int) -> RunReport:
+        """Train ``num_steps`` steps; returns once the last weights reached the pool."""
+        start = time.perf_counter()
+        if not self._learning:
+            self._idle_since = start
+        ctl, steps = self.controller, []
+        last, trained_before = ctl.learner_version + num_steps, ctl.trained
+        goal = num_steps * ctl.batch_size
+        while ctl.learner_version < last:
+            self._admit(goal - (ctl.pending + ctl.trained - trained_before))
+            self._start_step(last)
+            steps += self._poll()
+        while self._syncing:
+            self._poll()
+        return RunReport(steps, ctl.stats(), self.timer.report(), time.perf_counter() - start)
+
+    # --- submitting ------------------------------------------------------------------
+    def _admit(self, room: int) -> None:
+        size = self.groups_per_call
+        while room >= size and self.controller.can_admit(size):
+            chunk = _Chunk(self.controller.admit(size), time.perf_counter())
+            self._chunk_of.update(dict.fromkeys(chunk.ids, chunk))
+            self._submit(ROLLOUT, chunk, self.stages.rollout(chunk.ids))
+            room -= size
+
+    def _start_step(self, last: int) -> None:
+        ctl = self.controller
+        if self._learning or ctl.learner_version >= last:
+            return
+        ids = ctl.next_batch(ctl.learner_version, stragglers=self._stragglers())
+        self._ready = [chunk for chunk in self._ready if self._alive(chunk)]  # stale drops
+        if not ids:
+            return
+        chunks = list(dict.fromkeys(self._chunk_of[group_id] for group_id in ids))
+        if sum(len(chunk.ids) for chunk in chunks) != len(ids):
+            raise RuntimeError(f"the batch {ids} splits a chunk")
+        self._ready = [chunk for chunk in self._ready if chunk not in chunks]
+        now = time.perf_counter()
+        handoff = self.stages.learn(ctl.learner_version, [chunk.data for chunk in chunks])
+        self._learning = True
+        self._waiting[handoff.meta] = (LEARN, (chunks, handoff.data, now, now - self._idle_since))
+        self.timer.begin(LEARN)
+
+    def _submit(self, phase: str, chunk: _Chunk, handoff: Handoff) -> None:
+        chunk.data = handoff.data
+        self._waiting[handoff.meta] = (phase, chunk)
+        self.timer.begin(phase)
+
+    def _stragglers(self) -> set[int]:
+        if self.straggler_timeout_s is None:
+            return set()
+        oldest = time.perf_counter() - self.straggler_timeout_s
+        return {group_id for phase, item in self._waiting.values()
+                if phase in (ROLLOUT, SCORE, REWARD) and item.admitted_at < oldest
+                for group_id in item.ids}
+
+    # --- completing ------------------------------------------------------------------
+    def _poll(self) -> list[StepRecord]:
+        """Wait up to ``poll_s`` for any call; handle every completed one; new StepRecords."""
+        refs = list(self._waiting)
+        if not refs:
+            raise RuntimeError(f"stalled: nothing in flight, nothing admissible, no batch "
+                               f"to train; {self.controller.stats()}")
+        done, _ = ray.wait(refs, num_returns=1, timeout=self.poll_s, fetch_local=False)
+        if done:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        records = [record for ref in done if (record := self._finish(ref)) is not None]
+        self.timer.set("ready_groups", self.controller.ready)
+        self.timer.set("in_flight_groups", self.controller.in_flight)
+        return records
+
+    def _finish(self, ref: ray.ObjectRef) -> StepRecord | None:
+        phase, item = self._waiting.pop(ref)
+        if phase == SYNC:
+            self._synced(ref, item)
+            return None
+        try:
+            meta = self._small(ref)
+        except RayError as exc:
+            if phase == LEARN:
+                raise
+            self.timer.end(phase)
+            self._drop(item, f"{phase}: {type(exc).__name__}")
+            return None
+        self.timer.end(phase)
+        if phase == LEARN:
+            return self._learned(item, meta)
+        if phase == ROLLOUT:
+            self._rolled_out(item, int(meta["weights_version"]))
+        elif phase == SCORE and self._alive(item):
+            self._submit(REWARD, item, self.stages.reward(item.data))
+        elif phase == REWARD:
+            item.rewards = meta
+            if all([self.controller.on_ready(group_id) for group_id in item.ids]):
+                self._ready.append(item)
+            else:
+                self._forget(item)
+        return None
+
+    def _rolled_out(self, chunk: _Chunk, version: int) -> None:
+        if all([self.controller.on_generated(group_id, version) for group_id in chunk.ids]):
+            self._submit(SCORE, chunk, self.stages.score(chunk.data))
+        else:
+            self._forget(chunk)  # too old already: the controller dropped it
+
+    def _learned(self, item, metrics: dict) -> StepRecord:
+        chunks, weights, started, wait_s = item
+        ctl = self.controller
+        step = ctl.learner_version
+        record = StepRecord(
+            step=step, metrics=metrics, staleness=ctl.on_trained(step),
+            rewards=[chunk.rewards for chunk in chunks],
+            groups=sum(len(chunk.ids) for chunk in chunks),
+            wait_s=wait_s, learn_s=time.perf_counter() - started,
+        )
+        for chunk in chunks:
+            self._forget(chunk)
+        self._learning, self._idle_since = False, time.perf_counter()
+        acks = self.stages.sync(weights, step + 1)
+        if not acks:
+            raise ValueError("Stages.sync must return at least one ack ref")
+        self._syncing[step + 1] = set(acks)
+        self._waiting.update(dict.fromkeys(acks, (SYNC, step + 1)))
+        self.timer.begin(SYNC)
+        if self.on_step is not None:
+            self.on_step(record)
+        return record
+
+    def _synced(self, ref: ray.ObjectRef, version: int) -> None:
+        self._small(ref)  # raises if a copy failed to load
+        due = self._syncing[version]
+        due.discard(ref)
+        if not due:
+            del self._syncing[version]
+            self.timer.end(SYNC)
+            self.controller.on_synced(version)
+
+    # --- helpers ---------------------------------------------------------------------
+    @staticmethod
+    def _small(ref: ray.ObjectRef) -> dict:
+        """Fetch a metadata ref: the driver's only ``ray.get``, and only ever for a dict."""
+        meta = ray.get(ref, timeout=META_TIMEOUT_S)
+        if not isinstance(meta, dict):
+            raise TypeError(f"stage metadata must be a dict, got {type(meta).__name__}")
+        return meta
+
+    def _alive(self, chunk: _Chunk) -> bool:
+        """False, and the chunk forgotten, if the controller dropped it."""
+        alive = self.controller.drop_reason(chunk.ids[0]) is None
+        if not alive:
+            self._forget(chunk)
+        return alive
+
+    def _drop(self, chunk: _Chunk, reason: str) -> None:
+        for group_id in chunk.ids:
+            self.controller.on_failed(group_id, reason)
+        self._forget(chunk)
+
+    def _forget(self, chunk: _Chunk) -> None:
+        for group_id in chunk.ids:
+            self._chunk_of.pop(group_id, None)
