@@ -112,7 +112,7 @@ class Scheduler:
         self.timer = PhaseTimer()
         self._waiting: dict[ray.ObjectRef, tuple[str, object]] = {}  # meta/ack ref -> phase
         self._chunk_of: dict[int, _Chunk] = {}  # group id -> its live chunk
-        self._ready: list[_Chunk] = []
+        self._ready: list[_Chunk] = []  # rewarded, awaiting the learner (holds their refs)
         self._syncing: dict[int, set[ray.ObjectRef]] = {}  # version -> acks still due
         self._learning = False
         self._idle_since = time.perf_counter()

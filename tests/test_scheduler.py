@@ -1,0 +1,221 @@
+"""The scheduler over simulated stages on the session's Ray cluster.
+
+The fake actors sleep a service time and pass a 4 MB numpy payload from stage to stage by
+ref; the payload carries the weights version and group ids, so the learner checks the
+staleness bound on the data itself, independently of the scheduler's bookkeeping.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from pipelines.admission import STALE, StalenessController
+from pipelines.phase_timer import PhaseTimer
+from pipelines.scheduler import Handoff, Scheduler
+
+PAYLOAD_FLOATS = 1 << 20  # 4 MB per chunk: bulk the driver must never fetch
+BATCH, PER_CALL, STEPS = 4, 2, 5
+GENERATION = ("rollout", "score", "reward")
+
+
+@ray.remote(num_cpus=0)
+class SimulatedStage:
+    """A fake actor for any stage: sleeps ``service_s`` per call, passes the payload on."""
+
+    def configure(self, service_s: float, slow: dict | None = None, fail=()):
+        self.service_s, self.slow, self.fail = service_s, slow or {}, set(fail)
+        self.version, self.trained = 0, []
+
+    @ray.method(num_returns=2)
+    def rollout(self, group_ids):
+        version = self.version  # the weights a real engine would start sampling with
+        time.sleep(self.service_s + max(self.slow.get(g, 0.0) for g in group_ids))
+        if self.fail.intersection(group_ids):
+            raise RuntimeError(f"simulated rollout failure in {group_ids}")
+        payload = np.zeros(PAYLOAD_FLOATS, np.float32)
+        payload[:2 + len(group_ids)] = [version, len(group_ids), *group_ids]
+        return payload, {"weights_version": version}
+
+    @ray.method(num_returns=2)
+    def process(self, payload):
+        time.sleep(self.service_s)
+        return payload, {"reward_mean": float(payload[1])}
+
+    @ray.method(num_returns=2)
+    def learn(self, step, *payloads):
+        time.sleep(self.service_s)
+        staleness = [step - int(p[0]) for p in payloads]
+        groups = [int(g) for p in payloads for g in p[2:2 + int(p[1])]]
+        self.trained += groups
+        return np.full(PAYLOAD_FLOATS, step, np.float32), {"staleness": staleness}
+
+    def load_weights(self, weights, version):
+        assert weights[0] == version - 1  # the weights of the step that just finished
+        self.version = version
+        return {"version": version}
+
+    def trained_groups(self):
+        return self.trained
+
+
+class SimStages:
+    """The ``Stages`` protocol over four simulated actors."""
+
+    def __init__(self):
+        self.pool = SimulatedStage.options(max_concurrency=4).remote()
+        self.scorer, self.rewarder, self.learner = (SimulatedStage.remote() for _ in range(3))
+
+    def configure(self, rollout_s, score_s, reward_s, learn_s, **pool):
+        ray.get([self.pool.configure.remote(rollout_s, **pool),
+                 self.scorer.configure.remote(score_s),
+                 self.rewarder.configure.remote(reward_s),
+                 self.learner.configure.remote(learn_s)])
+
+    def rollout(self, group_ids):
+        return Handoff(*self.pool.rollout.remote(group_ids))
+
+    def score(self, data):
+        return Handoff(*self.scorer.process.remote(data))
+
+    def reward(self, data):
+        return Handoff(*self.rewarder.process.remote(data))
+
+    def learn(self, step, data):
+        return Handoff(*self.learner.learn.remote(step, *data))
+
+    def sync(self, weights, version):
+        return [actor.load_weights.remote(weights, version) for actor in (self.pool, self.scorer)]
+
+    def kill(self):
+        for actor in (self.pool, self.scorer, self.rewarder, self.learner):
+            ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def stages(ray_cluster):
+    sim = SimStages()
+    yield sim
+    sim.kill()
+
+
+def run(stages, eta, steps=STEPS, straggler_timeout_s=None, **pool):
+    """One scheduler run; returns (report, scheduler, what the driver fetched, trained ids)."""
+    stages.configure(rollout_s=0.12, score_s=0.03, reward_s=0.03, learn_s=0.2, **pool)
+    fetched, records = [], []
+    original = ray.get
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        fetched.append(out)
+        return out
+
+    controller = StalenessController(eta=eta, batch_size=BATCH)
+    scheduler = Scheduler(stages, controller, groups_per_call=PER_CALL, poll_s=0.01,
+                          straggler_timeout_s=straggler_timeout_s, on_step=records.append)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray, "get", spy)
+        report = scheduler.run(steps)
+    assert records == report.steps
+    return report, scheduler, fetched, ray.get(stages.learner.trained_groups.remote())
+
+
+@pytest.fixture(scope="module")
+def sync_and_async(stages):
+    return {eta: run(stages, eta) for eta in (0, 1)}
+
+
+def overlap_s(a, b) -> float:
+    return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
+
+
+def periods(scheduler, names):
+    return [p for name in names for p in scheduler.timer.periods(name)]
+
+
+def test_eta0_alternates_generation_and_training(sync_and_async):
+    report, scheduler, _, _ = sync_and_async[0]
+    generation, learning = periods(scheduler, GENERATION), periods(scheduler, ["learn"])
+    assert len(learning) == STEPS and overlap_s(generation, learning) == 0.0
+    assert all(record.staleness == {0: BATCH} for record in report.steps)
+    assert all(record.metrics["staleness"] == [0, 0] for record in report.steps)
+
+
+def test_eta1_overlaps_generation_and_training(sync_and_async):
+    (sync, sync_sched, _, _), (fast, fast_sched, _, _) = sync_and_async[0], sync_and_async[1]
+    generation, learning = periods(fast_sched, GENERATION), periods(fast_sched, ["learn"])
+    learn_busy = fast.phases["learn"]["busy_s"]
+    assert overlap_s(generation, learning) > 0.3 * learn_busy
+    for phase in ("rollout", "learn"):
+        assert fast.phases[phase]["busy_fraction"] > sync.phases[phase]["busy_fraction"]
+    assert fast.phases["learn"]["idle_s"] < sync.phases["learn"]["idle_s"]
+    assert fast.wall_s < 0.85 * sync.wall_s
+    assert fast.admission["staleness"].get(1, 0) > 0  # it did train one step behind
+
+
+@pytest.mark.parametrize("eta", [0, 1])
+def test_staleness_never_exceeds_eta(sync_and_async, eta):
+    report = sync_and_async[eta][0]
+    for record in report.steps:
+        assert max(record.staleness) <= eta
+        assert max(record.metrics["staleness"]) <= eta  # measured on the data by the learner
+    assert max(report.admission["staleness"]) <= eta
+
+
+@pytest.mark.parametrize("eta", [0, 1])
+def test_driver_fetches_only_metadata(sync_and_async, eta):
+    _, _, fetched, _ = sync_and_async[eta]
+    assert fetched and all(isinstance(meta, dict) for meta in fetched)
+    assert not any(isinstance(v, np.ndarray) for meta in fetched for v in meta.values())
+
+
+@pytest.mark.parametrize("eta", [0, 1])
+def test_trains_exactly_the_admitted_groups(sync_and_async, eta):
+    report, _, _, trained = sync_and_async[eta]
+    stats = report.admission
+    assert stats["dropped"] == 0 and stats["in_flight"] == stats["ready"] == 0
+    assert stats["trained"] == stats["admitted"] == STEPS * BATCH
+    assert sorted(trained) == list(range(STEPS * BATCH))
+    assert [record.groups for record in report.steps] == [BATCH] * STEPS
+
+
+def test_stragglers_and_failures_are_dropped_never_trained(stages):
+    report, scheduler, fetched, trained = run(
+        stages, eta=1, straggler_timeout_s=0.4, slow={6: 1.5}, fail={12})
+    ctl, stats = scheduler.controller, report.admission
+    dropped = {g for g in range(stats["admitted"]) if ctl.drop_reason(g)}
+    assert {ctl.drop_reason(g) for g in (6, 7)} == {STALE}
+    assert ctl.drop_reason(12).startswith("rollout: ") and ctl.drop_reason(13)
+    assert dropped == {6, 7, 12, 13}
+    assert sorted(trained) == sorted(set(range(stats["admitted"])) - dropped)
+    assert stats["trained"] == stats["admitted"] - stats["dropped"] == STEPS * BATCH
+    assert max(stats["staleness"]) <= 1
+    assert all(isinstance(meta, dict) for meta in fetched)
+
+
+def test_groups_per_call_must_divide_the_batch():
+    with pytest.raises(ValueError):
+        Scheduler(SimStages.__new__(SimStages), StalenessController(1, 4), groups_per_call=3)
+
+
+def test_phase_timer_integrates_gauges_over_time():
+    now = [0.0]
+    timer = PhaseTimer(clock=lambda: now[0])
+    timer.begin("rollout")
+    now[0] = 1.0
+    timer.begin("rollout")
+    now[0] = 2.0
+    timer.end("rollout")
+    timer.end("rollout")
+    timer.set("ready_groups", 4)
+    now[0] = 4.0
+    report = timer.report()
+    assert report["rollout"] == {"busy_s": 2.0, "idle_s": 2.0, "busy_fraction": 0.5,
+                                 "mean": 0.75, "max": 2}
+    assert report["ready_groups"]["mean"] == 2.0
+    assert timer.periods("rollout") == [(0.0, 2.0)]
+    assert timer.periods("ready_groups") == [(2.0, 4.0)]
+    with pytest.raises(ValueError):
+        timer.end("rollout")
