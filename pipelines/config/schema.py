@@ -181,6 +181,7 @@ class ModelConfig(Section):
 
 
 class RolloutConfig(Section):
+    tensor_parallel_size: PositiveInt = Field(1, description="vLLM tensor parallelism per rollout actor (GPU)")
     group_size: PositiveInt = 8
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -262,6 +263,38 @@ class SftConfig(Section):
     output: str = "{runs_dir}/sft"
 
 
+class TrainConfig(Section):
+    """The GRPO run: length, staleness bound, checkpoints, where it starts from and writes to."""
+
+    steps: PositiveInt = 30
+    staleness: int = Field(1, ge=0, description="eta: a response from weights version v trains step s only if s - v <= eta")
+    groups_per_call: PositiveInt = Field(2, description="prompts per rollout call (must divide grpo.prompts_per_step)")
+    max_in_flight: PositiveInt | None = Field(None, description="backpressure: groups admitted but not yet trained")
+    straggler_timeout_s: float | None = Field(None, gt=0)
+    checkpoint_every: PositiveInt = 10
+    init_from: str = Field("{runs_dir}/sft/model", description="model folder GRPO starts from (and its reference)")
+    output: str = "{runs_dir}/grpo"
+    eval_samples: PositiveInt = 64
+
+
+class ActorResources(Section):
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ClusterConfig(Section):
+    """How many actors of each kind and what each asks of the Ray cluster."""
+
+    address: str | None = Field(None, description="Ray address; default $RAY_ADDRESS or a new local cluster")
+    rollout_actors: PositiveInt = 1
+    rollout: ActorResources = ActorResources(num_cpus=0.5)
+    learner_world_size: PositiveInt = 2
+    learner: ActorResources = ActorResources(num_cpus=0.5)
+    reward_workers: PositiveInt = 1
+    reward: ActorResources = ActorResources(num_cpus=0.25)
+    scorer: ActorResources = ActorResources(num_cpus=0.25)
+
+
 class RewardConfig(Section):
     """Reward preset (rewards.presets registry) and the slot-confidence threshold."""
 
@@ -290,7 +323,16 @@ class Config(Section):
     grpo: GRPOConfig = GRPOConfig()
     seg_loss: SegLossConfig = SegLossConfig()
     sft: SftConfig = SftConfig()
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
     reward: RewardConfig = RewardConfig()
+
+    @model_validator(mode="after")
+    def _chunks(self) -> "Config":
+        if self.grpo.prompts_per_step % self.train.groups_per_call:
+            raise ValueError(f"train.groups_per_call ({self.train.groups_per_call}) must divide "
+                             f"grpo.prompts_per_step ({self.grpo.prompts_per_step})")
+        return self
 
     @property
     def global_batch_size(self) -> int:
