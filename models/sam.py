@@ -54,6 +54,7 @@ class TinySamSpec:
     prompt_dim: int = 32
     decoder_mlp_dim: int = 64
     decoder_heads: int = 2
+    mask_in_chans: int = 16  # the mask-prompt path normalises mask_in_chans // 4 channels: 1 would be a constant
 
 
 def build_tiny_sam(spec: TinySamSpec) -> torch.nn.Module:
@@ -78,7 +79,7 @@ def build_tiny_sam(spec: TinySamSpec) -> torch.nn.Module:
             embed_dim=spec.prompt_dim,
             image_embedding_size=(grid, grid),
             input_image_size=(spec.image_size, spec.image_size),
-            mask_in_chans=4,
+            mask_in_chans=spec.mask_in_chans,
         ),
         mask_decoder=m.MaskDecoder(
             num_multimask_outputs=3,

@@ -59,3 +59,13 @@ def test_weak_sae_activations_are_dropped():
     head.act_threshold = 1e9
     gone_a, gone_b = head(ref, layer_a, emb), head(ref, layer_b, emb)
     assert torch.equal(gone_a.heatmaps, gone_b.heatmaps) and torch.equal(gone_a.mask_logits, gone_b.mask_logits)
+
+
+def test_heatmap_prompts_reach_the_mask_logits():
+    """A SAM mask prompt must steer the decoder (a 1-channel LayerNorm in its path would erase it)."""
+    head, _ = _head(1)
+    ref, layer = torch.randn(1, LM_DIM), torch.randn(1, LM_DIM)
+    out = head(ref, layer, torch.randn(32, 8, 8))
+    out.mask_logits.sum().backward()
+    assert head.codebook.weight.grad.abs().sum() > 0
+    assert head.slot_mapper.slots.grad.abs().sum() > 0

@@ -110,6 +110,7 @@ class TinySamConfig(Section):
     prompt_dim: int = Field(32, ge=8, description="SAM prompt/transformer dim; multiple of 8")
     decoder_mlp_dim: PositiveInt = 64
     decoder_heads: PositiveInt = 2
+    mask_in_chans: int = Field(16, ge=8, description="mask-prompt channels; //4 >= 2 so its LayerNorm is not constant")
 
     @model_validator(mode="after")
     def _sam_constraints(self) -> "TinySamConfig":
@@ -117,6 +118,8 @@ class TinySamConfig(Section):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.prompt_dim % 8:
             raise ValueError(f"prompt_dim {self.prompt_dim} must be a multiple of 8 (mask decoder upscaling)")
+        if self.mask_in_chans % 4:
+            raise ValueError(f"mask_in_chans {self.mask_in_chans} must be a multiple of 4")
         if (self.prompt_dim // 2) % self.decoder_heads:
             raise ValueError("prompt_dim / 2 must be divisible by decoder_heads (attention downsampling)")
         return self

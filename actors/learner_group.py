@@ -1,0 +1,67 @@
+"""LearnerGroup: the driver's handle on the ZeRO-3 learner ranks.
+
+Every call goes to all ranks (ZeRO-3 collectives need each of them) and the group
+returns rank 0's answer. Batches and weights move as ObjectRefs only: ``train_step``
+forwards the refs it is given, and ``export_weights`` hands back the ref of rank 0's
+result, which already lives in the object store, so the driver never holds weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ray
+
+from actors.learner import LearnerRank
+from pipelines.config import Config
+
+
+class LearnerGroup:
+    """``world_size`` LearnerRank actors joined in one gloo process group."""
+
+    def __init__(self, config: Config, world_size: int = 2, model_path: str | None = None,
+                 num_cpus: float = 1.0, extensions_dir: str | None = None, zero: dict | None = None):
+        """``extensions_dir``: where DeepSpeed's JIT-compiled CPU ops are cached (default:
+        <cache_dir>/torch_extensions); ``zero``: overrides of the zero_optimization section."""
+        self.ranks = [LearnerRank.options(num_cpus=num_cpus).remote(config, rank, world_size, model_path,
+                                                                     extensions_dir, zero)
+                      for rank in range(world_size)]
+        master_addr, master_port = ray.get(self.ranks[0].endpoint.remote())
+        ray.get([r.setup.remote(master_addr, master_port) for r in self.ranks])
+
+    def _all(self, method: str, *args) -> list:
+        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
+
+    def train_step(self, batch_refs: Sequence[ray.ObjectRef]) -> dict[str, float]:
+        """One optimiser step on the rows of all ``batch_refs``; metrics over the whole batch."""
+        return self._all("train_step", list(batch_refs))[0]
+
+    def logprobs(self, batch_refs: Sequence[ray.ObjectRef]) -> list[list[float]]:
+        """The current policy's response-token log-probabilities, one list per row in order."""
+        merged = {i: lp for part in self._all("logprobs", list(batch_refs)) for i, lp in part.items()}
+        return [merged[i] for i in range(len(merged))]
+
+    def export_weights(self) -> ray.ObjectRef:
+        """Ref of the full state dict (``lm.*``, ``projector.*``, ``head.*``), put once by rank 0's return."""
+        refs = [r.export_weights.remote() for r in self.ranks]
+        ray.get(refs[1:])  # the other ranks return None; this surfaces their errors
+        return refs[0]
+
+    def version(self) -> int:
+        return ray.get(self.ranks[0].version.remote())
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        self._all("save_checkpoint", directory, tag)
+
+    def load_checkpoint(self, directory: str, tag: str) -> int:
+        """Restore every rank; returns the restored version (step counter)."""
+        return self._all("load_checkpoint", directory, tag)[0]
+
+    def save_model(self, directory: str) -> str:
+        """Write a segrl model folder from the gathered weights; returns its path."""
+        return self._all("save_model", directory)[0]
+
+    def shutdown(self) -> None:
+        """End this group's actors (only those this group started)."""
+        for rank in self.ranks:
+            ray.kill(rank)
+        self.ranks = []

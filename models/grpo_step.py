@@ -1,0 +1,140 @@
+"""The learner's loss on one micro-batch of trajectory rows: GRPO + segmentation, one backward.
+
+SegCompass A.1 trains the policy and the segmentation modules together: the GRPO loss
+(eq. 10-11) on the response tokens plus the supervised segmentation loss on the masks
+decoded at each response's reference token. Torch only, so the learner actor stays a
+thin wrapper and this is testable without Ray or DeepSpeed.
+
+A step's rows are split into micro-batches (and over ranks); each micro-batch loss is
+scaled by ``LossTotals`` of the whole step, so the micro-batch losses sum to the loss of
+the full batch and the accumulated gradient is the full batch's.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.losses import grpo_loss, segmentation_loss
+
+if TYPE_CHECKING:
+    from pipelines.config import Config
+
+AGGREGATION_UNITS: dict[str, Callable[[Sequence[int]], int]] = {
+    "seq_mean_group_mean": lambda lengths: sum(1 for n in lengths if n > 0),
+    "token_mean": sum,
+}
+"""What each loss aggregation averages over, counted from response lengths: responses with
+a token, or tokens. A micro-batch's share of the full-batch mean is its count / the total."""
+
+
+def _units(aggregation: str, lengths: Sequence[int]) -> int:
+    if aggregation not in AGGREGATION_UNITS:
+        raise ValueError(f"no micro-batch weighting for loss aggregation {aggregation!r}; "
+                         f"known: {sorted(AGGREGATION_UNITS)}")
+    return int(AGGREGATION_UNITS[aggregation](lengths))
+
+
+def usable(row: Mapping) -> bool:
+    """Rows the reward stage marked with an error carry no trustworthy advantage: never trained on."""
+    return row.get("error") is None
+
+
+@dataclass(frozen=True)
+class LossTotals:
+    """Full-batch counts the micro-batch losses are normalised by."""
+
+    pg_units: int  # responses or tokens the policy loss averages over (see AGGREGATION_UNITS)
+    seg_rows: int  # usable rows whose response has a reference token (a mask to supervise)
+
+    @classmethod
+    def of(cls, rows: Sequence[Mapping], aggregation: str, ref_token_id: int) -> "LossTotals":
+        kept = [r for r in rows if usable(r)]
+        return cls(_units(aggregation, [len(r["response_ids"]) for r in kept]),
+                   sum(1 for r in kept if ref_token_id in r["response_ids"]))
+
+
+def _pad(rows: Sequence[Sequence[float]], width: int) -> Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, values in enumerate(rows):
+        out[i, : len(values)] = torch.as_tensor(values, dtype=torch.float32)
+    return out
+
+
+def gt_masks(row: Mapping, shape: tuple[int, int]) -> Tensor:
+    """[G, H, W] float GT of a row (G = 0 for no target) from its decoded binary masks."""
+    masks = [torch.as_tensor(np.asarray(m, dtype=np.float32)) for m in row["gt_masks"]]
+    return torch.stack(masks) if masks else torch.zeros(0, *shape)
+
+
+def learner_loss(
+    model: Callable,
+    rows: Sequence[Mapping],
+    features,
+    config: Config,
+    totals: LossTotals | None = None,
+    live: Sequence[bool] | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """(loss, metrics) of a micro-batch of trajectory rows.
+
+    ``model`` is a Segmenter (or a DeepSpeed engine around one); ``features.get(image_hash)``
+    gives {"vision", "sam"} (a FeatureStore or a dict). A row holds the trajectory columns
+    with ``gt_masks`` decoded to binary [H, W] arrays at the mask decoder's resolution.
+    Rows with an ``error`` are dropped and counted. Rows with ``live`` False still run
+    through the model, so every ZeRO-3 rank calls the same modules in the same order, but
+    add nothing to the loss (a zero weight keeps them in the graph, which the backward's
+    parameter gathers need too). The segmentation terms take ``config.seg_loss`` field for
+    field (seg_coef scales Dice + BCE, conf_weight the slot confidences). Without
+    ``totals`` the loss is this micro-batch's own: GRPO + mean segmentation loss.
+    Metrics are micro-batch means plus the counts to weight them by (pg_units, tokens,
+    seg_rows) and ``dropped_rows``.
+    """
+    live = [True] * len(rows) if live is None else list(live)
+    kept = [(r, a) for r, a in zip(rows, live) if usable(r)]
+    if not kept:
+        raise ValueError(f"no usable rows: all {len(rows)} carry an error")
+    dropped = len(rows) - len(kept)
+    rows, live = [r for r, _ in kept], [a for _, a in kept]
+    feats = [features.get(r["image_hash"]) for r in rows]
+    out, heads = model([r["prompt_ids"] for r in rows], [f["vision"] for f in feats],
+                       [r["response_ids"] for r in rows], [f["sam"] for f in feats])
+
+    width = out.logprobs.shape[1]
+    mask = out.response_mask & torch.tensor(live)[:, None]
+    old = _pad([r["rollout_logprobs"] for r in rows], width)
+    ref = _pad([r["ref_logprobs"] for r in rows], width)
+    advantages = torch.tensor([float(r["advantage"]) if a else 0.0 for r, a in zip(rows, live)])
+    g = config.grpo
+    pg, pg_metrics = grpo_loss(out.logprobs, old, ref, advantages, mask, g.clip_ratio, g.kl_coef, g.kl_estimator,
+                               g.policy_loss, None, g.loss_aggregation, g.clip_ratio_high)
+
+    seg_terms, seg_live = [], []
+    for row, head, is_live in zip(rows, heads, live):
+        if head is not None:
+            conf = head.conf_logits if config.model.num_slots > 1 else None
+            term, _ = segmentation_loss(head.mask_logits, gt_masks(row, head.mask_logits.shape[1:]), conf,
+                                        **config.seg_loss.model_dump())
+            seg_terms.append(term)
+            seg_live.append(is_live)
+    seg_weights = torch.tensor(seg_live, dtype=torch.float32)
+    seg_sum = (torch.stack(seg_terms) * seg_weights).sum() if seg_terms else pg.new_zeros(())
+
+    lengths = mask.sum(dim=1).tolist()
+    pg_units, seg_rows = _units(g.loss_aggregation, lengths), int(seg_weights.sum())
+    totals = totals or LossTotals(pg_units, seg_rows)
+    loss = pg * (pg_units / max(totals.pg_units, 1)) + seg_sum / max(totals.seg_rows, 1)
+
+    with torch.no_grad():
+        tokens = int(mask.sum())
+        mismatch = ((out.logprobs - old).abs() * mask).sum() / max(tokens, 1)
+    metrics = {
+        "loss": loss.item(), "pg_loss": pg_metrics["pg_loss"], "kl": pg_metrics["kl"],
+        "clip_fraction": pg_metrics["clip_fraction"], "seg": seg_sum.item() / max(seg_rows, 1),
+        "logprob_mismatch": mismatch.item(), "tokens": tokens, "pg_units": pg_units, "seg_rows": seg_rows,
+        "dropped_rows": dropped,
+    }
+    return loss, metrics

@@ -1,0 +1,216 @@
+"""The learner: its micro-batch plan and loss, and the DeepSpeed ZeRO-3 group on local Ray.
+
+One synthetic step's batch: 2 prompts x 4 responses from the SFT-style targets (the
+full target has a <SEG>, a truncated one has none), rollout/reference logprobs from the
+initial policy plus noise, advantages +-1. Groups are built once per module: the shm op
+DeepSpeed compiles on CPU is cached under work/cache/torch_extensions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+import ray
+import torch
+
+from actors.learner import lockstep_plan, read_rows
+from models.grpo_step import LossTotals, learner_loss
+from models.prompt import prompt_ids
+from pipelines.data.features import content_hash
+from pipelines.data.loader import SegDataset
+from pipelines.data.schema import encode_mask, resolve_image
+from pipelines.data.synthetic import sft_target
+from pipelines.modeling import build_segmenter
+from pipelines.precompute import feature_store
+from pipelines.rollout_schema import REF_LOGPROBS_FIELD, ROLLOUT_SCHEMA
+
+LEARNER_SCHEMA = pa.schema(list(ROLLOUT_SCHEMA) + [REF_LOGPROBS_FIELD, pa.field("advantage", pa.float32()),
+                                                   pa.field("error", pa.string())])
+EXTENSIONS = str(Path("work/cache/torch_extensions").resolve())
+ZERO = {"stage3_param_persistence_threshold": 0}  # partition even tiny tensors: lockstep is exercised
+
+
+def learner_config(workspace, **model):
+    config = workspace["config"].model_copy(deep=True)
+    config.grpo.micro_batch_size = 2
+    for key, value in model.items():
+        setattr(config.model, key, value)
+    return config
+
+
+def responses(tokenizer, item, ref_token, full: list[bool]) -> list[list[int]]:
+    target = tokenizer(sft_target(item.sample, ref_token), add_special_tokens=False)["input_ids"]
+    return [target + [tokenizer.eos_token_id] if f else target[: len(target) - 2 - 3 * k]
+            for k, f in enumerate(full)]
+
+
+def make_rows(config) -> list[dict]:
+    """Rows of LEARNER_SCHEMA: prompt 0 answers <SEG> 4 times, prompt 1 once (uneven shards)."""
+    torch.manual_seed(0)
+    model, tokenizer, img_size = build_segmenter(config)
+    split = Path(config.resolve_path(config.data.root)) / "train.parquet"
+    data = SegDataset(split, feature_store(config), img_size)
+    items = [it for it in (data[i] for i in range(len(data))) if not it.sample.no_target][:2]
+    rows, gen = [], torch.Generator().manual_seed(1)
+    for p, (item, full) in enumerate(zip(items, ([True] * 4, [True, False, False, False]))):
+        image_hash = content_hash(resolve_image(split, item.sample.image_path))
+        for k, resp in enumerate(responses(tokenizer, item, config.model.ref_token, full)):
+            rows.append(dict(sample_id=item.sample.sample_id, image_hash=image_hash,
+                             prompt_ids=prompt_ids(tokenizer, item.sample.question, config.model.ref_token),
+                             gt_masks=[encode_mask(m.numpy() >= 0.5) for m in item.gt_lowres], no_target=False,
+                             group_id=f"g{p}", response_index=k, group_size=4, response_ids=resp,
+                             weights_version=0, text="", advantage=1.0 if k % 2 else -1.0, error=None))
+    feats = [data.store.get(r["image_hash"]) for r in rows]
+    with torch.no_grad():
+        out, _ = model([r["prompt_ids"] for r in rows], [f["vision"] for f in feats],
+                       [r["response_ids"] for r in rows], [f["sam"] for f in feats])
+    for i, r in enumerate(rows):
+        lp = out.logprobs[i, : len(r["response_ids"])]
+        r["rollout_logprobs"] = (lp + 0.1 * torch.randn(lp.shape, generator=gen)).tolist()
+        r["ref_logprobs"] = (lp + 0.1 * torch.randn(lp.shape, generator=gen)).tolist()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_workspace, tiny_sae) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist(make_rows(learner_config(tiny_workspace)), schema=LEARNER_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def rows(batch, ray_cluster) -> list[dict]:
+    """The batch as the learner reads it (GT masks decoded)."""
+    return read_rows([ray.put(batch)])
+
+
+# ---------------------------------------------------------------- plan and loss (no DeepSpeed)
+
+
+@pytest.mark.parametrize("n_rows,world_size,micro", [(7, 1, 2), (7, 2, 2), (7, 2, 1), (7, 3, 4), (7, 4, 1), (2, 3, 1)])
+def test_lockstep_plan_covers_rows_once_and_matches_module_calls_across_ranks(n_rows, world_size, micro):
+    has_ref = [True, True, True, False, True, False, False][:n_rows]
+    plan = lockstep_plan(has_ref, world_size, micro)
+    live = sorted(i for rank in plan for idx, flags in rank for i, f in zip(idx, flags) if f)
+    assert live == list(range(len(has_ref)))
+    assert len({len(rank) for rank in plan}) == 1  # same micro-batch count on every rank
+    for j in range(len(plan[0])):
+        calls = {(sum(has_ref[i] for i in plan[r][j][0]), len(plan[r][j][0])) for r in range(world_size)}
+        assert len(calls) == 1  # same rows with / without <SEG> on every rank
+        assert all(sum(plan[r][j][1]) <= micro for r in range(world_size))  # live rows
+
+
+def test_learner_loss_reaches_every_trainable_role(tiny_workspace, tiny_sae, rows):
+    # K = 2 slots: the confidence loss trains the codebook and slot mapper even where the
+    # tiny SAM's 1-channel mask-prompt norm blocks the gradient of the heatmaps.
+    config = learner_config(tiny_workspace, num_slots=2)
+    torch.manual_seed(0)
+    model, _, _ = build_segmenter(config)
+    loss, metrics = learner_loss(model, rows, feature_store(config), config)
+    loss.backward()
+    for role, module in model.param_modules().items():
+        grads = [p.grad.abs().sum() for p in module.parameters() if p.grad is not None]
+        assert grads and float(sum(grads)) > 0, role
+    assert metrics["seg_rows"] == 5 and metrics["pg_units"] == 8 and metrics["dropped_rows"] == 0
+    assert metrics["logprob_mismatch"] > 0.01 and metrics["tokens"] == sum(len(r["response_ids"]) for r in rows)
+
+
+def test_micro_batch_losses_sum_to_the_full_batch_loss(tiny_workspace, tiny_sae, rows):
+    config = learner_config(tiny_workspace)
+    torch.manual_seed(0)
+    model, _, _ = build_segmenter(config)
+    store = feature_store(config)
+    full, _ = learner_loss(model, rows, store, config)
+    totals = LossTotals.of(rows, config.grpo.loss_aggregation, model.policy.ref_token_id)
+    chunks = [rows[i:i + 3] for i in range(0, len(rows), 3)]
+    parts = [learner_loss(model, chunk + rows[:1], store, config, totals, [True] * len(chunk) + [False])[0]
+             for chunk in chunks]  # each with a non-live padding row
+    assert torch.allclose(sum(parts), full, rtol=1e-5)
+    bad = [dict(rows[0], error="null_field")] + rows
+    assert learner_loss(model, bad, store, config)[1]["dropped_rows"] == 1
+
+
+# ---------------------------------------------------------------- ZeRO-3 on Ray
+
+
+def export(group) -> dict[str, torch.Tensor]:
+    return ray.get(group.export_weights())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_workspace, batch, ray_cluster):
+    """World size 1 and 2 after one step on the same batch, with their exports before and after."""
+    from actors.learner_group import LearnerGroup
+
+    config = learner_config(tiny_workspace)
+    ref = ray.put(batch)
+    groups = {ws: LearnerGroup(config, ws, num_cpus=0.25, extensions_dir=EXTENSIONS, zero=ZERO) for ws in (1, 2)}
+    before = {ws: export(g) for ws, g in groups.items()}
+    metrics = {ws: g.train_step([ref]) for ws, g in groups.items()}
+    after = {ws: export(g) for ws, g in groups.items()}
+    yield SimpleNamespace(config=config, batch=ref, groups=groups, before=before, metrics=metrics, after=after)
+    for g in groups.values():
+        g.shutdown()
+
+
+def test_world_size_2_step_matches_world_size_1(trained):
+    m1, m2 = trained.metrics[1], trained.metrics[2]
+    for key in ("loss", "pg_loss", "kl", "seg", "clip_fraction", "logprob_mismatch", "grad_norm"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    assert m1["rows"] == m2["rows"] == 8 and m1["version"] == m2["version"] == 1
+    assert trained.before[1].keys() == trained.after[2].keys()
+    # grad_norm above checks the gradient's scale: Adam's first step would hide it. Its
+    # updates are ~lr (1e-4 .. 8e-3) per weight; the tolerance covers parameters whose true
+    # gradient is 0 (attention key biases), where Adam scales rounding noise up to ~1e-5.
+    for name, w in trained.before[1].items():
+        assert torch.equal(w, trained.before[2][name]), name
+        assert torch.allclose(trained.after[2][name], trained.after[1][name], atol=2e-5), name
+
+
+def test_step_changes_lm_projector_and_head_and_exports_no_frozen_encoder(trained):
+    before, after = trained.before[2], trained.after[2]
+    for prefix in ("lm.", "projector.", "head.mask_decoder.", "head.sparse_prompt."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+    assert not any(k.startswith("head.sae.") or "image_encoder" in k for k in after)
+    assert all(k.split(".")[0] in ("lm", "projector", "head") for k in after)
+
+
+def test_exported_weights_load_strictly_and_reproduce_learner_logprobs(trained):
+    model, _, _ = build_segmenter(trained.config)
+    state = trained.after[2]
+    for prefix, module in (("lm", model.policy.lm), ("projector", model.policy.projector)):
+        module.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+    missing, unexpected = model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")},
+                                                     strict=False)
+    assert not unexpected and all(k.startswith("sae.") for k in missing)
+    rows = read_rows([trained.batch])
+    store = feature_store(trained.config)
+    with torch.no_grad():
+        out = model.policy([r["prompt_ids"] for r in rows], [store.get(r["image_hash"])["vision"] for r in rows],
+                           [r["response_ids"] for r in rows])
+    learner = trained.groups[2].logprobs([trained.batch])
+    for i, lp in enumerate(learner):
+        assert torch.allclose(out.logprobs[i, : len(lp)], torch.tensor(lp), atol=1e-5)
+
+
+def test_error_rows_are_dropped_and_counted(trained, batch):
+    errors = pa.array([None, None, None, "null_field", None, None, None, None], pa.string())
+    ref = ray.put(batch.set_column(batch.schema.get_field_index("error"), "error", errors))
+    metrics = trained.groups[1].train_step([ref])
+    assert metrics["dropped_rows"] == 1 and metrics["rows"] == 7 and metrics["version"] == 2
+
+
+def test_checkpoint_restores_weights_and_step_in_a_new_group(trained, tmp_path):
+    from actors.learner_group import LearnerGroup
+
+    trained.groups[2].save_checkpoint(str(tmp_path), "step1")
+    fresh = LearnerGroup(trained.config, 2, num_cpus=0.25, extensions_dir=EXTENSIONS, zero=ZERO)
+    try:
+        assert fresh.version() == 0
+        assert fresh.load_checkpoint(str(tmp_path), "step1") == 1
+        restored = export(fresh)
+        assert all(torch.equal(restored[k], v) for k, v in trained.after[2].items())
+        folder = Path(fresh.save_model(str(tmp_path / "model")))
+        assert (folder / "model.safetensors").is_file() and (folder / "head" / "model.safetensors").is_file()
+    finally:
+        fresh.shutdown()
