@@ -29,9 +29,9 @@ class ReferenceScorer:
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         return self.core.score(batch)
 
-    def update_weights(self, state: dict, version: int) -> int:
+    def update_weights(self, state: dict, version: int) -> dict:
         self.core.update_weights(state, version)
-        return version
+        return {"version": version}
 
     def versions(self) -> list[int]:
         return sorted(self.core.heads)

@@ -169,3 +169,10 @@ def sam_preprocess(image: np.ndarray, image_size: int) -> tuple[torch.Tensor, tu
         SAM_PIXEL_STD
     ).view(3, 1, 1)
     return torch.nn.functional.pad(x, (0, image_size - nw, 0, image_size - nh)), (nh, nw)
+
+
+def sam_image_size(variant: str, checkpoint: str | Path | None) -> int:
+    """SAM's input side without building it: 1024 for the official models, the tiny spec's otherwise."""
+    if variant in ("vit_b", "vit_l", "vit_h"):
+        return 1024
+    return TinySamSpec(**json.loads((Path(checkpoint) / "config.json").read_text())).image_size

@@ -84,7 +84,7 @@ def test_actor_scores_by_ref(setup, ray_cluster):
     config, model, batch = setup
     scorer = ReferenceScorer.remote(config)
     state = ray.put({f"head.{k}": v for k, v in head_state(model.head).items()})
-    assert ray.get(scorer.update_weights.remote(state, 1)) == 1
+    assert ray.get(scorer.update_weights.remote(state, 1)) == {"version": 1}
     scored = ray.get(scorer.score.remote(ray.put(batch)))
     assert scored.num_rows == batch.num_rows and "ref_logprobs" in scored.schema.names
     assert ray.get(scorer.versions.remote()) == [0, 1]

@@ -1,0 +1,78 @@
+"""The scheduler's `Stages` over the real actors: rollout pool, reference scorer, reward pool, learner.
+
+Each call returns at once with a `Handoff`: the ref of the bulk output (moves
+actor to actor) and the ref of a small metadata dict (the only thing the driver
+reads). Metadata comes from tiny zero-CPU tasks that read the batch in the
+object store zero-copy, so the actors keep plain batch-in/batch-out methods.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipelines.prompts import PromptStream
+from pipelines.scheduler import Handoff
+from pipelines.trajectory import attach_rewards
+
+LEARNER_DROPS = ("mask_probs", "confidences", "text")  # the learner needs tokens, logprobs, GT, advantages
+
+
+@ray.remote(num_cpus=0)
+def rollout_meta(batch: pa.RecordBatch) -> dict:
+    versions = batch.column("weights_version").to_numpy()
+    lengths = np.diff(batch.column("response_ids").offsets.to_numpy())
+    return {"weights_version": int(versions.min()), "rows": batch.num_rows, "tokens": int(lengths.sum())}
+
+
+@ray.remote(num_cpus=0)
+def scored_meta(batch: pa.RecordBatch) -> dict:
+    return {"rows": batch.num_rows}
+
+
+@ray.remote(num_cpus=0, num_returns=2)
+def learner_batch(scored: pa.RecordBatch, rewarded: pa.RecordBatch) -> tuple[pa.RecordBatch, dict]:
+    """The rows the learner trains on (masks dropped) and the chunk's reward statistics."""
+    joined = attach_rewards(scored, rewarded)
+    keep = [n for n in joined.schema.names if n not in LEARNER_DROPS]
+    reward = rewarded.column("reward").to_numpy(zero_copy_only=False)
+    fmt = rewarded.column("format_score").to_numpy(zero_copy_only=False)
+    mask = rewarded.column("mask_score").to_numpy(zero_copy_only=False)
+    groups = rewarded.column("group_id").to_pylist()
+    flat = [float(np.ptp(reward[[g == gid for g in groups]])) == 0.0 for gid in dict.fromkeys(groups)]
+    meta = {
+        "rows": rewarded.num_rows, "reward": float(reward.mean()),
+        "format": float(np.nanmean(fmt)) if np.isfinite(fmt).any() else 0.0,
+        "mask": float(np.nanmean(mask)) if np.isfinite(mask).any() else 0.0,
+        "errors": rewarded.num_rows - rewarded.column("error").null_count,
+        "groups": len(flat), "zero_variance_groups": int(sum(flat)),
+    }
+    return joined.select(keep), meta
+
+
+class ActorStages:
+    """Prompts come from the driver's `PromptStream` (small rows); everything else stays in actors."""
+
+    def __init__(self, prompts: PromptStream, rollout_pool, scorer, reward_pool, learner):
+        self.prompts, self.pool, self.scorer = prompts, rollout_pool, scorer
+        self.rewards, self.learner = reward_pool, learner
+
+    def rollout(self, group_ids: list[int]) -> Handoff:
+        data = self.pool.submit(ray.put(self.prompts.next_batch(len(group_ids))))
+        return Handoff(data, rollout_meta.remote(data))
+
+    def score(self, data: ray.ObjectRef) -> Handoff:
+        scored = self.scorer.score.remote(data)
+        return Handoff(scored, scored_meta.remote(scored))
+
+    def reward(self, data: ray.ObjectRef) -> Handoff:
+        batch, meta = learner_batch.remote(data, self.rewards.submit(data))
+        return Handoff(batch, meta)
+
+    def learn(self, step: int, data: list[ray.ObjectRef]) -> Handoff:
+        metrics = [rank.train_step.remote(list(data)) for rank in self.learner.ranks]
+        weights = [rank.export_weights.remote() for rank in self.learner.ranks]
+        return Handoff(weights[0], metrics[0])
+
+    def sync(self, weights: ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
+        return self.pool.broadcast_weights(weights, version) + [self.scorer.update_weights.remote(weights, version)]

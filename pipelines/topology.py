@@ -1,0 +1,44 @@
+"""Start (and stop) the four actor kinds of a GRPO run with the resources the config asks for."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+from pipelines.config import Config
+
+
+@dataclass
+class Topology:
+    pool: object  # actors.rollout_pool.RolloutPool
+    scorer: object  # actors.reference.ReferenceScorer handle
+    rewards: object  # actors.reward_pool.RewardPool
+    learner: object  # actors.learner_group.LearnerGroup
+
+    def stop(self) -> None:
+        """Kill only the actors this run started."""
+        self.pool.shutdown()
+        self.rewards.shutdown()
+        self.learner.shutdown()
+        ray.kill(self.scorer)
+
+
+def start_actors(config: Config, model_path: str) -> Topology:
+    from actors.learner_group import LearnerGroup
+    from actors.reference import ReferenceScorer
+    from actors.reward_pool import RewardPool
+    from actors.rollout_pool import RolloutPool
+
+    c = config.cluster
+    engine = {"tensor_parallel_size": config.rollout.tensor_parallel_size} if config.rollout.tensor_parallel_size > 1 else {}
+    pool = RolloutPool(config, c.rollout_actors, num_cpus=c.rollout.num_cpus, model_path=model_path,
+                       engine_args=engine)
+    scorer = ReferenceScorer.options(num_cpus=c.scorer.num_cpus, num_gpus=c.scorer.num_gpus).remote(
+        config, model_path, keep_versions=config.train.staleness + 2)
+    rewards = RewardPool(c.reward_workers, num_cpus=c.reward.num_cpus, preset=config.reward.preset,
+                         ref_token=config.model.ref_token, threshold=config.reward.confidence_threshold,
+                         weights=tuple(config.reward.weights))
+    learner = LearnerGroup(config, c.learner_world_size, model_path, num_cpus=c.learner.num_cpus)
+    pool.ready()
+    ray.get(scorer.versions.remote())
+    return Topology(pool, scorer, rewards, learner)
