@@ -111,6 +111,22 @@ def cmd_sft(config: Config, args: argparse.Namespace) -> dict:
     return report
 
 
+@command("train", "distributed GRPO on Ray (rollout pool, reference scorer, reward workers, ZeRO-3 learner), "
+         "then eval")
+def cmd_train(config: Config, args: argparse.Namespace) -> dict:
+    from pipelines.evaluate import table_lines
+    from pipelines.train import train
+
+    summary = train(config)
+    rewards = summary["rewards"]
+    print("\n".join(table_lines({"after GRPO": summary["eval"]})))
+    if rewards:
+        k = max(1, len(rewards) // 5)
+        print(f"reward: first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f}")
+    print(f"model {summary['model']}")
+    return summary
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="model folder to evaluate (default: model.name_or_path)")
     p.add_argument("--split", default=None, help="split name (default: the first of data.eval_splits)")
