@@ -149,13 +149,15 @@ def _main_args(p: argparse.ArgumentParser) -> None:
     _precompute_args(p)
 
 
-@command("main", "the main job: data, tiny models, features, SAE, SFT warm start; prints what it built",
+@command("main", "the main job: data, tiny models, features, SAE, SFT warm start, GRPO, eval; prints a report",
          _main_args)
 def cmd_main(config: Config, args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from pipelines import sae_train, sft
     from pipelines.build import cached_step, report_lines, step_params
+    from pipelines.evaluate import table_lines
+    from pipelines.train import train
 
     data = cmd_make_data(config, args)
     tiny = cmd_make_tiny(config, args)
@@ -166,8 +168,16 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
     sft_params = {**step_params(config, "sft", "seg_loss", "model.head", "optim"), "sae": sae_params}
     sft_report = cached_step("sft", Path(config.resolve_path(config.sft.output)), sft_params,
                              lambda: sft.run_sft(config), args.force)
-    print("\n".join(report_lines(config, data, tiny, feats) + sae_train.report_lines(sae_report)
-                    + ["SFT warm start, val split:"] + sft.report_lines(sft_report)))
+    grpo_params = {**step_params(config, "train", "grpo", "rollout", "reward", "cluster"), "sft": sft_params}
+    grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params,
+                       lambda: train(config), args.force)
+    rewards, k = grpo["rewards"], max(1, len(grpo["rewards"]) // 5)
+    print("\n".join(
+        report_lines(config, data, tiny, feats) + sae_train.report_lines(sae_report)
+        + ["val metrics (first %d samples):" % config.train.eval_samples]
+        + table_lines({"after SFT": sft_report["after"], "after GRPO": grpo["eval"]})
+        + [f"reward: first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f}",
+           f"GRPO model {grpo['model']}; metrics {config.resolve_path(config.train.output)}/metrics.jsonl"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
