@@ -49,7 +49,9 @@ def train(config: Config) -> dict:
     finally:
         log.close()
         actors.stop()
-    evaluation = ray.get(evaluate_checkpoint.remote(config, final, config.train.eval_samples))
+    scorer = config.cluster.scorer  # the actors are gone: evaluation takes the scorer's place
+    evaluation = ray.get(evaluate_checkpoint.options(num_cpus=scorer.num_cpus, num_gpus=scorer.num_gpus)
+                         .remote(config, final, config.train.eval_samples))
     summary = {"model": final, "eval": evaluation, "rewards": log.rewards, "admission": report.admission,
                "phases": report.phases, "wall_s": report.wall_s}
     (run_dir / "report.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -66,7 +68,7 @@ def load_prompts(config: Config, model_path: str, split: str) -> list[dict]:
                        config.model.ref_token, config.model.num_slots)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote
 def evaluate_checkpoint(config: Config, checkpoint: str, limit: int) -> dict:
     """Eval in a Ray task, so the driver never loads a model."""
     from pipelines.evaluate import run_eval

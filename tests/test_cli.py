@@ -14,7 +14,10 @@ def test_every_subcommand_has_help():
 
 def test_main_job_builds_and_reports(tiny_workspace, ray_cluster, capsys):
     config = tiny_workspace["config"]
-    quick = ["model.sae.epochs=2", "sft.epochs=1", "sft.eval_samples=8", "sft.max_new_tokens=16"]
+    quick = ["model.sae.epochs=2", "sft.epochs=1", "sft.eval_samples=8", "sft.max_new_tokens=16",
+             "train.steps=1", "grpo.prompts_per_step=2", "rollout.group_size=2", "train.groups_per_call=1",
+             "train.eval_samples=4", "data.max_response_length=32", "cluster.rollout.num_cpus=0.1",
+             "cluster.learner.num_cpus=0.1", "cluster.scorer.num_cpus=0.1", "cluster.reward.num_cpus=0.1"]
     assert main(["main", *overrides_for(config), *quick]) == 0
     out = capsys.readouterr().out
     assert "is up to date" in out  # the session fixture already built data and models
@@ -22,10 +25,10 @@ def test_main_job_builds_and_reports(tiny_workspace, ray_cluster, capsys):
     assert f"train      {n_train} samples" in out
     assert "tokenizer" in out and "LM " in out and "SAM " in out
     assert "0 failed" in out
-    assert "explained variance" in out and "SFT warm start" in out and "gIoU" in out
+    assert "explained variance" in out and "after SFT" in out and "after GRPO" in out and "reward: first" in out
     assert main(["main", *overrides_for(config), *quick]) == 0  # a rerun skips every finished step
     again = capsys.readouterr().out
-    assert "sae-train:" in again and "sft:" in again and again.count("is up to date") == 4
+    assert "sae-train:" in again and "sft:" in again and "train:" in again and again.count("is up to date") == 5
 
 
 def test_convert_writes_canonical_split(tmp_path, capsys):
