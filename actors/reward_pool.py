@@ -10,6 +10,7 @@ from typing import Iterable
 
 import ray
 
+from actors.dispatch import LeastLoaded
 from actors.reward import DEFAULT_REF_TOKEN, RewardWorker, check_settings
 from rewards import DEFAULT_PRESET
 
@@ -36,17 +37,12 @@ class RewardPool:
         check_settings(preset, ref_token, threshold, weights)
         self._settings = dict(preset=preset, ref_token=ref_token, threshold=threshold,
                               weights=weights)
-        self._workers = [RewardWorker.options(num_cpus=num_cpus).remote()
-                         for _ in range(num_workers)]
-        self._unfinished: list[list[ray.ObjectRef]] = [[] for _ in self._workers]
-        self._turn = 0
+        self._dispatch = LeastLoaded([RewardWorker.options(num_cpus=num_cpus).remote()
+                                      for _ in range(num_workers)], "reward pool")
 
     def submit(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
         """Score one batch (pass its ObjectRef); returns the ref of the rewarded batch."""
-        worker = self._least_loaded()
-        out = self._workers[worker].score.remote(batch_ref, **self._settings)
-        self._unfinished[worker].append(out)
-        return out
+        return self._dispatch.call("score", batch_ref, **self._settings)
 
     def map(self, batch_refs: Iterable[ray.ObjectRef]) -> list[ray.ObjectRef]:
         """``submit`` each batch; the refs come back in the input order."""
@@ -54,19 +50,4 @@ class RewardPool:
 
     def shutdown(self) -> None:
         """Kill the workers (their queued batches fail); the pool is unusable after."""
-        for worker in self._workers:
-            ray.kill(worker)
-        self._workers, self._unfinished = [], []
-
-    def _least_loaded(self) -> int:
-        for i, refs in enumerate(self._unfinished):
-            if refs:  # fetch_local=False: look at completion only, never pull the result here
-                _, self._unfinished[i] = ray.wait(
-                    refs, num_returns=len(refs), timeout=0, fetch_local=False
-                )
-        n = len(self._workers)
-        if not n:
-            raise RuntimeError("the reward pool was shut down")
-        chosen = min(range(n), key=lambda i: (len(self._unfinished[i]), (i - self._turn) % n))
-        self._turn = (chosen + 1) % n
-        return chosen
+        self._dispatch.shutdown()

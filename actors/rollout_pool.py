@@ -10,6 +10,7 @@ from typing import Iterable
 
 import ray
 
+from actors.dispatch import LeastLoaded
 from actors.rollout import RolloutWorker
 from pipelines.config import Config
 
@@ -26,25 +27,20 @@ class RolloutPool:
                  model_path: str | None = None, engine_args: dict | None = None):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        self._workers = [RolloutWorker.options(num_cpus=num_cpus).remote(config, model_path, engine_args)
-                         for _ in range(num_workers)]
-        self._unfinished: list[list[ray.ObjectRef]] = [[] for _ in self._workers]
-        self._turn = 0
+        self._dispatch = LeastLoaded([RolloutWorker.options(num_cpus=num_cpus).remote(config, model_path, engine_args)
+                                      for _ in range(num_workers)], "rollout pool")
 
     @property
     def workers(self) -> list:
-        return list(self._workers)
+        return list(self._dispatch.actors)
 
     def ready(self) -> None:
         """Block until every engine has started (raises the first start failure)."""
-        ray.get([w.ping.remote() for w in self._workers])
+        ray.get([w.ping.remote() for w in self._dispatch.actors])
 
     def submit(self, prompt_ref: ray.ObjectRef, **sampling) -> ray.ObjectRef:
         """Sample groups for one prompt batch (pass its ref); ``sampling`` as ``Rollout.generate``."""
-        worker = self._least_loaded()
-        out = self._workers[worker].generate.remote(prompt_ref, **sampling)
-        self._unfinished[worker].append(out)
-        return out
+        return self._dispatch.call("generate", prompt_ref, **sampling)
 
     def map(self, prompt_refs: Iterable[ray.ObjectRef], **sampling) -> list[ray.ObjectRef]:
         """``submit`` each batch; the refs come back in the input order."""
@@ -54,21 +50,8 @@ class RolloutPool:
         """Every worker loads the one stored state dict; refs of their timing dicts."""
         if not isinstance(state_ref, ray.ObjectRef):  # a dict here would be stored once per worker
             raise TypeError("broadcast_weights takes the ObjectRef of ray.put(state), not the state itself")
-        return [w.update_weights.remote(state_ref, version) for w in self._workers]
+        return [w.update_weights.remote(state_ref, version) for w in self._dispatch.actors]
 
     def shutdown(self) -> None:
         """Kill the workers (queued batches fail); the pool is unusable after."""
-        for worker in self._workers:
-            ray.kill(worker)
-        self._workers, self._unfinished = [], []
-
-    def _least_loaded(self) -> int:
-        for i, refs in enumerate(self._unfinished):
-            if refs:  # fetch_local=False: look at completion only, never pull a batch here
-                _, self._unfinished[i] = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-        n = len(self._workers)
-        if not n:
-            raise RuntimeError("the rollout pool was shut down")
-        chosen = min(range(n), key=lambda i: (len(self._unfinished[i]), (i - self._turn) % n))
-        self._turn = (chosen + 1) % n
-        return chosen
+        self._dispatch.shutdown()
