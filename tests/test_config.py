@@ -125,3 +125,8 @@ def test_cli_reports_config_error_without_traceback(capsys):
     assert cli_main(["config", "--config", "configs/tiny.yaml", "grpo.kl_coef=-1"]) == 2
     err = capsys.readouterr().err
     assert "grpo.kl_coef" in err and "Traceback" not in err
+
+
+def test_override_that_is_not_yaml_is_a_string():
+    c = load_config("configs/tiny.yaml", ["train.output={runs_dir}/bench-1"])
+    assert c.resolve_path(c.train.output) == "work/runs/bench-1"

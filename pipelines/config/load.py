@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML)."""
+    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML, or the raw string if it is not YAML)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. model.tiny.lm.hidden_size=256")
@@ -28,8 +28,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': empty component in key '{key}'")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from exc
+    except yaml.YAMLError:
+        value = raw  # not YAML: a plain string such as {runs_dir}/run-1
     return parts, value
 
 
