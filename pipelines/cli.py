@@ -50,11 +50,15 @@ def cmd_make_tiny(config: Config, args: argparse.Namespace) -> dict:
     return build_tiny(config, force=args.force)
 
 
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a new local cluster)")
+
+
 def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", nargs="+", help="split names (default: train + eval splits)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=1, help="encoder actors")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a new local cluster)")
+    _address(p)
 
 
 @command("precompute", "cache frozen vision/SAM encoder features per image (Ray Data)", _precompute_args)
@@ -85,10 +89,6 @@ def cmd_convert(config: Config, args: argparse.Namespace) -> None:
 
     out = convert(args.format, args.src, args.split, args.out, image_root=args.image_root)
     print(f"wrote {read_table(out).num_rows} samples to {out}")
-
-
-def _address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a new local cluster)")
 
 
 @command("sae-train", "collect layer-k states of the policy (Ray Data), train and freeze the SAE", _address)
