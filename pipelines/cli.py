@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
-
 from pipelines.config import Config, ConfigError, dump_config, load_config
 from pipelines.data.schema import DataError
 

@@ -35,15 +35,15 @@ def step_metrics(record: StepRecord, phases: dict) -> dict:
 class RunLog:
     """The scheduler's `on_step`: log, show progress, checkpoint every N steps."""
 
-    def __init__(self, run_dir: Path, total_steps: int, checkpoint_every: int, learner, prompts, scheduler_ref):
+    def __init__(self, run_dir: Path, total_steps: int, checkpoint_every: int, learner, prompts, timer):
         self.dir, self.every = run_dir, checkpoint_every
         self.metrics = MetricsLog(run_dir)
         self.bar = tqdm(total=total_steps, desc="grpo", unit="step")
-        self.learner, self.prompts, self.scheduler_ref = learner, prompts, scheduler_ref
+        self.learner, self.prompts, self.timer = learner, prompts, timer
         self.rewards: list[float] = []
 
     def __call__(self, record: StepRecord) -> None:
-        flat = self.metrics.log(record.step + 1, step_metrics(record, self.scheduler_ref().timer.report()))
+        flat = self.metrics.log(record.step + 1, step_metrics(record, self.timer.report()))
         self.rewards.append(flat["reward/total"])
         self.bar.set_postfix(reward=f"{flat['reward/total']:.3f}", mask=f"{flat['reward/mask']:.3f}",
                              kl=f"{flat.get('loss/kl', 0):.4f}")

@@ -38,8 +38,8 @@ def learner_batch(scored: pa.RecordBatch, rewarded: pa.RecordBatch) -> tuple[pa.
     reward = rewarded.column("reward").to_numpy(zero_copy_only=False)
     fmt = rewarded.column("format_score").to_numpy(zero_copy_only=False)
     mask = rewarded.column("mask_score").to_numpy(zero_copy_only=False)
-    groups = rewarded.column("group_id").to_pylist()
-    flat = [float(np.ptp(reward[[g == gid for g in groups]])) == 0.0 for gid in dict.fromkeys(groups)]
+    _, group_of = np.unique(rewarded.column("group_id").to_numpy(zero_copy_only=False), return_inverse=True)
+    flat = [np.ptp(reward[group_of == g]) == 0.0 for g in range(group_of.max() + 1)] if len(reward) else []
     meta = {
         "rows": rewarded.num_rows, "reward": float(reward.mean()),
         "format": float(np.nanmean(fmt)) if np.isfinite(fmt).any() else 0.0,

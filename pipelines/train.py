@@ -37,12 +37,12 @@ def train(config: Config) -> dict:
 
     actors = start_actors(config, model_path)
     controller = StalenessController(config.train.staleness, config.grpo.prompts_per_step, config.train.max_in_flight)
-    scheduler = None
-    log = RunLog(run_dir, config.train.steps, config.train.checkpoint_every, actors.learner, prompts,
-                 lambda: scheduler)
     scheduler = Scheduler(ActorStages(prompts, actors.pool, actors.scorer, actors.rewards, actors.learner),
                           controller, groups_per_call=config.train.groups_per_call,
-                          straggler_timeout_s=config.train.straggler_timeout_s, on_step=log)
+                          straggler_timeout_s=config.train.straggler_timeout_s)
+    log = RunLog(run_dir, config.train.steps, config.train.checkpoint_every, actors.learner, prompts,
+                 scheduler.timer)
+    scheduler.on_step = log
     try:
         report = scheduler.run(config.train.steps)
         final = actors.learner.save_model(str(run_dir / "model"))

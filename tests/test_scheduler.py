@@ -144,7 +144,7 @@ def test_eta0_alternates_generation_and_training(sync_and_async):
 
 
 def test_eta1_overlaps_generation_and_training(sync_and_async):
-    (sync, sync_sched, _, _), (fast, fast_sched, _, _) = sync_and_async[0], sync_and_async[1]
+    (sync, _, _, _), (fast, fast_sched, _, _) = sync_and_async[0], sync_and_async[1]
     generation, learning = periods(fast_sched, GENERATION), periods(fast_sched, ["learn"])
     learn_busy = fast.phases["learn"]["busy_s"]
     assert overlap_s(generation, learning) > 0.3 * learn_busy
