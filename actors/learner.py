@@ -29,9 +29,13 @@ from pipelines.data.schema import decode_mask
 
 ROW_COLUMNS = ("image_hash", "prompt_ids", "response_ids", "rollout_logprobs", "ref_logprobs", "gt_masks",
                "advantage", "error")
-ZERO_DEFAULTS = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True}
+ZERO_DEFAULTS = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True, "stage3_max_reuse_distance": 0}
 """overlap_comm stays off: unmanaged gradient accumulation (one ``step()`` after a variable
-number of backwards) supports it only with ZeRO-2."""
+number of backwards) supports it only with ZeRO-2. stage3_max_reuse_distance 0: on every
+module release ZeRO-3 scans its recorded module trace until that many parameters are
+passed; the head runs once per row (thousands of module calls a step), so with the default
+(1e9, never reached by small models) each release scans the whole trace and the step that
+records it took 60 s instead of 2 s (64 rows, tiny config)."""
 EXPORT_BUCKET_NUMEL = 1 << 26
 """Parameters gathered at once when exporting (256 MiB fp32): bounds the full copies on a rank."""
 
