@@ -20,15 +20,19 @@ def sam_checkpoint(variant: str, checkpoint: str | None, model_path: str) -> str
 class FrozenEncoders:
     """Vision tower (features for the LLM) + SAM image encoder (embedding for the mask decoder)."""
 
-    def __init__(self, family: str, model_path: str, sam_variant: str, sam_ckpt: str | None):
-        self.vision = load_vision_tower(family, model_path)
+    def __init__(self, family: str, model_path: str, sam_variant: str, sam_ckpt: str | None,
+                 pixel_bounds: tuple[int | None, int | None] = (None, None)):
+        self.vision = load_vision_tower(family, model_path, pixel_bounds)
         sam = load_sam(sam_variant, sam_checkpoint(sam_variant, sam_ckpt, model_path))
         self.sam_encoder = sam.image_encoder.requires_grad_(False)
         self.sam_size = sam.image_encoder.img_size
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
-        """RGB uint8 images -> one feature dict per image (see pipelines.data.features)."""
+        """RGB uint8 images -> one feature dict per image (see pipelines.data.features).
+
+        "vision" is [N, Dv], or for Qwen2.5-VL a [t, h, w, Dv] patch grid (its shape carries the grid).
+        """
         vision = self.vision(images)
         prepped = [sam_preprocess(img, self.sam_size) for img in images]
         sam = self.sam_encoder(torch.stack([x for x, _ in prepped]))

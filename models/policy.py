@@ -15,6 +15,7 @@ of its 16th of 32 layers. `hidden_states[-1]` is after the final norm.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,15 @@ class PolicyOutput:
 
 
 class Policy(nn.Module):
-    """LLaVA-style policy around any HF causal LM with `.model.layers` and `.lm_head`."""
+    """LLaVA-style policy around any HF causal LM with `.model.layers` and `.lm_head`.
 
-    def __init__(self, lm: nn.Module, projector: Projector, image_token_id: int, ref_token_id: int,
-                 sae_layer: int, ref_position: str = "token"):
+    `positions`, for LMs whose positions depend on the image (Qwen2.5-VL's
+    M-RoPE), maps (prompt + response ids, image token id, vision features) to
+    one sample's position ids [..., L]; None keeps the LM's own 0..T-1.
+    """
+
+    def __init__(self, lm: nn.Module, projector: nn.Module, image_token_id: int, ref_token_id: int,
+                 sae_layer: int, ref_position: str = "token", positions: Callable | None = None):
         super().__init__()
         if ref_position not in REF_POSITIONS:
             raise ValueError(f"ref_position must be one of {REF_POSITIONS}, got '{ref_position}'")
@@ -53,6 +59,7 @@ class Policy(nn.Module):
         self.lm, self.projector = lm, projector
         self.image_token_id, self.ref_token_id = image_token_id, ref_token_id
         self.sae_layer, self.ref_position = sae_layer, ref_position
+        self.positions = positions
 
     @property
     def embed_tokens(self) -> nn.Module:
@@ -67,7 +74,7 @@ class Policy(nn.Module):
         for ids, feats, resp in zip(prompt_ids, vision_features, response_ids):
             prompt = self.prompt_embeds(ids, feats)
             at = list(ids).index(self.image_token_id)
-            spans.append((at, at + feats.shape[0]))
+            spans.append((at, at + prompt.shape[0] - len(ids) + 1))
             prompt_lens.append(prompt.shape[0])
             resp_t = torch.as_tensor(resp, dtype=torch.long, device=prompt.device)
             rows.append(torch.cat([prompt, self.embed_tokens(resp_t)], 0))
@@ -87,9 +94,12 @@ class Policy(nn.Module):
         def grab(_module, _inputs, output):
             captured["layer"] = output[0] if isinstance(output, tuple) else output
 
+        extra = {}
+        if self.positions is not None:
+            extra["position_ids"] = self._position_ids(prompt_ids, vision_features, response_ids, embeds.shape[1])
         handle = self.lm.model.layers[self.sae_layer - 1].register_forward_hook(grab)
         try:
-            last = self.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+            last = self.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra).last_hidden_state
         finally:
             handle.remove()
 
@@ -120,6 +130,15 @@ class Policy(nn.Module):
             image_spans=spans,
         )
 
+    def _position_ids(self, prompt_ids, vision_features, response_ids, length: int) -> torch.Tensor:
+        """Per-sample `positions` stacked to [..., B, T]; padding gets 0 (it is masked)."""
+        rows = [self.positions([*ids, *resp], self.image_token_id, feats)
+                for ids, feats, resp in zip(prompt_ids, vision_features, response_ids)]
+        out = rows[0].new_zeros(*rows[0].shape[:-1], len(rows), length)
+        for i, row in enumerate(rows):
+            out[..., i, : row.shape[-1]] = row
+        return out.to(vision_features[0].device)
+
     def _ref_positions(self, response_ids, prompt_lens) -> list[torch.Tensor]:
         """Sequence positions whose hidden state represents each reference token.
 
@@ -138,8 +157,9 @@ def load_policy(family: str, name_or_path: str, ref_token: str, sae_layer: int, 
                 dtype: torch.dtype = torch.float32):
     """(policy, tokenizer) from a segrl folder (make-tiny, a checkpoint) or an upstream checkpoint.
 
-    The reference token is added to the vocabulary (and the embeddings grown)
-    when the checkpoint does not have it yet, as LISA adds [SEG].
+    The reference token is added to the vocabulary when the checkpoint does not
+    have it yet, as LISA adds [SEG]; the embeddings grow only when a new id falls
+    past them (Qwen pads its vocabulary: shrinking would drop rows).
     """
     if (Path(name_or_path) / "projector" / "config.json").is_file():
         loader = _load_segrl_folder
@@ -148,21 +168,22 @@ def load_policy(family: str, name_or_path: str, ref_token: str, sae_layer: int, 
     else:
         raise ValueError(f"no policy loader for model family '{family}'; known: tiny (segrl folders), "
                          f"{', '.join(sorted(UPSTREAM_LOADERS))}")
-    lm, projector, tokenizer = loader(name_or_path, dtype)
+    lm, projector, tokenizer, positions = loader(name_or_path, dtype)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         raise ValueError(f"tokenizer of {name_or_path} has no {IMAGE_TOKEN} token")
     if ref_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([ref_token])
+    if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tokenizer))
     ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, ref_token])
-    return Policy(lm, projector, ids[0], ids[1], sae_layer, ref_position), tokenizer
+    return Policy(lm, projector, ids[0], ids[1], sae_layer, ref_position, positions), tokenizer
 
 
 def _load_segrl_folder(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return lm, load_projector(Path(path) / "projector").to(dtype), AutoTokenizer.from_pretrained(path)
+    return lm, load_projector(Path(path) / "projector").to(dtype), AutoTokenizer.from_pretrained(path), None
 
 
 def _load_llava(path: str, dtype: torch.dtype):
@@ -179,7 +200,13 @@ def _load_llava(path: str, dtype: torch.dtype):
     load_exact(lm, read_tensors(folder, llava_lm_key), folder, "language model")
     projector = Projector(config.vision_config.hidden_size, config.text_config.hidden_size)
     load_exact(projector, read_tensors(folder, llava_projector_key), folder, "projector")
-    return lm, projector.to(dtype), AutoTokenizer.from_pretrained(folder)
+    return lm, projector.to(dtype), AutoTokenizer.from_pretrained(folder), None
 
 
-UPSTREAM_LOADERS = {"llava": _load_llava}
+def _load_qwen_vl(path: str, dtype: torch.dtype):
+    from models.qwen_vl import load_qwen_vl  # transformers' Qwen modules load only when asked for
+
+    return load_qwen_vl(path, dtype)
+
+
+UPSTREAM_LOADERS = {"llava": _load_llava, "qwen2_5_vl": _load_qwen_vl}

@@ -2,7 +2,8 @@
 
 They run only inside the feature cache (`segrl precompute`), never in the
 training loop (SegCompass A.1). `tiny` is a small ViT built offline; `llava`
-takes the CLIP tower out of a llava-hf checkpoint.
+takes the CLIP tower out of a llava-hf checkpoint; `qwen2_5_vl` the
+dynamic-resolution tower of a Qwen2.5-VL checkpoint (models/qwen_vl.py).
 """
 from __future__ import annotations
 
@@ -106,12 +107,12 @@ def _pad_to_square(img: np.ndarray) -> np.ndarray:
     return out
 
 
-def _tiny_tower(path: str) -> VisionTower:
+def _tiny_tower(path: str, _pixel_bounds) -> VisionTower:
     encoder = load_tiny_vision(Path(path) / "vision")
     return VisionTower(encoder, encoder.spec.image_size, CLIP_MEAN, CLIP_STD)
 
 
-def _llava_tower(path: str) -> VisionTower:
+def _llava_tower(path: str, _pixel_bounds) -> VisionTower:
     """CLIP tower of a llava-hf checkpoint; LLaVA-1.5 takes the penultimate layer and drops CLS.
 
     Only the `vision_tower.` tensors are read, so the 7B language model is never loaded here.
@@ -133,12 +134,19 @@ def _llava_tower(path: str) -> VisionTower:
     return VisionTower(encoder, config.vision_config.image_size, CLIP_MEAN, CLIP_STD, features)
 
 
-VISION_TOWERS = {"tiny": _tiny_tower, "llava": _llava_tower}
+def _qwen_tower(path: str, pixel_bounds):
+    from models.qwen_vl import QwenVisionTower
+
+    return QwenVisionTower(path, pixel_bounds)
 
 
-def load_vision_tower(family: str, name_or_path: str) -> VisionTower:
+VISION_TOWERS = {"tiny": _tiny_tower, "llava": _llava_tower, "qwen2_5_vl": _qwen_tower}
+
+
+def load_vision_tower(family: str, name_or_path: str, pixel_bounds: tuple[int | None, int | None] = (None, None)):
+    """`pixel_bounds` (min, max pixels) bound dynamic-resolution towers (Qwen2.5-VL); fixed-size ones resize anyway."""
     if family not in VISION_TOWERS:
         raise ValueError(
             f"no vision tower for model family '{family}' in the feature cache yet; known: {sorted(VISION_TOWERS)}"
         )
-    return VISION_TOWERS[family](name_or_path)
+    return VISION_TOWERS[family](name_or_path, pixel_bounds)

@@ -39,7 +39,10 @@ def encoder_sources(config: Config) -> list[str]:
     model_path = config.resolve_path(config.model.name_or_path)
     if config.model.family == "tiny":
         return [str(Path(model_path) / "vision"), str(Path(model_path) / "sam")]
-    return [model_path, config.model.sam.variant, config.model.sam.checkpoint or "random-init"]
+    sources = [model_path, config.model.sam.variant, config.model.sam.checkpoint or "random-init"]
+    if config.model.family == "qwen2_5_vl":  # its grid, hence its features, depend on the pixel bounds
+        sources.append(f"pixels={config.data.image_min_pixels},{config.data.image_max_pixels}")
+    return sources
 
 
 def feature_store(config: Config) -> FeatureStore:
@@ -60,10 +63,11 @@ def dataset_images(config: Config, splits: list[str]) -> list[str]:
 class EncodeBatch:
     """Ray Data stateful UDF: loads the encoders once, writes one shard per image."""
 
-    def __init__(self, family: str, model_path: str, sam_variant: str, sam_ckpt: str | None, cache_dir: str, key: str):
+    def __init__(self, family: str, model_path: str, sam_variant: str, sam_ckpt: str | None, cache_dir: str, key: str,
+                 pixel_bounds: tuple[int | None, int | None] = (None, None)):
         from models.encoders import FrozenEncoders
 
-        self.encoders = FrozenEncoders(family, model_path, sam_variant, sam_ckpt)
+        self.encoders = FrozenEncoders(family, model_path, sam_variant, sam_ckpt, pixel_bounds)
         self.store = FeatureStore(cache_dir, key)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,6 +113,7 @@ def precompute(config: Config, splits: list[str] | None = None, batch_size: int 
             sam_ckpt=config.model.sam.checkpoint,
             cache_dir=config.resolve_path(config.paths.cache_dir),
             key=store.root.name,
+            pixel_bounds=(config.data.image_min_pixels, config.data.image_max_pixels),
         ),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),

@@ -173,3 +173,59 @@ def write_grefcoco(root: Path, refs: list | str, name="grefs(unc).json"):
         (folder / name).write_bytes(pickle.dumps(refs) if name.endswith(".p") else json.dumps(refs).encode())
     (folder / "instances.json").write_text(json.dumps(instances()))
     return folder, write_coco_images(root)
+
+
+# ---------------------------------------------------------------- Qwen2.5-VL checkpoint
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def qwen_style_tokenizer():
+    """Byte-level BPE with Qwen2.5-VL's control tokens and, like Qwen's, no `<image>` or `<SEG>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=QWEN_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["find the red ring", "what could roll? <think> it rolls </think>"], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   additional_special_tokens=QWEN_SPECIALS[1:])
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast
+
+
+def write_tiny_qwen_vl(folder: Path, tokenizer, vocab_padding: int = 8, tie: bool = False, seed: int = 0):
+    """A randomly initialised Qwen2.5-VL saved as transformers writes it; returns the model (eval).
+
+    The vocabulary is padded past the tokenizer, as Qwen's (152064 rows for 151665 tokens);
+    `tie` shares the LM head with the embeddings (Qwen2.5-VL-3B). One windowed and one
+    full-attention vision block, so the tower's window reordering is exercised.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(QWEN_SPECIALS)))
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=64,
+                           fullatt_block_indexes=[1]),
+        text_config=dict(vocab_size=len(tokenizer) + vocab_padding, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None, eos_token_id=ids["<|im_end|>"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
