@@ -146,12 +146,14 @@ class LearnerRank:
         # The frozen SAE stays outside ZeRO-3, replicated: the head calls its `encode`
         # method, not its forward, and the head returns a dataclass, so ZeRO-3's hooks
         # would not re-gather the SAE weights for the backward through its activations.
-        sae = model.head.sae
-        del model.head.sae
+        sae = getattr(model.head, "sae", None)  # READ's head has none
+        if sae is not None:
+            del model.head.sae
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                config=self._ds_config(), dist_init_required=False)
-        object.__setattr__(model.head, "sae", sae)  # an attribute, not a submodule: ZeRO-3 never sees it
+        if sae is not None:
+            object.__setattr__(model.head, "sae", sae)  # an attribute, not a submodule: ZeRO-3 never sees it
 
     def _ds_config(self) -> dict:
         return {

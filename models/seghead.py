@@ -67,6 +67,9 @@ class SlotMapper(nn.Module):
 class SegCompassHead(nn.Module):
     """The trainable segmentation modules around a frozen SAE and a SAM prompt encoder + mask decoder."""
 
+    kind = "segcompass"
+    policy_inputs = ("ref_hidden", "layer_ref_hidden")  # PolicyOutput fields the Segmenter passes, per sample
+
     def __init__(self, sae: SparseAutoencoder, sam: nn.Module, lm_dim: int, num_slots: int = 1,
                  codebook_dim: int = 128, act_threshold: float = 0.0, top_k: int = 8):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Policy + SegCompass head as one model, and its checkpoint folder.
+"""Policy + segmentation head (SegCompass or READ) as one model, and its checkpoint folder.
 
 A checkpoint folder has the layout of make-tiny's folder, so it can be named
 as `model.name_or_path` again (and served by vLLM as is):
@@ -6,7 +6,7 @@ as `model.name_or_path` again (and served by vLLM as is):
     config.json, model.safetensors, tokenizer*   the LM (HF format)
     projector/                                   trainable projector
     vision/, sam/                                frozen encoders, copied unchanged (feature-cache identity)
-    head/model.safetensors, head/config.json     codebook, slot mapper, SAM prompt encoder + mask decoder
+    head/model.safetensors, head/config.json     trainable head weights (no SAE); config.json names the kind
 """
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ from torch import nn
 
 from models.policy import Policy, PolicyOutput
 from models.projector import save_projector
-from models.seghead import SegCompassHead, SegHeadOutput
+from models.seghead import SegHeadOutput
+
+DEFAULT_KIND = "segcompass"
+"""Head kind of a head/config.json without a "kind" key: checkpoints written before READ was a head."""
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,14 @@ class HeadSpec:
 
 
 class Segmenter(nn.Module):
-    """One forward: policy logprobs + hidden states, then masks for every response with a reference token."""
+    """One forward: policy logprobs + hidden states, then masks for every response with a reference token.
 
-    def __init__(self, policy: Policy, head: SegCompassHead):
+    The head names the per-sample PolicyOutput fields it reads (`policy_inputs`),
+    called as head(*fields, sam_embedding): SegCompass the layer-k reference
+    states, READ the image-token states, both from the same forward.
+    """
+
+    def __init__(self, policy: Policy, head: nn.Module):
         super().__init__()
         self.policy, self.head = policy, head
 
@@ -46,14 +54,12 @@ class Segmenter(nn.Module):
     def forward(self, prompt_ids: list[list[int]], vision: list[torch.Tensor], response_ids: list[list[int]],
                 sam_embeddings: list[torch.Tensor]) -> tuple[PolicyOutput, list[SegHeadOutput | None]]:
         out = self.policy(prompt_ids, vision, response_ids)
-        masks = [
-            self.head(ref, layer_ref, emb) if ref.shape[0] else None
-            for ref, layer_ref, emb in zip(out.ref_hidden, out.layer_ref_hidden, sam_embeddings)
-        ]
+        per_sample = zip(*(getattr(out, name) for name in self.head.policy_inputs), sam_embeddings)
+        masks = [self.head(*args) if ref.shape[0] else None for ref, args in zip(out.ref_hidden, per_sample)]
         return out, masks
 
 
-def head_state(head: SegCompassHead) -> dict[str, torch.Tensor]:
+def head_state(head: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable head weights; the frozen SAE is saved (and versioned) on its own."""
     return {k: v.contiguous() for k, v in head.state_dict().items() if not k.startswith("sae.")}
 
@@ -71,17 +77,30 @@ def save_segmenter(model: Segmenter, spec: HeadSpec, tokenizer, source: str | Pa
             shutil.copytree(source / frozen, tmp / frozen)
     (tmp / "head").mkdir()
     save_file(head_state(model.head), tmp / "head" / "model.safetensors")
-    (tmp / "head" / "config.json").write_text(json.dumps(asdict(spec), indent=2))
+    (tmp / "head" / "config.json").write_text(json.dumps({"kind": model.head.kind, **asdict(spec)}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
 
 
-def load_head_weights(head: SegCompassHead, folder: str | Path) -> bool:
-    """Load trained head weights if the folder has them (a make-tiny folder has none)."""
+def saved_head_kind(folder: str | Path) -> str:
+    """The head kind recorded in a checkpoint's head/config.json."""
+    config = Path(folder) / "head" / "config.json"
+    return json.loads(config.read_text()).get("kind", DEFAULT_KIND) if config.is_file() else DEFAULT_KIND
+
+
+def load_head_weights(head: nn.Module, folder: str | Path) -> bool:
+    """Load trained head weights if the folder has them (a make-tiny folder has none).
+
+    A checkpoint of another head kind is an error, not a silent fresh start.
+    """
     path = Path(folder) / "head" / "model.safetensors"
     if not path.is_file():
         return False
+    saved = saved_head_kind(folder)
+    if saved != head.kind:
+        raise ValueError(f"{path.parent}: holds a '{saved}' head, but model.head.kind is '{head.kind}'; "
+                         f"set model.head.kind={saved} or start from a folder without head weights")
     missing, unexpected = head.load_state_dict(load_file(path), strict=False)
     missing = [k for k in missing if not k.startswith("sae.")]
     if missing or unexpected:

@@ -67,6 +67,8 @@ def _write(tmp_path, tree) -> Path:
         ({"reward": {"preset": "nope"}}, "reward.preset: Value error, unknown reward preset 'nope'"),
         ({"model": {"sae": {"activation": "topk"}}}, "k is required for activation topk"),
         ({"data": {"synthetic": {"image_size": 32}}}, "data.synthetic.image_size"),
+        ({"model": {"head": {"kind": "sam2"}}}, "model.head.kind: Value error, unknown segmentation head 'sam2'"),
+        ({"model": {"head": {"kind": "read"}, "num_slots": 4}}, "head.kind read decodes one mask per response"),
     ],
 )
 def test_bad_file_names_key_and_file(tmp_path, tree, needle):
@@ -91,6 +93,13 @@ def test_bad_override_is_named(override, needle):
         load_config("configs/tiny.yaml", [override])
     assert needle in str(err.value)
     assert override.split("=")[0] in str(err.value)
+
+
+def test_unknown_head_kind_is_one_line_naming_the_known_kinds():
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", ["model.head.kind=sam2"])
+    assert "\n" not in str(err.value) and "known: read, segcompass" in str(err.value)
+    assert load_config("configs/tiny.yaml", ["model.head.kind=read"]).model.head.kind == "read"
 
 
 def test_missing_and_malformed_files(tmp_path):

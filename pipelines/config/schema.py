@@ -161,14 +161,24 @@ class SaeConfig(Section):
 
 
 class SegHeadConfig(Section):
-    """SegCompass query head (codebook, slot mapper) and which hidden state a reference token uses."""
+    """Which segmentation head (pipelines.modeling.HEADS), its SegCompass settings, and which hidden
+    state a reference token uses."""
 
+    kind: str = Field("segcompass", description="segcompass: SAE slot head; read: <SEG> similarity points (READ)")
     codebook_dim: PositiveInt = 128
     act_threshold: float = Field(0.0, ge=0, description="SAE activations below it are dropped (released: 2.0)")
     top_k_features: PositiveInt = 8
     ref_position: Literal["token", "previous"] = Field(
         "token", description="token: the <SEG> position (paper); previous: the state that predicted it (LISA)"
     )
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        from pipelines.modeling import head_builder
+
+        head_builder(kind)
+        return kind
 
 
 class ModelConfig(Section):
@@ -181,6 +191,12 @@ class ModelConfig(Section):
     sam: SamConfig = SamConfig()
     sae: SaeConfig = SaeConfig()
     head: SegHeadConfig = SegHeadConfig()
+
+    @model_validator(mode="after")
+    def _read_slots(self) -> "ModelConfig":
+        if self.head.kind == "read" and self.num_slots != 1:
+            raise ValueError(f"head.kind read decodes one mask per response: num_slots must be 1, got {self.num_slots}")
+        return self
 
 
 class RolloutConfig(Section):
