@@ -69,15 +69,27 @@ class Policy(nn.Module):
         return build_prompt_embeds(ids, self.image_token_id, vision_features, self.projector, self.embed_tokens)
 
     def _sequences(self, prompt_ids, vision_features, response_ids):
-        """Right-padded [B, T, H] inputs, attention mask, prompt lengths and image spans."""
+        """Right-padded [B, T, H] inputs, attention mask, prompt lengths and image spans.
+
+        A GRPO batch holds G responses per prompt: each distinct (features, prompt) is
+        embedded once and all responses in one embedding call, so the projector and the
+        embeddings run a handful of times per batch, not once per row (under ZeRO-3
+        every module call is a parameter gather).
+        """
+        prompts: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         rows, spans, prompt_lens = [], [], []
-        for ids, feats, resp in zip(prompt_ids, vision_features, response_ids):
-            prompt = self.prompt_embeds(ids, feats)
+        device = vision_features[0].device
+        flat = torch.as_tensor([t for resp in response_ids for t in resp], dtype=torch.long, device=device)
+        responses = self.embed_tokens(flat).split([len(resp) for resp in response_ids])
+        for ids, feats, resp in zip(prompt_ids, vision_features, responses):
+            key = (id(feats), tuple(ids))
+            if key not in prompts:
+                prompts[key] = self.prompt_embeds(ids, feats)
+            prompt = prompts[key]
             at = list(ids).index(self.image_token_id)
             spans.append((at, at + prompt.shape[0] - len(ids) + 1))
             prompt_lens.append(prompt.shape[0])
-            resp_t = torch.as_tensor(resp, dtype=torch.long, device=prompt.device)
-            rows.append(torch.cat([prompt, self.embed_tokens(resp_t)], 0))
+            rows.append(torch.cat([prompt, resp], 0))
         length = max(r.shape[0] for r in rows)
         embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
         mask = torch.zeros(len(rows), length, dtype=torch.long, device=embeds.device)
