@@ -13,7 +13,8 @@ Per row:
 - format score of the text under the preset (a text without the reference token is a
   "no such object" answer and is scored by ``response_format_score`` as a refusal),
   reward ``w_format·format + w_mask·mask``;
-- advantage: ``group_advantages`` over the group's rows in ``response_index`` order.
+- advantage: the configured estimator (``models.losses.ADVANTAGE_ESTIMATORS``: grpo,
+  grpo_population_std, dr_grpo) over the group's rows in ``response_index`` order.
 
 A malformed row (see ``pipelines.trajectory.ROW_ERRORS``) gets reward 0, null format and
 mask scores and its error code, and it still counts in its group's advantage as a response
@@ -27,6 +28,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
+
+from models.losses import ADVANTAGE_ESTIMATORS
 
 from pipelines.trajectory import (
     CONFIDENCES_INVALID,
@@ -43,7 +47,6 @@ from rewards import (
     DEFAULT_PRESET,
     format_score,
     get_preset,
-    group_advantages,
     multi_object_score,
     response_format_score,
     soft_iou,
@@ -62,7 +65,7 @@ SINGLE_THREAD_ENV = {
 
 
 def check_settings(
-    preset: str, ref_token: str, threshold: float, weights=None
+    preset: str, ref_token: str, threshold: float, weights=None, advantage_estimator: str = "grpo"
 ) -> tuple[float, float]:
     """Validate the scoring settings; return the (format, mask) weights to use.
 
@@ -72,6 +75,7 @@ def check_settings(
     chosen = get_preset(preset).weights if weights is None else reward_weights(weights)
     format_score("", ref_token, preset)  # raises on a bad ref_token
     real_scalar("threshold", threshold, lo=0.0, hi=1.0)
+    ADVANTAGE_ESTIMATORS.get(advantage_estimator)  # raises, naming the known ones
     return chosen
 
 
@@ -96,13 +100,15 @@ def score_batch(
     ref_token: str = DEFAULT_REF_TOKEN,
     threshold: float = 0.5,
     weights=None,
+    advantage_estimator: str = "grpo",
 ) -> pa.RecordBatch:
     """The ``REWARDED_SCHEMA`` batch of a ``SCORED_SCHEMA`` batch (module docstring).
 
     Raises SchemaError (missing / mistyped column), SplitGroupError (a group incomplete)
     or ValueError (bad settings); malformed rows are reported in the ``error`` column.
     """
-    weights = check_settings(preset, ref_token, threshold, weights)
+    weights = check_settings(preset, ref_token, threshold, weights, advantage_estimator)
+    estimate = ADVANTAGE_ESTIMATORS.get(advantage_estimator)
     batch = as_record_batch(batch)
     groups = group_rows(batch)
     rows = ScoredRows(batch)
@@ -118,7 +124,7 @@ def score_batch(
     reward = np.where(failed, 0.0, total_reward(fmt, mask, weights))
     advantage = np.zeros(n_rows)
     for members in groups.values():
-        advantage[members] = group_advantages(reward[members], len(members))
+        advantage[members] = estimate(torch.from_numpy(reward[members]), len(members)).numpy()
     rewards = [
         pa.array(fmt.astype(np.float32), mask=failed),
         pa.array(mask.astype(np.float32), mask=failed),
@@ -141,7 +147,8 @@ class RewardWorker:
         ref_token: str = DEFAULT_REF_TOKEN,
         threshold: float = 0.5,
         weights=None,
+        advantage_estimator: str = "grpo",
     ) -> pa.RecordBatch:
         """``score_batch`` in the actor. Pass the batch's ObjectRef: Ray resolves it here,
         as a zero-copy view of the object store, and the caller gets a ref back."""
-        return score_batch(batch, preset, ref_token, threshold, weights)
+        return score_batch(batch, preset, ref_token, threshold, weights, advantage_estimator)

@@ -16,7 +16,7 @@ from rewards import DEFAULT_PRESET
 
 
 class RewardPool:
-    """``num_workers`` RewardWorkers with one scoring setting (preset, token, threshold).
+    """``num_workers`` RewardWorkers with one scoring setting (preset, token, threshold, estimator).
 
     Each batch goes to the worker with the fewest unfinished batches, ties broken in turn,
     so a slow batch does not hold up the ones queued behind it on the same worker.
@@ -31,12 +31,13 @@ class RewardPool:
         ref_token: str = DEFAULT_REF_TOKEN,
         threshold: float = 0.5,
         weights=None,
+        advantage_estimator: str = "grpo",
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        check_settings(preset, ref_token, threshold, weights)
+        check_settings(preset, ref_token, threshold, weights, advantage_estimator)
         self._settings = dict(preset=preset, ref_token=ref_token, threshold=threshold,
-                              weights=weights)
+                              weights=weights, advantage_estimator=advantage_estimator)
         self._dispatch = LeastLoaded([RewardWorker.options(num_cpus=num_cpus).remote()
                                       for _ in range(num_workers)], "reward pool")
 

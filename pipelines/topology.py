@@ -37,7 +37,7 @@ def start_actors(config: Config, model_path: str) -> Topology:
         config, model_path, keep_versions=config.train.staleness + 2)
     rewards = RewardPool(c.reward_workers, num_cpus=c.reward.num_cpus, preset=config.reward.preset,
                          ref_token=config.model.ref_token, threshold=config.reward.confidence_threshold,
-                         weights=tuple(config.reward.weights))
+                         weights=tuple(config.reward.weights), advantage_estimator=config.grpo.advantage_estimator)
     learner = LearnerGroup(config, c.learner_world_size, model_path, num_cpus=c.learner.num_cpus)
     pool.ready()
     ray.get(scorer.versions.remote())

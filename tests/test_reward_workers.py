@@ -115,6 +115,16 @@ def test_known_masks_give_exact_rewards_and_advantages(worker, preset):
     assert abs(out["reward"][1].as_py() - (0.3 * 0.9 + 0.7 / 3)) < 1e-6
 
 
+def test_configured_advantage_estimator_is_used(worker):
+    """dr_grpo centres each group's rewards without dividing by their std."""
+    out = ray.get(worker.score.remote(batch_of(SINGLE, NONE), advantage_estimator="dr_grpo"))
+    rewards = [expected_rewards(SINGLE_SCORES), expected_rewards(NONE_SCORES)]
+    centred = np.concatenate([r - r.mean() for r in rewards])
+    np.testing.assert_allclose(out["advantage"].to_numpy(), centred, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="advantage estimator"):
+        score_batch(batch_of(SINGLE), advantage_estimator="ppo")
+
+
 def test_object_ref_input_and_weights(worker):
     batch = batch_of(SINGLE)
     out = ray.get(worker.score.remote(ray.put(batch), weights=(0.0, 1.0)))
