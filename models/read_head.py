@@ -54,6 +54,11 @@ class ReadHead(nn.Module):
         """One learning-rate role: READ trains the projection with SAM's decoder side."""
         return {"mask_decoder": nn.ModuleList([self.projection, self.prompt_encoder, self.mask_decoder])}
 
+    def decode_batch(self, ref_hidden: list[torch.Tensor], image_hidden: list[torch.Tensor],
+                     sam_embeddings: list[torch.Tensor]) -> list[SegHeadOutput]:
+        """``forward`` per sample: point selection is per image, so READ decodes one at a time."""
+        return [self(ref, image, emb) for ref, image, emb in zip(ref_hidden, image_hidden, sam_embeddings)]
+
     def forward(self, ref_hidden: torch.Tensor, image_hidden: torch.Tensor, sam_embedding: torch.Tensor,
                 grid: tuple[int, int] | None = None) -> SegHeadOutput:
         """ref_hidden [n_ref, H] and image_hidden [N, H] last layer; sam_embedding [C, h, w].

@@ -176,3 +176,27 @@ def sam_image_size(variant: str, checkpoint: str | Path | None) -> int:
     if variant in ("vit_b", "vit_l", "vit_h"):
         return 1024
     return TinySamSpec(**json.loads((Path(checkpoint) / "config.json").read_text())).image_size
+
+
+def decode_per_prompt(decoder: torch.nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                      sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's single-mask decode with its own image embedding per prompt.
+
+    `MaskDecoder.forward` repeats one image's embedding for every prompt; a training
+    batch has a different image per prompt, so the same steps run here over
+    image_embeddings [N, C, h, w] with sparse [N, n, C] and dense [N, C, h, w] prompts.
+    Returns (mask logits [N, 4h, 4w], predicted IoU [N]) of the first mask token, as
+    `multimask_output=False`. All compute goes through calls of the decoder's
+    submodules (the output tokens too, as embedding lookups rather than `.weight`), so
+    ZeRO-3's module hooks gather their parameters in the forward and the backward.
+    """
+    rows = torch.arange(decoder.num_mask_tokens, device=sparse.device)
+    out_tokens = torch.cat([decoder.iou_token(rows[:1]), decoder.mask_tokens(rows)], 0)
+    tokens = torch.cat([out_tokens.expand(sparse.shape[0], -1, -1), sparse], 1)
+    src = image_embeddings + dense
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1])  # the first mask token
+    masks = (hyper[:, None] @ upscaled.flatten(2)).reshape(b, *upscaled.shape[-2:])
+    return masks, decoder.iou_prediction_head(hs[:, 0])[:, 0]

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.sae import SparseAutoencoder, top_features
+from models.sam import decode_per_prompt
 
 
 @dataclass
@@ -53,14 +54,19 @@ class SlotMapper(nn.Module):
         nn.init.constant_(self.refine.bias, -1.8)  # heatmaps start mostly "background"
         self.confidence = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
 
-    def forward(self, concepts: torch.Tensor, ref_vecs: torch.Tensor, sam_embedding: torch.Tensor):
-        """concepts [n, D], ref_vecs [K, H_lm], sam_embedding [C, h, w] -> heatmaps [K, h, w], conf [K]."""
-        k = self.slots.shape[0]
-        mixed = self.mixer(torch.cat([self.slots, concepts], 0)[None])[0, :k]
+    def forward(self, concepts: torch.Tensor, padding: torch.Tensor | None, ref_vecs: torch.Tensor,
+                sam_embeddings: torch.Tensor):
+        """concepts [B, n, D] (``padding`` [B, n] True where a sample has fewer, or None),
+        ref_vecs [B, K, H_lm], sam_embeddings [B, C, h, w] -> heatmaps [B, K, h, w], conf [B, K]."""
+        b, k = concepts.shape[0], self.slots.shape[0]
+        tokens = torch.cat([self.slots.expand(b, -1, -1), concepts], 1)
+        if padding is not None:
+            padding = torch.cat([padding.new_zeros(b, k), padding], 1)
+        mixed = self.mixer(tokens, src_key_padding_mask=padding)[:, :k]
         fused = self.fuse(torch.cat([self.ref_proj(ref_vecs), mixed], -1))
-        keys = self.key(sam_embedding[None])[0]  # [C, h, w]
-        scores = torch.einsum("kc,chw->khw", self.query(fused), keys) / keys.shape[0] ** 0.5
-        heat = self.refine(scores[:, None])[:, 0]
+        keys = self.key(sam_embeddings)  # [B, C, h, w]
+        scores = torch.einsum("bkc,bchw->bkhw", self.query(fused), keys) / keys.shape[1] ** 0.5
+        heat = self.refine(scores.flatten(0, 1)[:, None])[:, 0].unflatten(0, (b, k))
         return heat, self.confidence(fused).squeeze(-1)
 
 
@@ -97,21 +103,33 @@ class SegCompassHead(nn.Module):
     def forward(self, ref_hidden: torch.Tensor, layer_ref_hidden: torch.Tensor,
                 sam_embedding: torch.Tensor) -> SegHeadOutput:
         """ref_hidden [n_ref, H] last layer; layer_ref_hidden [n_ref, H] layer k; sam_embedding [C, h, w]."""
-        if ref_hidden.shape[0] == 0:
+        return self.decode_batch([ref_hidden], [layer_ref_hidden], [sam_embedding])[0]
+
+    def decode_batch(self, ref_hidden: list[torch.Tensor], layer_ref_hidden: list[torch.Tensor],
+                     sam_embeddings: list[torch.Tensor]) -> list[SegHeadOutput]:
+        """``forward`` for B samples at once: each module runs once for the batch, not once
+        per sample (under ZeRO-3 each module call is a parameter gather)."""
+        counts = [r.shape[0] for r in ref_hidden]
+        if min(counts) == 0:
             raise ValueError("no reference token in the response: a false-premise answer has no mask to decode")
-        acts = self.sae.encode(layer_ref_hidden.to(self.codebook.weight.dtype))
+        acts = self.sae.encode(torch.cat(layer_ref_hidden).to(self.codebook.weight.dtype))
         acts = acts * (acts.abs() >= self.act_threshold)
-        heat, conf = self.slot_mapper(self.codebook(acts), self.slot_refs(ref_hidden), sam_embedding)
-        side = 4 * sam_embedding.shape[-1]
-        heat = F.interpolate(heat[:, None], size=(side, side), mode="bilinear", align_corners=False)
+        concepts = self.codebook(acts).split(counts)
+        padding = None
+        if len(set(counts)) > 1:
+            padding = torch.arange(max(counts))[None] >= torch.tensor(counts)[:, None]
+        refs = torch.stack([self.slot_refs(r) for r in ref_hidden])  # [B, K, H]
+        embeddings = torch.stack(sam_embeddings)
+        heat, conf = self.slot_mapper(nn.utils.rnn.pad_sequence(list(concepts), batch_first=True), padding,
+                                      refs, embeddings)
+        b, k = heat.shape[:2]
+        side = 4 * embeddings.shape[-1]
+        heat = F.interpolate(heat.flatten(0, 1)[:, None], size=(side, side), mode="bilinear", align_corners=False)
         sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=heat)
-        sparse = torch.cat([sparse, self.sparse_prompt(self.slot_refs(ref_hidden))[:, None]], 1)
-        low, iou = self.mask_decoder(
-            image_embeddings=sam_embedding[None],
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        sparse = torch.cat([sparse, self.sparse_prompt(refs.flatten(0, 1))[:, None]], 1)
+        low, iou = decode_per_prompt(self.mask_decoder, embeddings.repeat_interleave(k, 0),
+                                     self.prompt_encoder.get_dense_pe(), sparse, dense)
         ids, values = top_features(acts.detach(), min(self.top_k, acts.shape[-1]))
-        return SegHeadOutput(low[:, 0], conf, heat[:, 0], iou[:, 0], ids, values)
+        low, heat, iou = low.unflatten(0, (b, k)), heat[:, 0].unflatten(0, (b, k)), iou.unflatten(0, (b, k))
+        return [SegHeadOutput(low[i], conf[i], heat[i], iou[i], i_ids, i_values)
+                for i, (i_ids, i_values) in enumerate(zip(ids.split(counts), values.split(counts)))]

@@ -39,8 +39,9 @@ class Segmenter(nn.Module):
     """One forward: policy logprobs + hidden states, then masks for every response with a reference token.
 
     The head names the per-sample PolicyOutput fields it reads (`policy_inputs`),
-    called as head(*fields, sam_embedding): SegCompass the layer-k reference
-    states, READ the image-token states, both from the same forward.
+    called once per batch as head.decode_batch(*field lists, sam_embeddings) over the
+    responses with a reference token: SegCompass the layer-k reference states, READ
+    the image-token states, both from the same forward.
     """
 
     def __init__(self, policy: Policy, head: nn.Module):
@@ -54,8 +55,12 @@ class Segmenter(nn.Module):
     def forward(self, prompt_ids: list[list[int]], vision: list[torch.Tensor], response_ids: list[list[int]],
                 sam_embeddings: list[torch.Tensor]) -> tuple[PolicyOutput, list[SegHeadOutput | None]]:
         out = self.policy(prompt_ids, vision, response_ids)
-        per_sample = zip(*(getattr(out, name) for name in self.head.policy_inputs), sam_embeddings)
-        masks = [self.head(*args) if ref.shape[0] else None for ref, args in zip(out.ref_hidden, per_sample)]
+        rows = [i for i, ref in enumerate(out.ref_hidden) if ref.shape[0]]
+        fields = [[getattr(out, name)[i] for i in rows] for name in self.head.policy_inputs]
+        decoded = self.head.decode_batch(*fields, [sam_embeddings[i] for i in rows]) if rows else []
+        masks: list[SegHeadOutput | None] = [None] * len(out.ref_hidden)
+        for i, head_out in zip(rows, decoded):
+            masks[i] = head_out
         return out, masks
 
 

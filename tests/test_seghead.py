@@ -69,3 +69,35 @@ def test_heatmap_prompts_reach_the_mask_logits():
     out.mask_logits.sum().backward()
     assert head.codebook.weight.grad.abs().sum() > 0
     assert head.slot_mapper.slots.grad.abs().sum() > 0
+
+
+def test_decode_per_prompt_equals_sam_decoder_one_prompt_at_a_time():
+    from models.sam import decode_per_prompt
+
+    _, sam = _head(1)
+    torch.manual_seed(1)
+    emb, dense = torch.randn(3, 32, 8, 8), torch.randn(3, 32, 8, 8)
+    sparse = torch.randn(3, 2, 32)
+    pe = sam.prompt_encoder.get_dense_pe()
+    masks, iou = decode_per_prompt(sam.mask_decoder, emb, pe, sparse, dense)
+    for i in range(3):
+        low, pred = sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=pe, sparse_prompt_embeddings=sparse[i:i + 1],
+                                     dense_prompt_embeddings=dense[i:i + 1], multimask_output=False)
+        assert torch.allclose(masks[i], low[0, 0], atol=1e-5) and torch.allclose(iou[i], pred[0, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("num_slots", [1, 3])
+def test_batch_decode_equals_one_sample_at_a_time(num_slots):
+    """Uneven reference counts are padded in the slot mixer: a sample's result must not depend on its batch."""
+    head, _ = _head(num_slots)
+    torch.manual_seed(2)
+    counts = [1, 3, 2]
+    refs = [torch.randn(n, LM_DIM) for n in counts]
+    layers = [torch.randn(n, LM_DIM) for n in counts]
+    embs = [torch.randn(32, 8, 8) for _ in counts]
+    batch = head.decode_batch(refs, layers, embs)
+    for ref, layer, emb, out in zip(refs, layers, embs, batch):
+        alone = head(ref, layer, emb)
+        for field in ("mask_logits", "conf_logits", "heatmaps", "iou_pred", "sae_acts"):
+            assert torch.allclose(getattr(out, field), getattr(alone, field), atol=1e-5), field
+        assert torch.equal(out.sae_ids, alone.sae_ids)
