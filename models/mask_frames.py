@@ -33,3 +33,17 @@ def lowres_to_image(logits: torch.Tensor, input_size: tuple[int, int], original_
     up = F.interpolate(logits[:, None], size=(img_size, img_size), mode="bilinear", align_corners=False)
     h, w = input_size
     return F.interpolate(up[..., :h, :w], size=tuple(original_size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def slot_targets(gt_lowres: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Binary training targets [G', L, L] from soft low-res GT [G, L, L].
+
+    With one slot a multi-object query is one mask, the union of its objects, as the
+    metrics score it (gIoU/cIoU take the union); with K slots each object stays its
+    own target for the Hungarian matching. Objects that vanish at low resolution are
+    dropped, so a target is never empty.
+    """
+    masks = gt_lowres >= 0.5
+    if num_slots == 1 and masks.shape[0] > 1:
+        masks = masks.any(0, keepdim=True)
+    return masks[masks.flatten(1).any(1)].float()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from models.mask_frames import gt_to_lowres
+from models.mask_frames import gt_to_lowres, slot_targets
 from models.prompt import prompt_ids
 from pipelines.data.features import FeatureStore, content_hash
 from pipelines.data.schema import encode_mask, read_samples, resolve_image
@@ -31,14 +31,12 @@ def prompt_rows(split_file: str | Path, tokenizer, store: FeatureStore, sam_img_
         input_size = tuple(int(v) for v in feats["sam_input_size"])
         lowres = 4 * feats["sam"].shape[-1]
         gt = np.stack(sample.masks) if sample.masks else np.zeros((0, sample.height, sample.width), bool)
-        low = (gt_to_lowres(gt, input_size, sam_img_size, lowres) >= 0.5).numpy()
-        if num_slots == 1 and low.shape[0] > 1:
-            low = low.any(0, keepdims=True)
+        low = slot_targets(gt_to_lowres(gt, input_size, sam_img_size, lowres), num_slots).numpy() > 0
         rows.append({
             "sample_id": sample.sample_id,
             "image_hash": digest,
             "prompt_ids": prompt_ids(tokenizer, sample.question, ref_token),
-            "gt_masks": [encode_mask(m) for m in low if m.any()],
+            "gt_masks": [encode_mask(m) for m in low],
             "no_target": sample.no_target,
         })
     return rows

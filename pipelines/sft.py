@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from models.losses import segmentation_loss
+from models.mask_frames import slot_targets
 from models.optim import build_optimizer, clip_grad_norm, one_cycle, param_groups
 from models.prompt import prompt_ids
 from models.segmenter import save_segmenter
@@ -36,7 +37,7 @@ def sft_step(model, tokenizer, items: list[SegItem], config: Config) -> tuple[to
     ce = -(out.logprobs.sum(1) / out.response_mask.sum(1)).mean()
     w = config.seg_loss
     seg_terms = [
-        segmentation_loss(h.mask_logits, (it.gt_lowres >= 0.5).float(),
+        segmentation_loss(h.mask_logits, slot_targets(it.gt_lowres, config.model.num_slots),
                           h.conf_logits if config.model.num_slots > 1 else None,
                           dice_weight=w.dice_weight, bce_weight=w.bce_weight, conf_weight=w.conf_weight)[0]
         for it, h in zip(items, heads) if h is not None

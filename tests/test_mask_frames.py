@@ -2,7 +2,10 @@
 import numpy as np
 import torch
 
-from models.mask_frames import gt_to_lowres, lowres_to_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.mask_frames import gt_to_lowres, lowres_to_image, slot_targets
 from models.sam import TinySamSpec, build_tiny_sam
 
 
@@ -40,3 +43,18 @@ def test_round_trip_matches_sam_postprocess():
 
 def test_no_target_gives_empty_stack():
     assert gt_to_lowres(np.zeros((0, 10, 10), bool), (10, 10), 64, 32).shape == (0, 32, 32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 4), st.integers(1, 4), st.integers(0, 2**16))
+def test_slot_targets_union_for_one_slot_and_objects_for_many(n_objects, num_slots, seed):
+    gen = torch.Generator().manual_seed(seed)
+    soft = torch.rand(n_objects, 8, 8, generator=gen) * (torch.rand(n_objects, 1, 1, generator=gen) > 0.3)
+    out = slot_targets(soft, num_slots)
+    binary = soft >= 0.5
+    kept = binary[binary.flatten(1).any(1)]
+    assert set(out.unique().tolist()) <= {0.0, 1.0} and all(m.any() for m in out)
+    if num_slots == 1 and n_objects > 1:
+        assert out.shape[0] == int(binary.any()) and (out.shape[0] == 0 or torch.equal(out[0].bool(), binary.any(0)))
+    else:
+        assert torch.equal(out.bool(), kept)
