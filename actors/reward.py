@@ -47,9 +47,8 @@ from rewards import (
     DEFAULT_PRESET,
     format_score,
     get_preset,
-    multi_object_score,
+    mask_score,
     response_format_score,
-    soft_iou,
     total_reward,
 )
 from rewards.validate import real_scalar, reward_weights
@@ -85,10 +84,7 @@ def _score_row(row: ScoredRow, preset: str, ref_token: str, threshold: float):
     if not ((conf >= 0) & (conf <= 1)).all():  # NaN fails both comparisons
         raise RowError(CONFIDENCES_INVALID, f"confidences {conf.tolist()}")
     try:
-        if row.mask_probs.shape[0] == 1 and row.gt_masks.shape[0] == 1:
-            mask = soft_iou(row.mask_probs[0], row.gt_masks[0])
-        else:
-            mask = multi_object_score(row.mask_probs, conf, row.gt_masks, threshold, preset)
+        mask = mask_score(row.mask_probs, conf, row.gt_masks, threshold, preset)
     except ValueError as exc:  # every other input is checked: the probabilities are bad
         raise RowError(MASK_PROBS_INVALID, str(exc)) from None
     return response_format_score(row.text, ref_token, preset), mask

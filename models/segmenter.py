@@ -15,6 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -62,6 +63,21 @@ class Segmenter(nn.Module):
         for i, head_out in zip(rows, decoded):
             masks[i] = head_out
         return out, masks
+
+
+def slot_probabilities(head_out: SegHeadOutput | None, num_slots: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask probabilities [K, side, side], confidences [K]) as the rewards score them.
+
+    No reference token: all-zero masks with zero confidence ("no such object", READ).
+    With one slot, emitting the token commits to its mask (confidence 1); with K > 1
+    the confidences are the head's.
+    """
+    if head_out is None:
+        return np.zeros((num_slots, side, side), np.float32), np.zeros(num_slots, np.float32)
+    probs = torch.sigmoid(head_out.mask_logits.detach()).float().numpy()
+    conf = (np.ones(1, np.float32) if num_slots == 1
+            else torch.sigmoid(head_out.conf_logits.detach()).float().numpy())
+    return probs, conf
 
 
 def head_state(head: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,9 @@
 A response without the reference token is a "no such object" answer (no
 mask); otherwise the SegCompass head decodes K slots, the confident ones are
 merged, and the mask is compared in the image frame (LISA/GSVA conventions by
-default, `rewards.metrics.SegMetrics`).
+default, `rewards.metrics.SegMetrics`). `mask_reward` is the training mask
+reward of the greedy answers (soft IoU in SAM's low-res frame, as the reward
+workers score it), so a GRPO run's reward can be compared across checkpoints.
 """
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ import torch
 from tqdm import tqdm
 
 from models.generate import generate
-from models.mask_frames import lowres_to_image
+from models.mask_frames import lowres_to_image, slot_targets
 from models.prompt import prompt_ids
-from models.segmenter import Segmenter
+from models.segmenter import Segmenter, slot_probabilities
 from pipelines.data.loader import SegDataset, SegItem
-from rewards import SegMetrics, response_format_score
+from rewards import SegMetrics, mask_score, response_format_score
 
 
 @dataclass
@@ -44,7 +46,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
              max_new_tokens: int, num_slots: int = 1, conf_threshold: float = 0.5, batch_size: int = 16,
              preset: str = "paper", progress: bool = True) -> EvalResult:
     model.eval()
-    meter, texts, formats = SegMetrics(), [], []
+    meter, texts, formats, rewards = SegMetrics(), [], [], []
     order = range(0, len(dataset), batch_size)
     for start in tqdm(order, desc="eval", unit="batch", disable=not progress):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -60,10 +62,14 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
             gt = item.gt_stack.any(0) if item.gt_stack.shape[0] else np.zeros(
                 (item.sample.height, item.sample.width), bool)
             meter.add(pred, gt, item.sample.ignore_mask)
+            probs, conf = slot_probabilities(head, num_slots, item.gt_lowres.shape[-1])
+            rewards.append(mask_score(probs, conf, slot_targets(item.gt_lowres, num_slots).numpy(),
+                                      conf_threshold, preset))
     model.train()
     summary = meter.summary()
     summary["format_valid"] = float(np.mean([f > 0 for f in formats])) if formats else float("nan")
     summary["format_score"] = float(np.mean(formats)) if formats else float("nan")
+    summary["mask_reward"] = float(np.mean(rewards)) if rewards else float("nan")
     return EvalResult(summary, texts)
 
 
@@ -92,8 +98,9 @@ def run_eval(config, checkpoint: str | None = None, split: str | None = None, li
 
 def table_lines(rows: dict[str, dict]) -> list[str]:
     """A fixed-width table of the headline metrics, one row per label."""
-    cols = [("format", "format_valid"), ("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_acc")]
+    cols = [("format", "format_valid"), ("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_acc"),
+            ("mask-R", "mask_reward")]
     lines = [f"{'':10}" + "".join(f"{name:>8}" for name, _ in cols) + f"{'n':>6}"]
     for label, m in rows.items():
-        lines.append(f"{label:10}" + "".join(f"{m[key]:8.3f}" for _, key in cols) + f"{m['count']:6d}")
+        lines.append(f"{label:10}" + "".join(f"{m.get(key, float('nan')):8.3f}" for _, key in cols) + f"{m['count']:6d}")
     return lines

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from models.segmenter import Segmenter, head_state
+from models.segmenter import Segmenter, head_state, slot_probabilities
 from pipelines.data.features import FeatureStore
 from pipelines.rollout_schema import REF_LOGPROBS_FIELD
 from pipelines.trajectory import SCORED_FIELDS, mask_list_array
@@ -69,17 +69,9 @@ class ReferenceScoring:
                                         [responses[i] for i in idx], [feats[hashes[i]]["sam"] for i in idx])
                 for j, i in enumerate(idx):
                     ref_lp[i] = out.logprobs[j, : len(responses[i])].numpy()
-                    masks[i], confs[i] = self._decoded(heads[j], feats[hashes[i]]["sam"])
+                    side = 4 * feats[hashes[i]]["sam"].shape[-1]
+                    masks[i], confs[i] = slot_probabilities(heads[j], self.num_slots, side)
         return self._append(batch, ref_lp, masks, confs)
-
-    def _decoded(self, head_out, sam_embedding: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        side = 4 * sam_embedding.shape[-1]
-        if head_out is None:
-            return np.zeros((self.num_slots, side, side), np.float32), np.zeros(self.num_slots, np.float32)
-        probs = torch.sigmoid(head_out.mask_logits).numpy().astype(np.float32)
-        conf = (np.ones(1, np.float32) if self.num_slots == 1
-                else torch.sigmoid(head_out.conf_logits).numpy().astype(np.float32))
-        return probs, conf
 
     @staticmethod
     def _append(batch, ref_lp, masks, confs) -> pa.RecordBatch:

@@ -5,7 +5,7 @@ No Ray and no torch here: the reward workers and the evaluator wrap these functi
 
 from rewards.advantages import group_advantages, total_reward
 from rewards.format import format_score, refusal_format_score, response_format_score
-from rewards.masks import multi_object_score, pairwise_soft_iou, score_group, soft_iou
+from rewards.masks import mask_score, multi_object_score, pairwise_soft_iou, score_group, soft_iou
 from rewards.metrics import SegMetrics
 from rewards.presets import (
     DEFAULT_PRESET,
@@ -24,6 +24,7 @@ __all__ = [
     "response_format_score",
     "get_preset",
     "group_advantages",
+    "mask_score",
     "multi_object_score",
     "pairwise_soft_iou",
     "preset_names",

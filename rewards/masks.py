@@ -192,3 +192,16 @@ def multi_object_score(
             f"confidences must have shape {pred.shape[:1]} (one per slot), got {conf.shape}"
         )
     return float(score_group(pred[None], conf[None], gt_masks, threshold, preset)[0])
+
+
+def mask_score(pred_probs, confidences, gt_masks, threshold: float = 0.5, preset: str = DEFAULT_PRESET) -> float:
+    """The mask reward of one response: K slots [K, H, W] with confidences [K] vs G GT masks.
+
+    One slot against one object is plain ``soft_iou`` (no confidence gate); anything else,
+    a no-target GT (G = 0) included, is ``multi_object_score``.
+    """
+    pred = as_array("pred_probs", pred_probs, ndim=3)
+    gt = as_array("gt_masks", gt_masks, ndim=3)
+    if pred.shape[0] == 1 and gt.shape[0] == 1:
+        return soft_iou(pred[0], gt[0])
+    return multi_object_score(pred, confidences, gt, threshold, preset)

@@ -306,3 +306,16 @@ def test_score_group_contract():
         score_group(P[None], C[None, :1], G)
     with pytest.raises(ValueError, match="pred_probs must have 4 dimensions"):
         score_group(P, C[None], G)
+
+
+def test_mask_score_is_soft_iou_for_one_slot_and_one_object_else_the_matched_score():
+    from rewards import mask_score
+
+    gt = np.zeros((1, 4, 4))
+    gt[0, :2] = 1
+    pred = np.full((1, 4, 4), 0.5)
+    assert mask_score(pred, np.array([0.1]), gt) == pytest.approx(soft_iou(pred[0], gt[0]))  # no gate with K = G = 1
+    assert mask_score(pred, np.array([1.0]), np.zeros((0, 4, 4))) == 0.0  # a committed mask on no target
+    assert mask_score(np.zeros((2, 4, 4)), np.zeros(2), np.zeros((0, 4, 4))) == 1.0
+    two = np.concatenate([gt, 1 - gt])
+    assert mask_score(two, np.ones(2), two) == pytest.approx(multi_object_score(two, np.ones(2), two))
