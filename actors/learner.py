@@ -26,6 +26,7 @@ import torch
 from models.grpo_step import LossTotals, learner_loss, usable
 from pipelines.config import Config
 from pipelines.data.schema import decode_mask
+from pipelines.weight_transport import PackedState, pack_state
 
 ROW_COLUMNS = ("image_hash", "prompt_ids", "response_ids", "rollout_logprobs", "ref_logprobs", "gt_masks",
                "advantage", "error")
@@ -231,11 +232,13 @@ class LearnerRank:
                                        ("head", model.head))
                 for name, tensor in module.state_dict(keep_vars=True).items()]
 
-    def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (CPU copies), None elsewhere; every rank must enter.
+    def export_weights(self) -> PackedState | None:
+        """Full weights on rank 0 (CPU copies, packed as raw bytes), None elsewhere; every rank must enter.
 
         Parameters are gathered bucket by bucket (``EXPORT_BUCKET_NUMEL``), so no rank
-        ever holds more than one bucket of full parameters besides rank 0's result.
+        ever holds more than one bucket of full parameters besides rank 0's result. The
+        result is a ``PackedState``: it enters the object store as numpy buffers, which
+        receivers map zero-copy instead of unpickling tensors (bench/weight_sync.py).
         """
         entries, state = self._export_entries(), {}
         for bucket in _buckets(entries):
@@ -243,7 +246,7 @@ class LearnerRank:
             with self.deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if self.rank == 0:
                     state.update((name, t.detach().clone()) for name, t in bucket)
-        return state if self.rank == 0 else None
+        return pack_state(state) if self.rank == 0 else None
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
         """DeepSpeed checkpoint (partitioned weights, AdamW and schedule state, step counter); all ranks."""

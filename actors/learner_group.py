@@ -41,7 +41,7 @@ class LearnerGroup:
         return [merged[i] for i in range(len(merged))]
 
     def export_weights(self) -> ray.ObjectRef:
-        """Ref of the full state dict (``lm.*``, ``projector.*``, ``head.*``), put once by rank 0's return."""
+        """Ref of the full weights (``lm.*``, ``projector.*``, ``head.*``) as a PackedState, put once by rank 0's return."""
         refs = [r.export_weights.remote() for r in self.ranks]
         ray.get(refs[1:])  # the other ranks return None; this surfaces their errors
         return refs[0]

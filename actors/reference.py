@@ -29,7 +29,8 @@ class ReferenceScorer:
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         return self.core.score(batch)
 
-    def update_weights(self, state: dict, version: int) -> dict:
+    def update_weights(self, state, version: int) -> dict:
+        """Keep the head weights of `version` (a state dict or a PackedState)."""
         self.core.update_weights(state, version)
         return {"version": version}
 

@@ -21,6 +21,7 @@ from models.segmenter import Segmenter, head_state, slot_probabilities
 from pipelines.data.features import FeatureStore
 from pipelines.rollout_schema import REF_LOGPROBS_FIELD
 from pipelines.trajectory import SCORED_FIELDS, mask_list_array
+from pipelines.weight_transport import PackedState, unpack_state
 
 HEAD_PREFIX = "head."
 
@@ -36,9 +37,14 @@ class ReferenceScoring:
         self.heads: dict[int, dict[str, torch.Tensor]] = {0: head_state(model.head)}
         self.loaded_version = 0
 
-    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Keep the head weights of `version`; the reference policy itself never changes."""
-        self.heads[version] = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+    def update_weights(self, state: dict[str, torch.Tensor] | PackedState, version: int) -> None:
+        """Keep the head weights of `version`; the reference policy itself never changes.
+
+        They are copied out: a packed state's tensors view the object store's buffer of
+        the whole model, which must not stay pinned for as long as a version is kept.
+        """
+        state = unpack_state(state) if isinstance(state, PackedState) else state
+        self.heads[version] = {k[len(HEAD_PREFIX):]: v.clone() for k, v in state.items() if k.startswith(HEAD_PREFIX)}
         for old in [v for v in self.heads if v <= version - self.keep_versions]:
             del self.heads[old]
 

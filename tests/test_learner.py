@@ -25,6 +25,7 @@ from pipelines.data.synthetic import sft_target
 from pipelines.modeling import build_segmenter
 from pipelines.precompute import feature_store
 from pipelines.rollout_schema import REF_LOGPROBS_FIELD, ROLLOUT_SCHEMA
+from pipelines.weight_transport import unpack_state
 
 LEARNER_SCHEMA = pa.schema(list(ROLLOUT_SCHEMA) + [REF_LOGPROBS_FIELD, pa.field("advantage", pa.float32()),
                                                    pa.field("error", pa.string())])
@@ -134,7 +135,7 @@ def test_micro_batch_losses_sum_to_the_full_batch_loss(tiny_workspace, tiny_sae,
 
 
 def export(group) -> dict[str, torch.Tensor]:
-    return ray.get(group.export_weights())
+    return {k: v.clone() for k, v in unpack_state(ray.get(group.export_weights())).items()}
 
 
 @pytest.fixture(scope="module")

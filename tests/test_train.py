@@ -14,6 +14,7 @@ import torch
 
 from pipelines.metrics_log import read_metrics
 from pipelines.train import train
+from pipelines.weight_transport import PackedState
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,6 @@ def test_model_checkpoint_and_eval(run):
 
 def test_driver_never_fetches_bulk_data(run):
     _, _, _, fetched = run
-    bulky = [type(v).__name__ for v in fetched if isinstance(v, (pa.RecordBatch, pa.Table, torch.Tensor))
+    bulky = [type(v).__name__ for v in fetched if isinstance(v, (pa.RecordBatch, pa.Table, torch.Tensor, PackedState))
              or (isinstance(v, dict) and any(isinstance(x, torch.Tensor) for x in v.values()))]
     assert fetched and not bulky
