@@ -117,7 +117,8 @@ class SegCompassHead(nn.Module):
         concepts = self.codebook(acts).split(counts)
         padding = None
         if len(set(counts)) > 1:
-            padding = torch.arange(max(counts))[None] >= torch.tensor(counts)[:, None]
+            padding = (torch.arange(max(counts), device=acts.device)[None]
+                       >= torch.tensor(counts, device=acts.device)[:, None])
         refs = torch.stack([self.slot_refs(r) for r in ref_hidden])  # [B, K, H]
         embeddings = torch.stack(sam_embeddings)
         heat, conf = self.slot_mapper(nn.utils.rnn.pad_sequence(list(concepts), batch_first=True), padding,
