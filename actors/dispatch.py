@@ -1,26 +1,88 @@
-"""Least-loaded dispatch over a list of actors, shared by the rollout and reward pools."""
+"""Least-loaded dispatch over a supervised set of actors, shared by the actor pools.
+
+Every actor has a name (``<pool>-<slot>.<incarnation>``) that travels with the calls made
+on it, so a failed call can be traced to its actor, and ``replace`` can start a fresh one
+in the same slot, which first gets the latest ``broadcast`` (the current weights) before
+any call can reach it. Replacements are bounded: past ``max_restarts`` the slot is
+removed, and a pool with no slot left raises.
+"""
 from __future__ import annotations
 
+from typing import Callable
+
 import ray
+
+
+class RestartsExhausted(RuntimeError):
+    """Every actor of a pool failed more often than its restart budget allows."""
 
 
 class LeastLoaded:
     """Tracks each actor's unfinished calls; picks the one with the fewest, ties in turn.
 
-    Completion is checked with `fetch_local=False`, so the driver never pulls a result.
+    ``factory()`` starts one actor. Completion is checked with ``fetch_local=False``, so the
+    driver never pulls a result.
     """
 
-    def __init__(self, actors: list, name: str):
-        self.actors, self.name = list(actors), name
+    def __init__(self, factory: Callable[[], object], size: int, name: str, *, max_restarts: int = 3):
+        if size < 1:
+            raise ValueError(f"{name}: need at least one actor, got {size}")
+        self.factory, self.name, self.max_restarts = factory, name, max_restarts
+        self._last_broadcast: tuple[str, tuple] | None = None
+        self.actors = [factory() for _ in range(size)]
+        self.names = [f"{name}-{slot}.0" for slot in range(size)]
         self._unfinished: list[list[ray.ObjectRef]] = [[] for _ in self.actors]
         self._turn = 0
+        self.restarts = 0
 
     def call(self, method: str, *args, **kwargs) -> ray.ObjectRef:
-        """Submit `method` to the least-loaded actor; returns its result ref."""
+        """Submit ``method`` to the least-loaded actor; returns its result ref."""
+        return self.dispatch(method, *args, **kwargs)[0]
+
+    def dispatch(self, method: str, *args, **kwargs) -> tuple[ray.ObjectRef, str]:
+        """``call``, also naming the actor that got it."""
         index = self._pick()
         out = getattr(self.actors[index], method).remote(*args, **kwargs)
         self._unfinished[index].append(out)
-        return out
+        return out, self.names[index]
+
+    def broadcast(self, method: str, *args) -> list[tuple[ray.ObjectRef, str]]:
+        """Call ``method`` on every actor: (ref, actor name) each; replayed on replacements."""
+        self._last_broadcast = (method, args)
+        return [(getattr(actor, method).remote(*args), name) for actor, name in zip(self.actors, self.names)]
+
+    def owns(self, name: str) -> bool:
+        return name in self.names
+
+    def replace(self, name: str) -> bool:
+        """Kill actor ``name`` and start a fresh one in its slot; False if it was already replaced.
+
+        Past the restart budget the slot is dropped instead (RestartsExhausted when none is left).
+        """
+        if name not in self.names:
+            return False
+        slot = self.names.index(name)
+        ray.kill(self.actors[slot], no_restart=True)
+        if self.restarts >= self.max_restarts:
+            del self.actors[slot], self.names[slot], self._unfinished[slot]
+            if not self.actors:
+                raise RestartsExhausted(f"{self.name}: every actor failed; {self.max_restarts} restarts used "
+                                        f"(raise cluster.max_actor_restarts or fix the cause in the actor's log)")
+            return True
+        self.restarts += 1
+        incarnation = int(name.rsplit(".", 1)[1]) + 1
+        self.actors[slot] = self.factory()
+        self.names[slot] = f"{self.name}-{name.rsplit('-', 1)[1].split('.')[0]}.{incarnation}"
+        self._unfinished[slot] = []
+        if self._last_broadcast is not None:  # queued before any call can reach the new actor
+            method, args = self._last_broadcast
+            getattr(self.actors[slot], method).remote(*args)
+        return True
+
+    def kill(self, name: str) -> None:
+        """Kill actor ``name`` (a stalled one): its calls fail and the failures replace it."""
+        if name in self.names:
+            ray.kill(self.actors[self.names.index(name)], no_restart=True)
 
     def _pick(self) -> int:
         for i, refs in enumerate(self._unfinished):
@@ -37,4 +99,33 @@ class LeastLoaded:
         """Kill the actors (their queued calls fail); unusable after."""
         for actor in self.actors:
             ray.kill(actor)
-        self.actors, self._unfinished = [], []
+        self.actors, self.names, self._unfinished = [], [], []
+
+
+class SupervisedPool:
+    """What every actor pool offers its supervisor (the scheduler's stages), over ``self._dispatch``."""
+
+    _dispatch: LeastLoaded
+
+    @property
+    def workers(self) -> list:
+        return list(self._dispatch.actors)
+
+    @property
+    def restarts(self) -> int:
+        return self._dispatch.restarts
+
+    def owns(self, worker: str) -> bool:
+        return self._dispatch.owns(worker)
+
+    def replace(self, worker: str) -> bool:
+        """Start a fresh actor in place of ``worker`` (dead or stalled); False if already replaced."""
+        return self._dispatch.replace(worker)
+
+    def kill(self, worker: str) -> None:
+        """Kill a stalled ``worker``; its failing calls then lead to ``replace``."""
+        self._dispatch.kill(worker)
+
+    def shutdown(self) -> None:
+        """Kill the workers (their queued calls fail); the pool is unusable after."""
+        self._dispatch.shutdown()

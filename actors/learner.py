@@ -94,6 +94,21 @@ def summed_over_ranks(values: torch.Tensor) -> list[float]:
     return values.tolist()
 
 
+def rng_states() -> dict:
+    """Python, numpy and torch generator states (a rank's share of an exact resume)."""
+    import random
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(states: dict) -> None:
+    import random
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -248,15 +263,22 @@ class LearnerRank:
                     state.update((name, t.detach().clone()) for name, t in bucket)
         return pack_state(state) if self.rank == 0 else None
 
-    def save_checkpoint(self, directory: str, tag: str) -> None:
-        """DeepSpeed checkpoint (partitioned weights, AdamW and schedule state, step counter); all ranks."""
-        self.engine.save_checkpoint(directory, tag=tag)
+    def save_checkpoint(self, directory: str, tag: str) -> list[str]:
+        """DeepSpeed checkpoint (partitioned weights, AdamW and schedule state, step counter) plus
+        this rank's RNG states; all ranks. Returns the files under ``directory/tag`` (relative)."""
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"rng": rng_states()},
+                                    save_latest=False)
+        folder = os.path.join(directory, tag)
+        return sorted(os.path.relpath(os.path.join(root, f), directory)
+                      for root, _, files in os.walk(folder) for f in files)
 
     def load_checkpoint(self, directory: str, tag: str) -> int:
         """Restore a ``save_checkpoint``; returns the restored version."""
-        path, _ = self.engine.load_checkpoint(directory, tag=tag)
+        path, client = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
+        if client and "rng" in client:
+            restore_rng(client["rng"])
         return self.version()
 
     def save_model(self, directory: str) -> str | None:

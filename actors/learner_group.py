@@ -19,17 +19,20 @@ class LearnerGroup:
     """``world_size`` LearnerRank actors joined in one gloo process group."""
 
     def __init__(self, config: Config, world_size: int = 2, model_path: str | None = None,
-                 num_cpus: float = 1.0, extensions_dir: str | None = None, zero: dict | None = None):
+                 num_cpus: float = 1.0, extensions_dir: str | None = None, zero: dict | None = None,
+                 timeout_s: float | None = None):
         """``extensions_dir``: where DeepSpeed's JIT-compiled CPU ops are cached (default:
-        <cache_dir>/torch_extensions); ``zero``: overrides of the zero_optimization section."""
+        <cache_dir>/torch_extensions); ``zero``: overrides of the zero_optimization section;
+        ``timeout_s`` bounds every blocking call (setup, checkpoints): GetTimeoutError past it."""
+        self.timeout_s = timeout_s
         self.ranks = [LearnerRank.options(num_cpus=num_cpus).remote(config, rank, world_size, model_path,
                                                                      extensions_dir, zero)
                       for rank in range(world_size)]
-        master_addr, master_port = ray.get(self.ranks[0].endpoint.remote())
-        ray.get([r.setup.remote(master_addr, master_port) for r in self.ranks])
+        master_addr, master_port = ray.get(self.ranks[0].endpoint.remote(), timeout=timeout_s)
+        ray.get([r.setup.remote(master_addr, master_port) for r in self.ranks], timeout=timeout_s)
 
     def _all(self, method: str, *args) -> list:
-        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
+        return ray.get([getattr(r, method).remote(*args) for r in self.ranks], timeout=self.timeout_s)
 
     def train_step(self, batch_refs: Sequence[ray.ObjectRef]) -> dict[str, float]:
         """One optimiser step on the rows of all ``batch_refs``; metrics over the whole batch."""
@@ -43,17 +46,18 @@ class LearnerGroup:
     def export_weights(self) -> ray.ObjectRef:
         """Ref of the full weights (``lm.*``, ``projector.*``, ``head.*``) as a PackedState, put once by rank 0's return."""
         refs = [r.export_weights.remote() for r in self.ranks]
-        ray.get(refs[1:])  # the other ranks return None; this surfaces their errors
+        ray.get(refs[1:], timeout=self.timeout_s)  # the other ranks return None; this surfaces their errors
         return refs[0]
 
     def version(self) -> int:
-        return ray.get(self.ranks[0].version.remote())
+        return ray.get(self.ranks[0].version.remote(), timeout=self.timeout_s)
 
-    def save_checkpoint(self, directory: str, tag: str) -> None:
-        self._all("save_checkpoint", directory, tag)
+    def save_checkpoint(self, directory: str, tag: str) -> list[str]:
+        """Every rank saves its shard (and RNG states); the files written, relative to ``directory``."""
+        return sorted({f for files in self._all("save_checkpoint", directory, tag) for f in files})
 
     def load_checkpoint(self, directory: str, tag: str) -> int:
-        """Restore every rank; returns the restored version (step counter)."""
+        """Restore every rank (weights, optimizer, schedule, RNG); returns the restored version."""
         return self._all("load_checkpoint", directory, tag)[0]
 
     def save_model(self, directory: str) -> str:

@@ -10,12 +10,12 @@ from typing import Iterable
 
 import ray
 
-from actors.dispatch import LeastLoaded
+from actors.dispatch import LeastLoaded, SupervisedPool
 from actors.reward import DEFAULT_REF_TOKEN, RewardWorker, check_settings
 from rewards import DEFAULT_PRESET
 
 
-class RewardPool:
+class RewardPool(SupervisedPool):
     """``num_workers`` RewardWorkers with one scoring setting (preset, token, threshold, estimator).
 
     Each batch goes to the worker with the fewest unfinished batches, ties broken in turn,
@@ -32,23 +32,24 @@ class RewardPool:
         threshold: float = 0.5,
         weights=None,
         advantage_estimator: str = "grpo",
+        max_restarts: int = 3,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         check_settings(preset, ref_token, threshold, weights, advantage_estimator)
         self._settings = dict(preset=preset, ref_token=ref_token, threshold=threshold,
                               weights=weights, advantage_estimator=advantage_estimator)
-        self._dispatch = LeastLoaded([RewardWorker.options(num_cpus=num_cpus).remote()
-                                      for _ in range(num_workers)], "reward pool")
+        self._dispatch = LeastLoaded(lambda: RewardWorker.options(num_cpus=num_cpus).remote(), num_workers,
+                                     "reward", max_restarts=max_restarts)
 
     def submit(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
         """Score one batch (pass its ObjectRef); returns the ref of the rewarded batch."""
         return self._dispatch.call("score", batch_ref, **self._settings)
 
+    def dispatch(self, batch_ref: ray.ObjectRef) -> tuple[ray.ObjectRef, str]:
+        """``submit``, also naming the worker (for ``replace`` when the call fails)."""
+        return self._dispatch.dispatch("score", batch_ref, **self._settings)
+
     def map(self, batch_refs: Iterable[ray.ObjectRef]) -> list[ray.ObjectRef]:
         """``submit`` each batch; the refs come back in the input order."""
         return [self.submit(ref) for ref in batch_refs]
-
-    def shutdown(self) -> None:
-        """Kill the workers (their queued batches fail); the pool is unusable after."""
-        self._dispatch.shutdown()

@@ -10,37 +10,39 @@ from typing import Iterable
 
 import ray
 
-from actors.dispatch import LeastLoaded
+from actors.dispatch import LeastLoaded, SupervisedPool
 from actors.rollout import RolloutWorker
 from pipelines.config import Config
 
 
-class RolloutPool:
+class RolloutPool(SupervisedPool):
     """``num_workers`` RolloutWorkers on one model.
 
     A batch goes to the worker with the fewest unfinished batches (ties in turn). A weight
     broadcast queues behind each worker's submitted batches (one actor runs its calls in
     order), so those batches are tagged with the old version and later ones with the new.
+    A replaced worker loads the latest broadcast weights before its first batch.
     """
 
     def __init__(self, config: Config, num_workers: int, *, num_cpus: float = 0.5,
-                 model_path: str | None = None, engine_args: dict | None = None):
+                 model_path: str | None = None, engine_args: dict | None = None, max_restarts: int = 3):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        self._dispatch = LeastLoaded([RolloutWorker.options(num_cpus=num_cpus).remote(config, model_path, engine_args)
-                                      for _ in range(num_workers)], "rollout pool")
+        self._dispatch = LeastLoaded(lambda: RolloutWorker.options(num_cpus=num_cpus).remote(config, model_path,
+                                                                                             engine_args),
+                                     num_workers, "rollout", max_restarts=max_restarts)
 
-    @property
-    def workers(self) -> list:
-        return list(self._dispatch.actors)
-
-    def ready(self) -> None:
-        """Block until every engine has started (raises the first start failure)."""
-        ray.get([w.ping.remote() for w in self._dispatch.actors])
+    def ready(self, timeout_s: float | None = None) -> None:
+        """Block until every engine has started (raises the first start failure, or GetTimeoutError)."""
+        ray.get([w.ping.remote() for w in self._dispatch.actors], timeout=timeout_s)
 
     def submit(self, prompt_ref: ray.ObjectRef, **sampling) -> ray.ObjectRef:
         """Sample groups for one prompt batch (pass its ref); ``sampling`` as ``Rollout.generate``."""
         return self._dispatch.call("generate", prompt_ref, **sampling)
+
+    def dispatch(self, prompt_ref: ray.ObjectRef, **sampling) -> tuple[ray.ObjectRef, str]:
+        """``submit``, also naming the worker (for ``replace`` when the call fails)."""
+        return self._dispatch.dispatch("generate", prompt_ref, **sampling)
 
     def map(self, prompt_refs: Iterable[ray.ObjectRef], **sampling) -> list[ray.ObjectRef]:
         """``submit`` each batch; the refs come back in the input order."""
@@ -48,10 +50,10 @@ class RolloutPool:
 
     def broadcast_weights(self, state_ref: ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
         """Every worker loads the one stored state dict; refs of their timing dicts."""
+        return [ref for ref, _ in self.broadcast_named(state_ref, version)]
+
+    def broadcast_named(self, state_ref: ray.ObjectRef, version: int) -> list[tuple[ray.ObjectRef, str]]:
+        """``broadcast_weights``, each ack with its worker's name (replayed on replacements)."""
         if not isinstance(state_ref, ray.ObjectRef):  # a dict here would be stored once per worker
             raise TypeError("broadcast_weights takes the ObjectRef of ray.put(state), not the state itself")
-        return [w.update_weights.remote(state_ref, version) for w in self._dispatch.actors]
-
-    def shutdown(self) -> None:
-        """Kill the workers (queued batches fail); the pool is unusable after."""
-        self._dispatch.shutdown()
+        return self._dispatch.broadcast("update_weights", state_ref, version)

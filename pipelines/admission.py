@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Collection
+from typing import Callable, Collection
 
 STALE = "stale"
 
@@ -80,6 +80,15 @@ class StalenessController:
         self._training: list[int] = []  # the batch of the step now running
         self._dropped: dict[int, str] = {}
         self._next_id = 0
+        self.on_drop: Callable[[int, str], None] | None = None  # told of every drop (the ledger)
+
+    def resume_at(self, version: int, next_id: int, staleness: dict[int, int], trained: int) -> None:
+        """Continue a run from a checkpoint after ``version`` steps: nothing pending, all synced."""
+        if self._pending or self._next_id or self.learner_version:
+            raise RuntimeError("resume_at needs a fresh controller")
+        self.learner_version = self.rollout_version = version
+        self._next_id, self.trained = next_id, trained
+        self.staleness.update(staleness)
 
     # --- admission -------------------------------------------------------------------
     def capacity(self) -> int:
@@ -228,3 +237,5 @@ class StalenessController:
     def _drop(self, group_id: int, reason: str) -> None:
         del self._pending[group_id]
         self._dropped[group_id] = reason
+        if self.on_drop is not None:
+            self.on_drop(group_id, reason)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
 from pipelines.config import Config, ConfigError, dump_config, load_config
 from pipelines.data.schema import DataError
+from pipelines.ledger import LedgerError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
@@ -109,20 +112,45 @@ def cmd_sft(config: Config, args: argparse.Namespace) -> dict:
     return report
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its newest complete "
+                   "checkpoint (its config.yaml, plus any overrides given)")
+
+
 @command("train", "distributed GRPO on Ray (rollout pool, reference scorer, reward workers, ZeRO-3 learner), "
-         "then eval")
+         "then eval", _train_args)
 def cmd_train(config: Config, args: argparse.Namespace) -> dict:
     from pipelines.evaluate import table_lines
+    from pipelines.ledger import format_summary
     from pipelines.train import train
 
-    summary = train(config)
+    summary = train(config, resume=bool(args.resume))
+    print(format_summary(summary["ledger"]))
     rewards = summary["rewards"]
-    print("\n".join(table_lines({"after GRPO": summary["eval"]})))
+    if summary["eval"]:
+        print("\n".join(table_lines({"after GRPO": summary["eval"]})))
     if rewards:
         k = max(1, len(rewards) // 5)
         print(f"reward: first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f}")
     print(f"model {summary['model']}")
     return summary
+
+
+def _ledger_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a GRPO run folder (train.output)")
+
+
+@command("ledger", "summarise a run's trajectory ledger: samples per state, drops and retries by reason, "
+         "staleness; checks that every sample was trained at most once", _ledger_args)
+def cmd_ledger(config: Config, args: argparse.Namespace) -> None:
+    from pipelines.ledger import format_summary
+    from pipelines.run_checkpoints import run_ledger
+
+    ledger, source, eta = run_ledger(Path(args.run))
+    print(f"{source}")
+    print(format_summary(ledger.summary()))
+    ledger.check(eta)
+    print(f"exactly-once check: passed (staleness bound eta={eta})")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -150,8 +178,6 @@ def _main_args(p: argparse.ArgumentParser) -> None:
 @command("main", "the main job: data, tiny models, features, SAE, SFT warm start, GRPO, eval; prints a report",
          _main_args)
 def cmd_main(config: Config, args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from pipelines import sae_train, sft
     from pipelines.build import cached_step, report_lines, step_params
     from pipelines.evaluate import table_lines
@@ -183,18 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+        p.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG}; with --resume, the run's)")
         add_args(p)
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seed=1")
     return parser
 
 
+def config_source(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(config file, overrides): a resumed run reads its own config and keeps its folder."""
+    resume = getattr(args, "resume", None)
+    if not resume:
+        return args.config or DEFAULT_CONFIG, args.overrides
+    saved = Path(resume) / "config.yaml"
+    if args.config is None and not saved.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no config.yaml there (is it a `segrl train` output folder?)")
+    return args.config or str(saved), [*args.overrides, f"train.output={Path(resume).resolve()}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(*config_source(args))
         COMMANDS[args.command][2](config, args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, LedgerError) as exc:
         print(f"segrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -22,17 +22,27 @@ def flatten(metrics: dict, prefix: str = "") -> dict:
 
 
 class MetricsLog:
-    """Append-only: a resumed run continues the same files and step numbering."""
+    """Append-only: a resumed run continues the same files and step numbering.
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    ``resume_after``: the step a resumed run restarts after; lines of later steps (written
+    before the crash, then rolled back with the weights) are removed, and TensorBoard
+    purges its events of those steps.
+    """
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_after: int | None = None):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.dir / "metrics.jsonl", "a")
+        path = self.dir / "metrics.jsonl"
+        if resume_after is not None and path.exists():
+            kept = [row for row in read_metrics(self.dir) if row["step"] <= resume_after]
+            path.write_text("".join(json.dumps(row, default=float) + "\n" for row in kept))
+        self.jsonl = open(path, "a")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+            purge = None if resume_after is None else resume_after + 1
+            self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict) -> dict:
         flat = flatten(metrics)
@@ -51,5 +61,12 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of metrics.jsonl; a torn last line (the run was killed mid-write) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

@@ -43,14 +43,20 @@ def prompt_rows(split_file: str | Path, tokenizer, store: FeatureStore, sam_img_
 
 
 class PromptStream:
-    """Endless shuffled epochs over prompt rows; `next_batch(n)` -> a prompt RecordBatch.
+    """Endless shuffled epochs over prompt rows; ``take(n)`` -> (prompt RecordBatch, sample keys).
 
-    The cursor (epoch, position) is small state, so a run can resume where it stopped.
+    A sample key ``e<epoch>:<row>`` names one visit of one row, which the trajectory
+    ledger follows. Keys handed back with ``requeue`` (their work was lost) come out
+    again first. The cursor (epoch, position, requeued keys) is small state, so a run
+    can resume where it stopped.
     """
 
     def __init__(self, rows: list[dict], seed: int):
+        if not rows:
+            raise ValueError("no prompt rows: the training split is empty")
         self.rows, self.seed = rows, seed
         self.epoch, self.position = 0, 0
+        self.requeued: list[str] = []
         self._order = self._shuffled(0)
 
     def _shuffled(self, epoch: int) -> list[int]:
@@ -58,19 +64,28 @@ class PromptStream:
         random.Random(self.seed * 100003 + epoch).shuffle(order)
         return order
 
-    def next_batch(self, n: int) -> pa.RecordBatch:
-        picked = []
-        while len(picked) < n:
+    def take(self, n: int) -> tuple[pa.RecordBatch, list[str]]:
+        keys = self.requeued[:n]
+        self.requeued = self.requeued[n:]
+        while len(keys) < n:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._shuffled(self.epoch)
-            picked.append(self.rows[self._order[self.position]])
+            keys.append(f"e{self.epoch}:{self._order[self.position]}")
             self.position += 1
-        return make_prompt_batch(picked)
+        return make_prompt_batch([self.rows[int(key.split(":")[1])] for key in keys]), keys
+
+    def next_batch(self, n: int) -> pa.RecordBatch:
+        return self.take(n)[0]
+
+    def requeue(self, keys: list[str]) -> None:
+        """Give ``keys`` out again before any new sample (in this order)."""
+        self.requeued = list(keys) + self.requeued
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "requeued": list(self.requeued)}
 
     def restore(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
+        self.requeued = list(state.get("requeued", []))
         self._order = self._shuffled(self.epoch)

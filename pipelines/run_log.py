@@ -1,12 +1,14 @@
 """What a GRPO run records per step: metrics (JSONL + TensorBoard), a progress bar, checkpoints."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
+from pipelines.ledger import Ledger
 from pipelines.metrics_log import MetricsLog
+from pipelines.run_checkpoints import save_run_checkpoint
 from pipelines.scheduler import StepRecord
 
 
@@ -26,6 +28,7 @@ def step_metrics(record: StepRecord, phases: dict) -> dict:
         "grad_norm": learner.get("grad_norm"),
         "lr": learner.get("lr"),
         "staleness": {str(k): v for k, v in sorted(record.staleness.items())},
+        "faults": {k: record.faults.get(k, 0) for k in ("actor_failures", "restarts", "retries", "stalls", "resumes")},
         "time": {"learn_s": record.learn_s, "learner_wait_s": record.wait_s,
                  "tokens_per_s": learner.get("tokens", 0) / max(record.learn_s, 1e-9)},
         "busy_fraction": {name: p["busy_fraction"] for name, p in phases.items() if "busy_fraction" in p},
@@ -33,13 +36,19 @@ def step_metrics(record: StepRecord, phases: dict) -> dict:
 
 
 class RunLog:
-    """The scheduler's `on_step`: log, show progress, checkpoint every N steps."""
+    """The scheduler's `on_step`: log, show progress, checkpoint every N steps.
 
-    def __init__(self, run_dir: Path, total_steps: int, checkpoint_every: int, learner, prompts, timer):
-        self.dir, self.every = run_dir, checkpoint_every
-        self.metrics = MetricsLog(run_dir)
-        self.bar = tqdm(total=total_steps, desc="grpo", unit="step")
-        self.learner, self.prompts, self.timer = learner, prompts, timer
+    ``snapshot()`` -> (driver state, ledger) at this instant: taken between two learner
+    steps, so it agrees with the learner checkpoint saved beside it. ``start_step``: the
+    steps a resumed run had already trained.
+    """
+
+    def __init__(self, run_dir: Path, total_steps: int, checkpoint_every: int, keep_checkpoints: int, learner,
+                 snapshot: Callable[[], tuple[dict, Ledger]], timer, start_step: int = 0):
+        self.dir, self.every, self.keep = run_dir, checkpoint_every, keep_checkpoints
+        self.metrics = MetricsLog(run_dir, resume_after=start_step if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step")
+        self.learner, self.snapshot, self.timer = learner, snapshot, timer
         self.rewards: list[float] = []
 
     def __call__(self, record: StepRecord) -> None:
@@ -52,10 +61,11 @@ class RunLog:
             self.checkpoint(record.step + 1)
 
     def checkpoint(self, step: int) -> None:
-        """Learner state (weights, optimizer, schedule) + the data cursor, tagged by step."""
+        """Learner state (weights, optimizer, schedule, RNG) + driver state + ledger, as ``step<step>``."""
         folder = self.dir / "checkpoints"
-        self.learner.save_checkpoint(str(folder), f"step{step}")
-        (folder / f"step{step}.json").write_text(json.dumps({"step": step, "prompts": self.prompts.state()}))
+        files = self.learner.save_checkpoint(str(folder), f"step{step}")
+        state, ledger = self.snapshot()
+        save_run_checkpoint(folder, step, files, state, ledger, self.keep)
 
     def close(self) -> None:
         self.bar.close()

@@ -414,6 +414,15 @@ class SimStages:
         return [self.pool.update_weights.remote(weights, version),
                 self.scorer.update_weights.remote(weights, version)]
 
+    def requeue(self, samples: list[str]) -> None:
+        raise RuntimeError(f"simulated stages never fail, yet {samples} were handed back")
+
+    def recover(self, worker: str) -> bool:
+        return False
+
+    def kill(self, worker: str) -> None:
+        raise RuntimeError(f"simulated stages never stall, yet {worker} was reported")
+
     def pool_stats(self) -> dict:
         return ray.get(self.pool.stats.remote(), timeout=60)
 

@@ -15,6 +15,7 @@ from pipelines.prompts import PromptStream
 from pipelines.scheduler import Handoff
 from pipelines.trajectory import attach_rewards
 
+LEARNER = "learner"  # the learner group's name as a Handoff worker
 LEARNER_DROPS = ("mask_probs", "confidences", "text")  # the learner needs tokens, logprobs, GT, advantages
 
 
@@ -51,28 +52,50 @@ def learner_batch(scored: pa.RecordBatch, rewarded: pa.RecordBatch) -> tuple[pa.
 
 
 class ActorStages:
-    """Prompts come from the driver's `PromptStream` (small rows); everything else stays in actors."""
+    """Prompts come from the driver's `PromptStream` (small rows); everything else stays in actors.
 
-    def __init__(self, prompts: PromptStream, rollout_pool, scorer, reward_pool, learner):
-        self.prompts, self.pool, self.scorer = prompts, rollout_pool, scorer
+    Each call names the actor that runs it; ``recover`` replaces a failed one in its pool
+    (rollout, scorer, reward), ``kill`` ends a stalled one (the learner: the whole group).
+    """
+
+    def __init__(self, prompts: PromptStream, rollout_pool, scorer_pool, reward_pool, learner):
+        self.prompts, self.pool, self.scorer = prompts, rollout_pool, scorer_pool
         self.rewards, self.learner = reward_pool, learner
 
     def rollout(self, group_ids: list[int]) -> Handoff:
-        data = self.pool.submit(ray.put(self.prompts.next_batch(len(group_ids))))
-        return Handoff(data, rollout_meta.remote(data))
+        batch, samples = self.prompts.take(len(group_ids))
+        data, worker = self.pool.dispatch(ray.put(batch))
+        return Handoff(data, rollout_meta.remote(data), worker, tuple(samples))
 
     def score(self, data: ray.ObjectRef) -> Handoff:
-        scored = self.scorer.score.remote(data)
-        return Handoff(scored, scored_meta.remote(scored))
+        scored, worker = self.scorer.dispatch(data)
+        return Handoff(scored, scored_meta.remote(scored), worker)
 
     def reward(self, data: ray.ObjectRef) -> Handoff:
-        batch, meta = learner_batch.remote(data, self.rewards.submit(data))
-        return Handoff(batch, meta)
+        rewarded, worker = self.rewards.dispatch(data)
+        batch, meta = learner_batch.remote(data, rewarded)
+        return Handoff(batch, meta, worker)
 
     def learn(self, step: int, data: list[ray.ObjectRef]) -> Handoff:
         metrics = [rank.train_step.remote(list(data)) for rank in self.learner.ranks]
         weights = [rank.export_weights.remote() for rank in self.learner.ranks]
-        return Handoff(weights[0], metrics[0])
+        return Handoff(weights[0], metrics[0], LEARNER, watch=tuple(metrics[1:]))
 
-    def sync(self, weights: ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
-        return self.pool.broadcast_weights(weights, version) + [self.scorer.update_weights.remote(weights, version)]
+    def sync(self, weights: ray.ObjectRef, version: int) -> list[tuple[ray.ObjectRef, str]]:
+        return self.pool.broadcast_named(weights, version) + self.scorer.broadcast_named(weights, version)
+
+    def requeue(self, samples: list[str]) -> None:
+        self.prompts.requeue(samples)
+
+    def recover(self, worker: str) -> bool:
+        pool = self._pool_of(worker)
+        return pool is not None and pool.replace(worker)
+
+    def kill(self, worker: str) -> None:
+        if worker == LEARNER:
+            self.learner.shutdown()
+        elif (pool := self._pool_of(worker)) is not None:
+            pool.kill(worker)
+
+    def _pool_of(self, worker: str):
+        return next((p for p in (self.pool, self.scorer, self.rewards) if p.owns(worker)), None)

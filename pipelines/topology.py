@@ -11,7 +11,7 @@ from pipelines.config import Config
 @dataclass
 class Topology:
     pool: object  # actors.rollout_pool.RolloutPool
-    scorer: object  # actors.reference.ReferenceScorer handle
+    scorer: object  # actors.scorer_pool.ScorerPool
     rewards: object  # actors.reward_pool.RewardPool
     learner: object  # actors.learner_group.LearnerGroup
 
@@ -20,25 +20,31 @@ class Topology:
         self.pool.shutdown()
         self.rewards.shutdown()
         self.learner.shutdown()
-        ray.kill(self.scorer)
+        self.scorer.shutdown()
+
+    def restarts(self) -> int:
+        """Actors replaced after failures, over all pools."""
+        return self.pool.restarts + self.scorer.restarts + self.rewards.restarts
 
 
 def start_actors(config: Config, model_path: str) -> Topology:
     from actors.learner_group import LearnerGroup
-    from actors.reference import ReferenceScorer
     from actors.reward_pool import RewardPool
     from actors.rollout_pool import RolloutPool
+    from actors.scorer_pool import ScorerPool
 
     c = config.cluster
     engine = {"tensor_parallel_size": config.rollout.tensor_parallel_size} if config.rollout.tensor_parallel_size > 1 else {}
     pool = RolloutPool(config, c.rollout_actors, num_cpus=c.rollout.num_cpus, model_path=model_path,
-                       engine_args=engine)
-    scorer = ReferenceScorer.options(num_cpus=c.scorer.num_cpus, num_gpus=c.scorer.num_gpus).remote(
-        config, model_path, keep_versions=config.train.staleness + 2)
+                       engine_args=engine, max_restarts=c.max_actor_restarts)
+    scorer = ScorerPool(config, model_path, num_cpus=c.scorer.num_cpus, num_gpus=c.scorer.num_gpus,
+                        keep_versions=config.train.staleness + 2, max_restarts=c.max_actor_restarts)
     rewards = RewardPool(c.reward_workers, num_cpus=c.reward.num_cpus, preset=config.reward.preset,
                          ref_token=config.model.ref_token, threshold=config.reward.confidence_threshold,
-                         weights=tuple(config.reward.weights), advantage_estimator=config.grpo.advantage_estimator)
-    learner = LearnerGroup(config, c.learner_world_size, model_path, num_cpus=c.learner.num_cpus)
-    pool.ready()
-    ray.get(scorer.versions.remote())
+                         weights=tuple(config.reward.weights), advantage_estimator=config.grpo.advantage_estimator,
+                         max_restarts=c.max_actor_restarts)
+    learner = LearnerGroup(config, c.learner_world_size, model_path, num_cpus=c.learner.num_cpus,
+                           timeout_s=c.start_timeout_s)
+    pool.ready(c.start_timeout_s)
+    scorer.ready(c.start_timeout_s)
     return Topology(pool, scorer, rewards, learner)

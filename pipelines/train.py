@@ -1,9 +1,11 @@
 """`segrl train` (also `python -m pipelines.train`): distributed GRPO, then evaluation.
 
 Top-down: join or start a Ray cluster, build the prompt stream, start the four
-actor kinds, let the asynchronous scheduler run the steps under the staleness
-bound, save the final model, evaluate it. The driver holds ObjectRefs and
-small metadata only.
+actor kinds, restore the newest complete checkpoint when resuming, let the
+asynchronous scheduler run the steps under the staleness bound, save the final
+model, evaluate it. A learner failure ends the attempt and the run resumes from
+its last checkpoint (``train.max_learner_restarts`` times). The driver holds
+ObjectRefs and small metadata only.
 """
 from __future__ import annotations
 
@@ -19,43 +21,71 @@ from models.sam import sam_image_size
 from models.encoders import sam_checkpoint
 from pipelines.admission import StalenessController
 from pipelines.config import Config, dump_config, load_config
+from pipelines.ledger import Ledger
 from pipelines.precompute import feature_store
 from pipelines.prompts import PromptStream, prompt_rows
+from pipelines.resume import restore
+from pipelines.run_checkpoints import latest_checkpoint
 from pipelines.run_log import RunLog
-from pipelines.scheduler import Scheduler
+from pipelines.scheduler import LearnerFailure, Scheduler
 from pipelines.stages import ActorStages
 from pipelines.topology import start_actors
 
 
-def train(config: Config) -> dict:
+def train(config: Config, resume: bool = False) -> dict:
     connect(config.cluster.address)
     run_dir = Path(config.resolve_path(config.train.output))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
-    model_path = config.resolve_path(config.train.init_from)
-    prompts = PromptStream(load_prompts(config, model_path, config.data.train_split), config.seed)
-
-    actors = start_actors(config, model_path)
-    controller = StalenessController(config.train.staleness, config.grpo.prompts_per_step, config.train.max_in_flight)
-    scheduler = Scheduler(ActorStages(prompts, actors.pool, actors.scorer, actors.rewards, actors.learner),
-                          controller, groups_per_call=config.train.groups_per_call,
-                          straggler_timeout_s=config.train.straggler_timeout_s)
-    log = RunLog(run_dir, config.train.steps, config.train.checkpoint_every, actors.learner, prompts,
-                 scheduler.timer)
-    scheduler.on_step = log
-    try:
-        report = scheduler.run(config.train.steps)
-        final = actors.learner.save_model(str(run_dir / "model"))
-    finally:
-        log.close()
-        actors.stop()
+    for attempt in range(config.train.max_learner_restarts + 1):
+        try:
+            final, log, report, ledger = run_grpo(config, run_dir, resume or attempt > 0)
+            break
+        except LearnerFailure as exc:
+            if attempt == config.train.max_learner_restarts:
+                raise
+            print(f"[segrl] {exc}; resuming from the last checkpoint "
+                  f"(automatic resume {attempt + 1} of {config.train.max_learner_restarts})", flush=True)
     scorer = config.cluster.scorer  # the actors are gone: evaluation takes the scorer's place
     evaluation = ray.get(evaluate_checkpoint.options(num_cpus=scorer.num_cpus, num_gpus=scorer.num_gpus)
-                         .remote(config, final, config.train.eval_samples))
+                         .remote(config, final, config.train.eval_samples)) if config.train.eval_samples else None
     summary = {"model": final, "eval": evaluation, "rewards": log.rewards, "admission": report.admission,
-               "phases": report.phases, "wall_s": report.wall_s}
+               "ledger": ledger.summary(), "phases": report.phases, "wall_s": report.wall_s}
     (run_dir / "report.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def run_grpo(config: Config, run_dir: Path, resume: bool):
+    """One attempt: (final model folder, RunLog, RunReport, ledger); LearnerFailure ends it early."""
+    model_path = config.resolve_path(config.train.init_from)
+    prompts = PromptStream(load_prompts(config, model_path, config.data.train_split), config.seed)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and checkpoint is None:
+        print(f"[segrl] no complete checkpoint in {run_dir / 'checkpoints'}: starting from step 0", flush=True)
+    actors = start_actors(config, model_path)
+    try:
+        controller = StalenessController(config.train.staleness, config.grpo.prompts_per_step,
+                                         config.train.max_in_flight)
+        ledger, faults = restore(checkpoint, actors, prompts, controller) if checkpoint else (Ledger(), {})
+        scheduler = Scheduler(ActorStages(prompts, actors.pool, actors.scorer, actors.rewards, actors.learner),
+                              controller, groups_per_call=config.train.groups_per_call,
+                              straggler_timeout_s=config.train.straggler_timeout_s, ledger=ledger,
+                              max_retries=config.train.max_retries, stall_timeout_s=config.train.stall_timeout_s)
+        scheduler.faults.update(faults)
+        scheduler.faults["resumes"] = faults.get("resumes", 0) + (checkpoint is not None)
+        snapshot = lambda: ({"prompts": prompts.state(), "faults": dict(scheduler.faults)}, ledger)  # noqa: E731
+        log = RunLog(run_dir, config.train.steps, config.train.checkpoint_every, config.train.keep_checkpoints,
+                     actors.learner, snapshot, scheduler.timer, controller.learner_version)
+        scheduler.on_step = log
+        try:
+            report = scheduler.run(config.train.steps - controller.learner_version)
+            final = actors.learner.save_model(str(run_dir / "model"))
+        finally:
+            log.close()
+        ledger.save(run_dir / "ledger.json")
+    finally:
+        actors.stop()
+    return final, log, report, ledger
 
 
 def load_prompts(config: Config, model_path: str, split: str) -> list[dict]:

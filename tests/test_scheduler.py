@@ -62,11 +62,12 @@ class SimulatedStage:
 
 
 class SimStages:
-    """The ``Stages`` protocol over four simulated actors."""
+    """The ``Stages`` protocol over four simulated actors; samples are keys ``s0, s1, ...``."""
 
     def __init__(self):
         self.pool = SimulatedStage.options(max_concurrency=4).remote()
         self.scorer, self.rewarder, self.learner = (SimulatedStage.remote() for _ in range(3))
+        self.requeued, self.next_sample = [], 0
 
     def configure(self, rollout_s, score_s, reward_s, learn_s, **pool):
         ray.get([self.pool.configure.remote(rollout_s, **pool),
@@ -75,7 +76,21 @@ class SimStages:
                  self.learner.configure.remote(learn_s)])
 
     def rollout(self, group_ids):
-        return Handoff(*self.pool.rollout.remote(group_ids))
+        samples = self.requeued[:len(group_ids)]
+        self.requeued = self.requeued[len(group_ids):]
+        while len(samples) < len(group_ids):
+            samples.append(f"s{self.next_sample}")
+            self.next_sample += 1
+        return Handoff(*self.pool.rollout.remote(group_ids), worker="pool", samples=tuple(samples))
+
+    def requeue(self, samples):
+        self.requeued = list(samples) + self.requeued
+
+    def recover(self, worker):
+        return False
+
+    def kill(self, worker):
+        raise AssertionError(f"no stall expected, {worker} was reported")
 
     def score(self, data):
         return Handoff(*self.scorer.process.remote(data))
@@ -112,6 +127,7 @@ def run(stages, eta, steps=STEPS, straggler_timeout_s=None, **pool):
         fetched.append(out)
         return out
 
+    stages.requeued, stages.next_sample = [], 0
     controller = StalenessController(eta=eta, batch_size=BATCH)
     scheduler = Scheduler(stages, controller, groups_per_call=PER_CALL, poll_s=0.01,
                           straggler_timeout_s=straggler_timeout_s, on_step=records.append)
@@ -181,16 +197,20 @@ def test_trains_exactly_the_admitted_groups(sync_and_async, eta):
     assert [record.groups for record in report.steps] == [BATCH] * STEPS
 
 
-def test_stragglers_and_failures_are_dropped_never_trained(stages):
+def test_stragglers_are_dropped_and_failures_retried_never_trained_twice(stages):
     report, scheduler, fetched, trained = run(
         stages, eta=1, straggler_timeout_s=0.4, slow={6: 1.5}, fail={12})
-    ctl, stats = scheduler.controller, report.admission
+    ctl, stats, ledger = scheduler.controller, report.admission, scheduler.ledger
     dropped = {g for g in range(stats["admitted"]) if ctl.drop_reason(g)}
     assert {ctl.drop_reason(g) for g in (6, 7)} == {STALE}
-    assert ctl.drop_reason(12).startswith("rollout: ") and ctl.drop_reason(13)
+    assert [ledger.state(g) for g in (6, 7)] == ["dropped", "dropped"]
+    assert [ledger.state(g) for g in (12, 13)] == ["requeued", "requeued"]
+    retried = [ledger.sample(g) for g in (12, 13)]
+    assert all(ledger.attempts(sample) == 2 for sample in retried)  # admitted again under new ids
     assert dropped == {6, 7, 12, 13}
-    assert sorted(trained) == sorted(set(range(stats["admitted"])) - dropped)
-    assert stats["trained"] == stats["admitted"] - stats["dropped"] == STEPS * BATCH
+    assert sorted(trained) == sorted(set(range(stats["admitted"])) - dropped - set(ledger.open_groups()))
+    assert stats["trained"] == STEPS * BATCH and report.steps[-1].faults["retries"] == 2
+    ledger.check(eta=1, batch_size=BATCH)
     assert max(stats["staleness"]) <= 1
     assert all(isinstance(meta, dict) for meta in fetched)
 

@@ -15,20 +15,13 @@ import torch
 from pipelines.metrics_log import read_metrics
 from pipelines.train import train
 from pipelines.weight_transport import PackedState
+from tests_support import tiny_grpo_config
 
 
 @pytest.fixture(scope="module")
 def run(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory, request):
-    config = tiny_workspace["config"].model_copy(deep=True)
     out = tmp_path_factory.mktemp("grpo")
-    config.train.steps, config.train.checkpoint_every, config.train.eval_samples = 3, 2, 4
-    config.train.staleness, config.train.groups_per_call = 1, 1
-    config.train.init_from = tiny_workspace["tiny"]["path"]
-    config.train.output = str(out)
-    config.grpo.prompts_per_step, config.rollout.group_size = 2, 4
-    config.data.max_response_length = 48
-    for kind in (config.cluster.rollout, config.cluster.learner, config.cluster.scorer, config.cluster.reward):
-        kind.num_cpus = 0.1  # fit beside whatever other test modules left on the 2-CPU cluster
+    config = tiny_grpo_config(tiny_workspace, out, steps=3, checkpoint_every=2)
 
     fetched = []
     real_get = ray.get
@@ -62,8 +55,10 @@ def test_model_checkpoint_and_eval(run):
     config, out, summary, _ = run
     model = Path(summary["model"])
     assert (model / "model.safetensors").is_file() and (model / "head" / "model.safetensors").is_file()
-    assert (out / "checkpoints" / "step2.json").is_file()
-    assert json.loads((out / "checkpoints" / "step2.json").read_text())["step"] == 2
+    state = json.loads((out / "checkpoints" / "step2.state.json").read_text())
+    assert state["step"] == 2 and state["prompts"]["epoch"] == 0
+    assert (out / "checkpoints" / "step2.manifest.json").is_file() and (out / "ledger.json").is_file()
+    assert summary["ledger"]["trained_samples"] == 3 * config.grpo.prompts_per_step
     assert summary["eval"]["count"] == 4 and 0.0 <= summary["eval"]["giou"] <= 1.0
     from safetensors.torch import load_file
 

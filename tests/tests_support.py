@@ -7,3 +7,18 @@ def overrides_for(config: Config) -> list[str]:
     s = config.data.synthetic
     return [f"paths.work_dir={config.paths.work_dir}", f"data.synthetic.n_train={s.n_train}",
             f"data.synthetic.n_val={s.n_val}", f"data.synthetic.n_test={s.n_test}"]
+
+
+def tiny_grpo_config(workspace: dict, out, steps: int, checkpoint_every: int) -> Config:
+    """The tiny workspace's config as a short GRPO run into ``out``: 2 prompts x 4 a step, eta 1,
+    actors at 0.1 CPU so they fit beside whatever other test modules left on the 2-CPU cluster."""
+    config = workspace["config"].model_copy(deep=True)
+    config.train.steps, config.train.checkpoint_every, config.train.eval_samples = steps, checkpoint_every, 4
+    config.train.staleness, config.train.groups_per_call = 1, 1
+    config.train.init_from = workspace["tiny"]["path"]
+    config.train.output = str(out)
+    config.grpo.prompts_per_step, config.rollout.group_size = 2, 4
+    config.data.max_response_length = 48
+    for kind in (config.cluster.rollout, config.cluster.learner, config.cluster.scorer, config.cluster.reward):
+        kind.num_cpus = 0.1
+    return config

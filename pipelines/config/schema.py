@@ -290,10 +290,17 @@ class TrainConfig(Section):
     groups_per_call: PositiveInt = Field(2, description="prompts per rollout call (must divide grpo.prompts_per_step)")
     max_in_flight: PositiveInt | None = Field(None, description="backpressure: groups admitted but not yet trained")
     straggler_timeout_s: float | None = Field(None, gt=0)
+    stall_timeout_s: float | None = Field(600.0, gt=0, description="watchdog: replace an actor with work and no "
+                                          "progress for this long (None: never)")
+    max_retries: int = Field(2, ge=0, description="a sample whose stage call failed is re-queued this many times, "
+                             "then dropped with the reason")
+    max_learner_restarts: int = Field(2, ge=0, description="automatic resumes from the last checkpoint after a "
+                                      "learner failure")
     checkpoint_every: PositiveInt = 10
+    keep_checkpoints: int = Field(3, ge=2, description="complete checkpoints kept (the newest may be torn by a crash)")
     init_from: str = Field("{runs_dir}/sft/model", description="model folder GRPO starts from (and its reference)")
     output: str = "{runs_dir}/grpo"
-    eval_samples: PositiveInt = 64
+    eval_samples: int = Field(64, ge=0, description="val samples evaluated after training (0: skip)")
 
 
 class ActorResources(Section):
@@ -312,6 +319,8 @@ class ClusterConfig(Section):
     reward_workers: PositiveInt = 1
     reward: ActorResources = ActorResources(num_cpus=0.25)
     scorer: ActorResources = ActorResources(num_cpus=0.25)
+    max_actor_restarts: int = Field(3, ge=0, description="replacements of failed rollout/scorer/reward actors, per pool")
+    start_timeout_s: float = Field(900.0, gt=0, description="longest wait for actors to start (engines, learner group)")
 
 
 class RewardConfig(Section):

@@ -1,0 +1,528 @@
+"""The trajectory ledger: transitions, the exactly-once check, persistence, random runs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pipelines.ledger import (
+    ADMITTED,
+    DROPPED,
+    GENERATED,
+    REQUEUED,
+    REWARDED,
+    SCORED,
+    STATES,
+    TRAINED,
+    Ledger,
+    LedgerCorruptError,
+    LedgerError,
+    format_summary,
+)
+
+
+def train(ledger: Ledger, group_id: int, sample: str, version: int, step: int) -> None:
+    """Admit a group and take it all the way to trained."""
+    ledger.admitted(group_id, sample)
+    ledger.generated(group_id, version)
+    ledger.scored(group_id)
+    ledger.rewarded(group_id)
+    ledger.trained(group_id, step)
+
+
+def document(rows: list) -> dict:
+    """A ledger document with a valid checksum over ``rows`` (canonical compact JSON)."""
+    digest = hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+    return {"format": 1, "entries": rows, "sha256": digest}
+
+
+def small_run() -> Ledger:
+    """Two steps of batch 2, one drop, one requeue whose sample trains later, one open."""
+    ledger = Ledger()
+    train(ledger, 0, "e0:0", version=0, step=0)
+    train(ledger, 1, "e0:1", version=0, step=0)
+    ledger.admitted(2, "e0:2")
+    ledger.requeued(2, "actor died")
+    ledger.admitted(3, "e0:3")
+    ledger.generated(3, 0)
+    ledger.dropped(3, "stale")
+    train(ledger, 4, "e0:4", version=0, step=1)
+    train(ledger, 5, "e0:2", version=1, step=1)
+    ledger.admitted(6, "e0:5")
+    ledger.generated(6, 1)
+    return ledger
+
+
+def test_life_cycle_and_summary():
+    ledger = Ledger()
+    ledger.admitted(0, "e0:17")
+    assert ledger.state(0) == ADMITTED and ledger.open_groups() == [0]
+    ledger.generated(0, 3)
+    assert ledger.state(0) == GENERATED
+    ledger.scored(0)
+    assert ledger.state(0) == SCORED
+    ledger.rewarded(0)
+    assert ledger.state(0) == REWARDED
+    ledger.trained(0, 4)
+    assert ledger.state(0) == TRAINED and ledger.open_groups() == []
+    assert ledger.attempts("e0:17") == 1 and ledger.attempts("e0:99") == 0
+    assert ledger.next_group_id() == 1
+    ledger.check(eta=1)
+    with pytest.raises(LedgerError, match="staleness 1"):
+        ledger.check(eta=0)
+
+    run = small_run()
+    assert [run.state(i) for i in range(7)] == [
+        TRAINED, TRAINED, REQUEUED, DROPPED, TRAINED, TRAINED, GENERATED,
+    ]
+    assert run.attempts("e0:2") == 2 and run.attempts("e0:5") == 1
+    assert run.open_groups() == [6] and run.next_group_id() == 7
+    run.check(eta=1, batch_size=2)
+    assert run.summary() == {
+        "groups": 7,
+        "states": {
+            ADMITTED: 0, GENERATED: 1, SCORED: 0, REWARDED: 0, TRAINED: 4, DROPPED: 1, REQUEUED: 1,
+        },
+        "samples": 6,
+        "trained_samples": 4,
+        "retried_samples": 1,
+        "steps": 2,
+        "dropped_by_reason": {"stale": 1},
+        "requeued_by_reason": {"actor died": 1},
+        "staleness": {"0": 3, "1": 1},
+    }
+    json.dumps(run.summary())  # JSON-able as it stands
+
+
+def test_empty_ledger():
+    ledger = Ledger()
+    assert ledger.next_group_id() == 0 and ledger.open_groups() == []
+    ledger.check(eta=0, batch_size=4)
+    summary = ledger.summary()
+    assert summary["groups"] == 0 and set(summary["states"]) == set(STATES)
+    assert summary["staleness"] == {} and summary["steps"] == 0
+    assert ledger.interrupt_open("resume") == []
+    with pytest.raises(ValueError, match="eta >= 0"):
+        ledger.check(eta=-1)
+
+
+def _admitted(ledger: Ledger) -> None:
+    ledger.admitted(3, "e1:8")
+
+
+def _trained(ledger: Ledger) -> None:
+    train(ledger, 3, "e1:8", version=0, step=0)
+
+
+def _dropped(ledger: Ledger) -> None:
+    _admitted(ledger)
+    ledger.dropped(3, "bad data")
+
+
+def _requeued(ledger: Ledger) -> None:
+    _admitted(ledger)
+    ledger.requeued(3, "resume")
+
+
+@pytest.mark.parametrize(
+    "setup, action, state, target",
+    [
+        (_admitted, lambda lg: lg.scored(3), ADMITTED, SCORED),  # skips generated
+        (_admitted, lambda lg: lg.trained(3, 0), ADMITTED, TRAINED),
+        (_admitted, lambda lg: lg.admitted(3, "e1:9"), ADMITTED, ADMITTED),  # id reused
+        (_trained, lambda lg: lg.dropped(3, "late"), TRAINED, DROPPED),
+        (_trained, lambda lg: lg.requeued(3, "late"), TRAINED, REQUEUED),
+        (_trained, lambda lg: lg.trained(3, 1), TRAINED, TRAINED),
+        (_dropped, lambda lg: lg.generated(3, 0), DROPPED, GENERATED),
+        (_dropped, lambda lg: lg.requeued(3, "again"), DROPPED, REQUEUED),
+        (_requeued, lambda lg: lg.generated(3, 0), REQUEUED, GENERATED),
+        (_requeued, lambda lg: lg.dropped(3, "again"), REQUEUED, DROPPED),
+    ],
+)
+def test_illegal_transitions_name_group_sample_state_and_target(setup, action, state, target):
+    ledger = Ledger()
+    setup(ledger)
+    with pytest.raises(LedgerError) as err:
+        action(ledger)
+    message = str(err.value)
+    assert "group 3" in message and "'e1:8'" in message
+    assert f"state {state}" in message and f"to {target}" in message
+    assert ledger.state(3) == state  # a refused transition changes nothing
+
+
+def test_unknown_group_is_refused():
+    ledger = Ledger()
+    for action in (
+        lambda: ledger.generated(42, 0),
+        lambda: ledger.dropped(42, "x"),
+        lambda: ledger.requeued(42, "x"),
+        lambda: ledger.state(42),
+    ):
+        with pytest.raises(LedgerError, match="group 42 .*never admitted"):
+            action()
+    assert issubclass(LedgerError, ValueError)
+
+
+def test_check_catches_a_sample_trained_twice():
+    ledger = Ledger()
+    train(ledger, 0, "e0:1", version=0, step=0)
+    train(ledger, 1, "e0:1", version=1, step=1)  # the transitions alone allow this
+    with pytest.raises(LedgerError) as err:
+        ledger.check(eta=1)
+    message = str(err.value)
+    assert "sample 'e0:1' trained 2 times (groups [0, 1])" in message
+    assert "group 1 was admitted after group 0, which is trained" in message
+
+
+@pytest.mark.parametrize("first_end", [TRAINED, DROPPED, None])
+def test_check_catches_a_group_after_a_final_or_open_one(first_end):
+    ledger = Ledger()
+    ledger.admitted(0, "e0:5")
+    if first_end == TRAINED:
+        ledger.generated(0, 0)
+        ledger.scored(0)
+        ledger.rewarded(0)
+        ledger.trained(0, 0)
+    elif first_end == DROPPED:
+        ledger.dropped(0, "bad data")
+    ledger.admitted(1, "e0:5")  # still open: admitted again while group 0 is not requeued
+    expected = f"group 1 was admitted after group 0, which is {first_end or ADMITTED}"
+    with pytest.raises(LedgerError, match=expected):
+        ledger.check(eta=0)
+    ledger.requeued(1, "resume")  # the later group ending does not repair the order
+    with pytest.raises(LedgerError, match="after group 0"):
+        ledger.check(eta=0)
+
+
+def test_check_accepts_requeues_before_the_final_group():
+    ledger = Ledger()
+    for group_id in range(3):
+        ledger.admitted(group_id, "e0:5")
+        ledger.requeued(group_id, "actor died")
+    ledger.admitted(3, "e0:5")
+    ledger.check(eta=0)
+    ledger.dropped(3, "rollout: actor failure beyond 3 retries")
+    ledger.check(eta=0)
+    assert ledger.attempts("e0:5") == 4
+
+
+def test_check_catches_staleness_beyond_eta_and_from_the_future():
+    ledger = Ledger()
+    train(ledger, 0, "e0:0", version=0, step=3)
+    train(ledger, 1, "e0:1", version=5, step=4)  # generated with weights the step never had
+    with pytest.raises(LedgerError) as err:
+        ledger.check(eta=2)
+    message = str(err.value)
+    assert "2 violation(s)" in message
+    assert "group 0 (sample 'e0:0'): staleness 3 (step 3 - version 0) is outside [0, 2]" in message
+    assert "group 1 (sample 'e0:1'): staleness -1" in message
+    with pytest.raises(LedgerError, match="1 violation"):
+        ledger.check(eta=3)
+
+
+def test_check_catches_batch_size_mismatch_and_skipped_steps():
+    ledger = Ledger()
+    train(ledger, 0, "e0:0", version=0, step=0)
+    train(ledger, 1, "e0:1", version=0, step=0)
+    train(ledger, 2, "e0:2", version=1, step=1)
+    ledger.check(eta=0)  # fine without a batch size
+    with pytest.raises(LedgerError, match="step 1 trained 1 groups, not the batch size 2"):
+        ledger.check(eta=0, batch_size=2)
+    ledger.check(eta=1, batch_size=None)
+    with pytest.raises(LedgerError, match="step 0 trained 2 groups"):
+        ledger.check(eta=0, batch_size=1)
+
+    gap = Ledger()
+    train(gap, 0, "e0:0", version=0, step=0)
+    train(gap, 1, "e0:1", version=2, step=2)
+    with pytest.raises(LedgerError, match=r"steps \[1\] trained nothing"):
+        gap.check(eta=0, batch_size=1)
+
+
+def test_check_lists_ten_violations_and_counts_the_rest():
+    ledger = Ledger()
+    for group_id in range(13):
+        train(ledger, group_id, f"e0:{group_id}", version=0, step=9)
+    with pytest.raises(LedgerError) as err:
+        ledger.check(eta=0)
+    message = str(err.value)
+    assert "13 violation(s)" in message and "... and 3 more" in message
+    assert message.count("staleness 9") == 10
+
+
+def test_check_catches_trained_rows_without_version_or_step():
+    rows = [[0, "e0:0", TRAINED, None, 0, None], [1, "e0:1", TRAINED, 0, None, None]]
+    ledger = Ledger.from_dict(document(rows))
+    with pytest.raises(LedgerError) as err:
+        ledger.check(eta=1)
+    assert "group 0" in str(err.value) and "group 1" in str(err.value)
+    assert "without a version and step" in str(err.value)
+
+
+def test_interrupt_open_requeues_in_admission_order_and_readmission_passes():
+    ledger = Ledger()
+    ledger.admitted(0, "e0:4")
+    ledger.admitted(1, "e0:2")
+    ledger.generated(1, 0)
+    train(ledger, 2, "e0:9", version=0, step=0)
+    ledger.admitted(3, "e0:7")
+    ledger.generated(3, 0)
+    ledger.scored(3)
+    ledger.rewarded(3)
+    ledger.admitted(4, "e0:1")
+    ledger.dropped(4, "bad data")
+
+    samples = ledger.interrupt_open("resume")
+    assert samples == ["e0:4", "e0:2", "e0:7"]
+    assert [ledger.state(i) for i in (0, 1, 3)] == [REQUEUED] * 3
+    assert ledger.open_groups() == [] and ledger.state(2) == TRAINED
+    ledger.check(eta=0, batch_size=1)
+    assert ledger.summary()["requeued_by_reason"] == {"resume": 3}
+
+    next_id = ledger.next_group_id()
+    assert next_id == 5
+    for step, sample in enumerate(samples, start=1):
+        train(ledger, next_id, sample, version=step, step=step)
+        next_id += 1
+    ledger.check(eta=0, batch_size=1)
+    assert ledger.attempts("e0:2") == 2
+    summary = ledger.summary()
+    assert summary["trained_samples"] == 4 and summary["retried_samples"] == 3
+    assert summary["steps"] == 4 and summary["states"][TRAINED] == 4
+
+
+def test_round_trip_through_dict_and_file(tmp_path):
+    run = small_run()
+    copy = Ledger.from_dict(json.loads(json.dumps(run.to_dict())))
+    path = tmp_path / "ledger.json"
+    run.save(path)
+    loaded = Ledger.load(path)
+    for other in (copy, loaded):
+        assert other.to_dict() == run.to_dict()
+        assert other.summary() == run.summary()
+        assert [other.state(i) for i in range(7)] == [run.state(i) for i in range(7)]
+        assert other.attempts("e0:2") == 2 and other.next_group_id() == 7
+        assert other.open_groups() == [6]
+        other.dropped(6, "stale")  # the copy keeps working
+        other.check(eta=1, batch_size=2)
+    saved = json.loads(path.read_text())
+    assert saved["format"] == 1 and len(saved["entries"]) == 7
+    assert saved["entries"][3] == [3, "e0:3", DROPPED, 0, None, "stale"]
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    ledger = small_run()
+    ledger.save(path)
+    ledger.dropped(6, "stale")
+    ledger.save(path)  # overwrite in place
+    assert os.listdir(tmp_path) == ["ledger.json"]
+    assert Ledger.load(path).state(6) == DROPPED
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    train(ledger, 7, "e0:6", version=1, step=2)
+    with pytest.raises(OSError, match="disk gone"):
+        ledger.save(path)
+    assert path.read_bytes() == before  # the old ledger is intact
+    assert os.listdir(tmp_path) == ["ledger.json"]
+
+
+def _saved(tmp_path) -> tuple:
+    path = tmp_path / "run" / "ledger.json"
+    path.parent.mkdir()
+    small_run().save(path)
+    return path, path.read_bytes()
+
+
+def test_load_missing_file(tmp_path):
+    path = tmp_path / "nope.json"
+    with pytest.raises(LedgerCorruptError, match=f"{path}: no ledger file"):
+        Ledger.load(path)
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda b: b[: len(b) // 2], "not a readable JSON ledger"),  # truncated
+        (lambda b: b"\x00\xffgarbage", "not a readable JSON ledger"),
+        (lambda b: b"[1, 2, 3]", "not a ledger document"),
+        (lambda b: b.replace(b'"e0:3"', b'"e0:8"'), "checksum mismatch"),  # a flipped byte
+        (lambda b: b.replace(b'"stale"', b'"stalf"'), "checksum mismatch"),
+        (lambda b: b.replace(b'"format":1', b'"format":2'), "unknown format version 2"),
+        (lambda b: b.replace(b'"sha256":"', b'"sha256":"0'), "checksum mismatch"),
+    ],
+)
+def test_load_rejects_damaged_files_naming_the_path(tmp_path, damage, why):
+    path, good = _saved(tmp_path)
+    path.write_bytes(damage(good))
+    assert path.read_bytes() != good
+    with pytest.raises(LedgerCorruptError) as err:
+        Ledger.load(path)
+    assert str(path) in str(err.value) and why in str(err.value)
+    assert isinstance(err.value, LedgerError)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [[0, "e0:0", "finished", None, None, None]],  # unknown state
+        [[0, "e0:0", ADMITTED, None, None]],  # short row
+        [[0, 7, ADMITTED, None, None, None]],  # sample not a string
+        [[True, "e0:0", ADMITTED, None, None, None]],  # a bool is not an id
+        [[0, "e0:0", GENERATED, "3", None, None]],  # version not an int
+        [[0, "e0:0", ADMITTED, None, None, None], [0, "e0:1", ADMITTED, None, None, None]],
+        {"0": ["e0:0", ADMITTED]},  # not a list
+    ],
+)
+def test_load_rejects_malformed_entries_even_with_a_valid_checksum(tmp_path, rows):
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps(document(rows)))
+    with pytest.raises(LedgerCorruptError, match="malformed|not a list") as err:
+        Ledger.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_format_summary_shows_counts_reasons_and_staleness():
+    ledger = small_run()
+    train(ledger, 7, "e0:7", version=0, step=2)  # staleness 2
+    ledger.admitted(8, "e0:8")
+    ledger.dropped(8, "rollout: actor failure beyond 3 retries")
+    text = format_summary(ledger.summary())
+    lines = text.splitlines()
+    assert lines[0] == "9 groups over 8 samples: 5 trained in 3 steps, 1 retried"
+    assert lines[1] == (
+        "admitted 0  generated 1  scored 0  rewarded 0  trained 5  dropped 2  requeued 1"
+    )
+    assert "       1  stale" in lines and "       1  actor died" in lines
+    assert "       1  rollout: actor failure beyond 3 retries" in lines
+    assert "staleness (step - version):" in lines
+    assert f"  0 | {'#' * 40} 3" in lines and f"  1 | {'#' * 13} 1" in lines
+    assert f"  2 | {'#' * 13} 1" in lines
+    empty = format_summary(Ledger().summary())
+    assert "dropped: none" in empty and "requeued: none" in empty and "staleness" not in empty
+
+
+# --- random legal runs -------------------------------------------------------------------
+class LedgerMachine(RuleBasedStateMachine):
+    """Drive the ledger like a scheduler: every record it leaves must pass ``check``."""
+
+    @initialize(eta=st.integers(0, 2), batch=st.integers(1, 3))
+    def setup(self, eta, batch):
+        self.eta, self.batch = eta, batch
+        self.ledger = Ledger()
+        self.step = 0  # the next optimiser step, also the learner's weights version
+        self.fresh = 0  # new samples minted so far
+        self.sample: dict[int, str] = {}
+        self.version: dict[int, int] = {}
+        self.waiting: list[str] = []  # requeued samples not yet admitted again
+
+    def _open(self, *states: str) -> list[int]:
+        return [i for i in self.ledger.open_groups() if self.ledger.state(i) in states]
+
+    def _admit(self, sample: str) -> None:
+        group_id = self.ledger.next_group_id()
+        self.ledger.admitted(group_id, sample)
+        self.sample[group_id] = sample
+
+    @rule()
+    def admit_new(self):
+        self._admit(f"e0:{self.fresh}")
+        self.fresh += 1
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def admit_requeued(self, data):
+        self._admit(self.waiting.pop(data.draw(st.integers(0, len(self.waiting) - 1))))
+
+    def _advance(self, group_id: int, lag: int) -> None:
+        """One stage on, stopping at rewarded (training happens in ``train_step``)."""
+        state = self.ledger.state(group_id)
+        if state == ADMITTED:  # a lag of eta + 1 makes a group that is stale at once
+            self.version[group_id] = self.step - min(lag, self.step)
+            self.ledger.generated(group_id, self.version[group_id])
+        elif state == GENERATED:
+            self.ledger.scored(group_id)
+        elif state == SCORED:
+            self.ledger.rewarded(group_id)
+
+    @precondition(lambda self: self._open(ADMITTED, GENERATED, SCORED))
+    @rule(data=st.data(), stages=st.integers(1, 3))
+    def advance_one(self, data, stages):
+        group_id = data.draw(st.sampled_from(self._open(ADMITTED, GENERATED, SCORED)))
+        for _ in range(stages):
+            self._advance(group_id, data.draw(st.integers(0, self.eta + 1)))
+
+    @precondition(lambda self: self._open(ADMITTED, GENERATED, SCORED))
+    @rule(lag=st.integers(0, 3), stages=st.integers(1, 3))
+    def advance_all(self, lag, stages):
+        for group_id in self._open(ADMITTED, GENERATED, SCORED):
+            for _ in range(stages):
+                self._advance(group_id, lag)
+
+    @precondition(lambda self: self.ledger.open_groups())
+    @rule(data=st.data(), requeue=st.booleans())
+    def fail(self, data, requeue):
+        group_id = data.draw(st.sampled_from(self.ledger.open_groups()))
+        if requeue:
+            self.ledger.requeued(group_id, "actor died")
+            self.waiting.append(self.sample[group_id])
+        else:
+            self.ledger.dropped(group_id, "bad data")
+
+    @rule(now=st.integers(0, 3))
+    def resume(self, now):
+        """Now and then (it ends every open group) the run restarts mid-flight."""
+        if now == 0:
+            self.waiting += self.ledger.interrupt_open("resume")
+
+    @precondition(lambda self: self._open(REWARDED))
+    @rule()
+    def train_step(self):
+        """Drop what is too old for this step, then train a whole batch if one is left."""
+        fresh = []
+        for group_id in self._open(REWARDED):
+            if self.step - self.version[group_id] > self.eta:
+                self.ledger.dropped(group_id, "stale")
+            else:
+                fresh.append(group_id)
+        if len(fresh) >= self.batch:
+            for group_id in fresh[: self.batch]:
+                self.ledger.trained(group_id, self.step)
+            self.step += 1
+
+    @invariant()
+    def exactly_once(self):
+        self.ledger.check(self.eta, batch_size=self.batch)
+
+    @invariant()
+    def counts_add_up(self):
+        summary = self.ledger.summary()
+        groups = len(self.sample)
+        assert sum(summary["states"].values()) == summary["groups"] == groups
+        assert summary["trained_samples"] == summary["states"][TRAINED] == self.step * self.batch
+        assert summary["steps"] == self.step and summary["samples"] == self.fresh
+        assert sum(summary["staleness"].values()) == self.step * self.batch
+        assert all(0 <= int(lag) <= self.eta for lag in summary["staleness"])
+        assert sum(summary["requeued_by_reason"].values()) == summary["states"][REQUEUED]
+        assert sum(summary["dropped_by_reason"].values()) == summary["states"][DROPPED]
+        assert sum(self.ledger.attempts(f"e0:{k}") for k in range(self.fresh)) == groups
+        assert self.ledger.next_group_id() == groups
+
+    def teardown(self):
+        if hasattr(self, "ledger"):
+            again = Ledger.from_dict(self.ledger.to_dict())
+            assert again.summary() == self.ledger.summary()
+            assert again.open_groups() == self.ledger.open_groups()
+
+
+LedgerMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+TestLedgerMachine = LedgerMachine.TestCase
