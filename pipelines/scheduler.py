@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from pipelines.admission import StalenessController
 from pipelines.ledger import Ledger
@@ -291,8 +291,9 @@ class Scheduler:
 
     def _failed(self, call: _Call, exc: RayError) -> None:
         """Requeue the chunk's samples (or drop those out of retries); replace a dead actor."""
-        reason = f"{call.phase}: {type(exc).__name__}"
-        if isinstance(exc, RayActorError) and call.worker is not None:
+        died = isinstance(exc, RayActorError)
+        reason = f"{call.phase}: " + (f"actor {call.worker} died" if died else _cause(exc))
+        if died and call.worker is not None:
             self.faults["actor_failures"] += 1
             self.faults["restarts"] += self.stages.recover(call.worker)
         chunk, again = call.item, []
@@ -395,6 +396,11 @@ class Scheduler:
     def _forget(self, chunk: _Chunk) -> None:
         for group_id in chunk.ids:
             self._chunk_of.pop(group_id, None)
+
+
+def _cause(exc: RayError) -> str:
+    """The exception class raised inside the actor (a task error wraps it)."""
+    return type(exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:

@@ -81,7 +81,11 @@ class SimStages:
         while len(samples) < len(group_ids):
             samples.append(f"s{self.next_sample}")
             self.next_sample += 1
-        return Handoff(*self.pool.rollout.remote(group_ids), worker="pool", samples=tuple(samples))
+        name, actor = self.rollout_actor(group_ids)
+        return Handoff(*actor.rollout.remote(group_ids), worker=name, samples=tuple(samples))
+
+    def rollout_actor(self, group_ids):
+        return "pool", self.pool
 
     def requeue(self, samples):
         self.requeued = list(samples) + self.requeued
@@ -104,7 +108,7 @@ class SimStages:
     def sync(self, weights, version):
         return [actor.load_weights.remote(weights, version) for actor in (self.pool, self.scorer)]
 
-    def kill(self):
+    def kill_all(self):
         for actor in (self.pool, self.scorer, self.rewarder, self.learner):
             ray.kill(actor)
 
@@ -113,7 +117,7 @@ class SimStages:
 def stages(ray_cluster):
     sim = SimStages()
     yield sim
-    sim.kill()
+    sim.kill_all()
 
 
 def run(stages, eta, steps=STEPS, straggler_timeout_s=None, **pool):
@@ -213,6 +217,41 @@ def test_stragglers_are_dropped_and_failures_retried_never_trained_twice(stages)
     ledger.check(eta=1, batch_size=BATCH)
     assert max(stats["staleness"]) <= 1
     assert all(isinstance(meta, dict) for meta in fetched)
+
+
+class HangingStages(SimStages):
+    """The rollout of group ``HUNG`` goes to an actor of its own that never answers."""
+
+    HUNG = 5
+
+    def __init__(self):
+        super().__init__()
+        self.hung, self.killed = SimulatedStage.remote(), []
+        ray.get(self.hung.configure.remote(3600.0))
+
+    def rollout_actor(self, group_ids):
+        return ("hung", self.hung) if self.HUNG in group_ids else super().rollout_actor(group_ids)
+
+    def kill(self, worker):
+        self.killed.append(worker)
+        ray.kill(self.hung)
+
+
+def test_the_watchdog_kills_a_hung_actor_and_its_samples_are_retried(ray_cluster):
+    stages = HangingStages()
+    try:
+        stages.configure(rollout_s=0.05, score_s=0.01, reward_s=0.01, learn_s=0.05)
+        scheduler = Scheduler(stages, StalenessController(eta=1, batch_size=BATCH), groups_per_call=PER_CALL,
+                              poll_s=0.01, stall_timeout_s=2.0)
+        report = scheduler.run(3)
+        ledger = scheduler.ledger
+        assert stages.killed == ["hung"] and report.steps[-1].faults["stalls"] == 1
+        hung_sample = ledger.sample(HangingStages.HUNG)
+        assert ledger.state(HangingStages.HUNG) == "requeued" and ledger.attempts(hung_sample) == 2
+        assert "rollout: actor hung died" in ledger.summary()["requeued_by_reason"]
+        ledger.check(eta=1, batch_size=BATCH)
+    finally:
+        stages.kill_all()
 
 
 def test_groups_per_call_must_divide_the_batch():

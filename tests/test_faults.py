@@ -1,0 +1,234 @@
+"""Fault injection on the tiny config: actors killed mid-run, the driver killed, a torn checkpoint.
+
+Each scenario ends with the ledger's exactly-once check (every admitted sample trained
+once, re-queued, or dropped with a reason; no step beyond the staleness bound; every step
+a full batch), the metrics numbered 1..N once each, and the same weights version in the
+rollout pool, the scorer and the learner. Kills land at seeded random points.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray.exceptions import RayError
+
+import pipelines.train as train_module
+from pipelines.config import dump_config
+from pipelines.ledger import Ledger
+from pipelines.metrics_log import read_metrics
+from pipelines.train import train
+from tests_support import tiny_grpo_config
+
+BATCH = 2  # tiny_grpo_config's prompts per step
+STEP_TIMEOUT_S = 600
+
+
+class Injector:
+    """Captures the run's actors as they start and records their weights versions at the end."""
+
+    def __init__(self, monkeypatch):
+        self.topologies, self.versions = [], []
+        start = train_module.start_actors
+
+        def capture(*args, **kwargs):
+            topology = start(*args, **kwargs)
+            stop = topology.stop
+
+            def record_and_stop():
+                try:
+                    self.versions.append({
+                        "pool": ray.get([w.version.remote() for w in topology.pool.workers], timeout=60),
+                        "scorer": [max(v) for v in ray.get([w.versions.remote() for w in topology.scorer.workers],
+                                                           timeout=60)],
+                        "learner": topology.learner.version(),
+                    })
+                except RayError:  # a failed attempt's learner is gone
+                    self.versions.append(None)
+                stop()
+
+            topology.stop = record_and_stop
+            self.topologies.append(topology)
+            return topology
+
+        monkeypatch.setattr(train_module, "start_actors", capture)
+
+    def in_background(self, plan) -> threading.Thread:
+        thread = threading.Thread(target=plan, daemon=True)
+        thread.start()
+        return thread
+
+
+def wait_for(condition, what: str, timeout_s: float = STEP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.1)
+
+
+def steps_logged(out: Path) -> int:
+    return len(read_metrics(out))
+
+
+def assert_exactly_once(out: Path, steps: int, eta: int = 1) -> Ledger:
+    ledger = Ledger.load(out / "ledger.json")
+    ledger.check(eta, batch_size=BATCH)
+    summary = ledger.summary()
+    assert summary["steps"] == steps and summary["trained_samples"] == steps * BATCH
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(int(k.split("/")[1]) <= eta for r in rows for k in r if k.startswith("staleness/"))
+    return ledger
+
+
+def assert_versions_agree(versions: dict, steps: int) -> None:
+    assert versions["learner"] == steps
+    assert set(versions["pool"]) == {steps} and set(versions["scorer"]) == {steps}
+
+
+@pytest.fixture(scope="module")
+def actor_kills(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
+    """Kill the rollout engine, the reference scorer and a reward worker at random points of one run."""
+    out = tmp_path_factory.mktemp("faults-actors")
+    config = tiny_grpo_config(tiny_workspace, out, steps=6, checkpoint_every=3)
+    config.train.eval_samples = 0
+    rng = random.Random(6)
+    kills = sorted(zip(rng.sample([1, 2, 3, 4], 3), ["rollout", "scorer", "reward"]))
+    with pytest.MonkeyPatch.context() as patch:
+        injector = Injector(patch)
+
+        def plan():
+            wait_for(lambda: injector.topologies, "the actors")
+            topology = injector.topologies[0]
+            for step, kind in kills:
+                wait_for(lambda: steps_logged(out) >= step, f"step {step}")
+                time.sleep(rng.uniform(0.0, 1.0))
+                pool = {"rollout": topology.pool, "scorer": topology.scorer, "reward": topology.rewards}[kind]
+                ray.kill(pool.workers[0])
+
+        thread = injector.in_background(plan)
+        summary = train(config)
+        thread.join(timeout=5)
+    return out, summary, injector, kills
+
+
+def test_killed_actors_are_replaced_and_no_sample_is_lost_or_trained_twice(actor_kills):
+    out, summary, injector, kills = actor_kills
+    ledger = assert_exactly_once(out, 6)
+    assert_versions_agree(injector.versions[0], 6)
+    faults = {k: v for k, v in read_metrics(out)[-1].items() if k.startswith("faults/")}
+    assert faults["faults/restarts"] == 3 and faults["faults/actor_failures"] >= 3, (kills, faults)
+    requeued = ledger.summary()["requeued_by_reason"]
+    assert sum(requeued.values()) == faults["faults/retries"] >= 1
+    assert all(reason.split(":")[0] in ("rollout", "score", "reward") for reason in requeued)
+
+
+@pytest.fixture(scope="module")
+def driver_killed(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
+    """`segrl train` in a subprocess on this cluster, SIGKILLed after its step-4 checkpoint."""
+    out = tmp_path_factory.mktemp("faults-driver")
+    config = tiny_grpo_config(tiny_workspace, out, steps=6, checkpoint_every=2)
+    config.train.eval_samples = 0
+    config.cluster.address = ray.get_runtime_context().gcs_address
+    config_file = out.parent / f"{out.name}.yaml"
+    config_file.write_text(dump_config(config))
+    log = open(out.parent / f"{out.name}.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--config", str(config_file)],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    try:
+        wait_for(lambda: (out / "checkpoints" / "step4.manifest.json").is_file() or driver.poll() is not None,
+                 "the step-4 checkpoint")
+        time.sleep(random.Random(4).uniform(0.0, 0.5))
+        assert driver.poll() is None, (out.parent / f"{out.name}.log").read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        driver.kill()
+        log.close()
+    return config, out
+
+
+def resume(config, out: Path) -> tuple[str, dict]:
+    """``train --resume`` in this process: (what it printed, the actors' final versions)."""
+    with pytest.MonkeyPatch.context() as patch:
+        injector = Injector(patch)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            train(config, resume=True)
+    return printed.getvalue(), injector.versions[0]
+
+
+@pytest.fixture(scope="module")
+def driver_resumed(driver_killed):
+    config, out = driver_killed
+    assert steps_logged(out) >= 4 and not (out / "ledger.json").exists()
+    printed, versions = resume(config, out)
+    return out, printed, versions, Ledger.load(out / "ledger.json")
+
+
+def test_a_killed_driver_resumes_from_its_newest_checkpoint(driver_resumed):
+    out, printed, versions, ledger = driver_resumed
+    assert "checkpoints/step4: 4 steps done" in printed and "skipping" not in printed
+    assert_exactly_once(out, 6)
+    assert_versions_agree(versions, 6)
+    assert read_metrics(out)[-1]["faults/resumes"] == 1
+    assert any(reason.startswith("resumed") for reason in ledger.summary()["requeued_by_reason"])
+
+
+@pytest.fixture(scope="module")
+def torn_resumed(driver_killed, driver_resumed):
+    """The finished run's newest checkpoint (step 6) half written, then the run extended to 8 steps."""
+    config, out = driver_killed
+    newest = out / "checkpoints" / "step6"
+    victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    config = config.model_copy(deep=True)
+    config.train.steps = 8
+    printed, versions = resume(config, out)
+    return out, printed, versions, f"skipping checkpoint {newest}: {victim.relative_to(newest.parent)} has"
+
+
+def test_a_torn_newest_checkpoint_is_skipped_for_the_previous_one(torn_resumed):
+    out, printed, versions, skipped = torn_resumed
+    assert skipped in printed and "checkpoints/step4: 4 steps done" in printed
+    assert_exactly_once(out, 8)
+    assert_versions_agree(versions, 8)
+
+
+@pytest.fixture(scope="module")
+def learner_killed(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
+    """A learner rank killed after the step-2 checkpoint: the run resumes by itself."""
+    out = tmp_path_factory.mktemp("faults-learner")
+    config = tiny_grpo_config(tiny_workspace, out, steps=6, checkpoint_every=2)
+    config.train.eval_samples = 0
+    rng = random.Random(2)
+    with pytest.MonkeyPatch.context() as patch:
+        injector = Injector(patch)
+
+        def plan():
+            wait_for(lambda: (out / "checkpoints" / "step2.manifest.json").is_file(), "the step-2 checkpoint")
+            time.sleep(rng.uniform(0.0, 0.5))
+            ray.kill(injector.topologies[0].learner.ranks[1])
+
+        thread = injector.in_background(plan)
+        train(config)
+        thread.join(timeout=5)
+    return out, injector
+
+
+def test_a_learner_failure_resumes_from_the_last_checkpoint(learner_killed):
+    out, injector = learner_killed
+    assert len(injector.topologies) == 2  # the failed attempt's actors, then the resumed run's
+    assert_exactly_once(out, 6)
+    assert_versions_agree(injector.versions[-1], 6)
+    assert read_metrics(out)[-1]["faults/resumes"] == 1
