@@ -30,6 +30,13 @@ Admission keeps the pending set schedulable in that sense, so without stragglers
 by the caller and with every reported version >= its admission floor, no group is ever
 dropped. A group found too old for the next step it could join is dropped with reason
 ``STALE``, counted, and never trained.
+
+Modes. The above is ``strict`` (the default): the bound holds for the oldest token of
+every trained group. ``admission`` is AReaL's semantics: the same admission rule, but the
+learner trains the B oldest ready groups as soon as there are B, never waits for one in
+flight and never drops one; a group that took long to generate may then train more than
+eta steps after the version it began with (interruptible rollouts keep moving its later
+tokens to newer weights). The staleness histogram still records s - v of every group.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from dataclasses import dataclass
 from typing import Callable, Collection
 
 STALE = "stale"
+STRICT, ADMISSION = "strict", "admission"
+MODES = (STRICT, ADMISSION)
 
 
 class AdmissionError(RuntimeError):
@@ -64,9 +73,12 @@ class StalenessController:
     ``next_batch`` -> ``on_trained``; or dropped at any point before training, with a reason.
     """
 
-    def __init__(self, eta: int, batch_size: int, max_in_flight: int | None = None):
+    def __init__(self, eta: int, batch_size: int, max_in_flight: int | None = None, mode: str = STRICT):
         if eta < 0 or batch_size < 1:
             raise ValueError(f"need eta >= 0 and batch_size >= 1, got {eta}, {batch_size}")
+        if mode not in MODES:
+            raise ValueError(f"unknown staleness mode {mode!r}; one of {MODES}")
+        self.mode = mode
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.eta = eta
@@ -150,8 +162,9 @@ class StalenessController:
             raise ValueError(f"next step is {self.learner_version}, asked for {step}")
         if self._training:
             raise RuntimeError(f"step {step} already has its batch")
+        strict = self.mode == STRICT
         for group_id, group in list(self._pending.items()):
-            if group.version is not None and step - group.version > self.eta:
+            if strict and group.version is not None and step - group.version > self.eta:
                 self._drop(group_id, STALE)
         batch = self.batch_size
         ready = sorted((g.deadline(self.eta), i) for i, g in self._pending.items() if g.ready)
@@ -159,7 +172,7 @@ class StalenessController:
             return []
         awaited = [  # in flight and still worth waiting for
             (d, i) for i, g in self._pending.items()
-            if not g.ready and i not in stragglers and (d := g.deadline(self.eta)) >= step
+            if strict and not g.ready and i not in stragglers and (d := g.deadline(self.eta)) >= step
         ]
         if sorted(ready + awaited)[:batch] != ready[:batch]:  # an awaited group belongs here
             behind = sorted(d for d, _ in ready[batch:] + awaited)
@@ -229,7 +242,7 @@ class StalenessController:
     def _keep_if_fresh(self, group_id: int) -> bool:
         """Drop the group if the next step it could join is already past its deadline."""
         next_open_step = self.learner_version + (1 if self._training else 0)
-        if next_open_step > self._pending[group_id].deadline(self.eta):
+        if self.mode == STRICT and next_open_step > self._pending[group_id].deadline(self.eta):
             self._drop(group_id, STALE)
             return False
         return True

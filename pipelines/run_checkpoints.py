@@ -66,8 +66,9 @@ def latest_checkpoint(folder: Path, say: Callable[[str], None] = print) -> RunCh
     return None
 
 
-def run_ledger(run_dir: Path) -> tuple[Ledger, str, int]:
-    """A run's latest ledger: (ledger, where it came from, the run's staleness bound eta).
+def run_ledger(run_dir: Path) -> tuple[Ledger, str, int | None]:
+    """A run's latest ledger: (ledger, where it came from, the staleness bound every trained group
+    must meet: eta, or None when the run bounded admission only).
 
     The final ``ledger.json`` of a finished run, or the newest complete checkpoint's of a
     run that stopped (or is still going).
@@ -77,7 +78,8 @@ def run_ledger(run_dir: Path) -> tuple[Ledger, str, int]:
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{run_dir} is not a `segrl train` output folder (no config.yaml)")
-    eta = int(yaml.safe_load(config.read_text())["train"]["staleness"])
+    train = yaml.safe_load(config.read_text())["train"]
+    eta = int(train["staleness"]) if train.get("staleness_mode", "strict") == "strict" else None
     final = run_dir / "ledger.json"
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     newest = checkpoint.folder / f"{checkpoint.tag}.manifest.json" if checkpoint else None

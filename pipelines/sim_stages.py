@@ -433,7 +433,7 @@ class SimStages:
 
 
 def measure(stages: SimStages, profile: Profile, actors: int, eta: int, steps: int, warmup: int = 2,
-            interruptible: bool = True) -> dict:
+            interruptible: bool = True, mode: str = "strict") -> dict:
     """Run the real Scheduler over ``stages``; rates per real second over ``steps`` after ``warmup``.
 
     The run goes eta + 1 steps past the window, so admission never stops inside it for want
@@ -452,7 +452,7 @@ def measure(stages: SimStages, profile: Profile, actors: int, eta: int, steps: i
             pool.append(stages.pool_stats())
 
     batch = profile.batch_groups(actors)
-    scheduler = Scheduler(stages, StalenessController(eta, batch), groups_per_call=profile.groups_per_call,
+    scheduler = Scheduler(stages, StalenessController(eta, batch, mode=mode), groups_per_call=profile.groups_per_call,
                           poll_s=0.02, on_step=on_step)
     report = scheduler.run(warmup + steps + eta + 1)
     start, end = ends[warmup - 1], ends[warmup + steps - 1]

@@ -65,7 +65,7 @@ def run_grpo(config: Config, run_dir: Path, resume: bool):
     actors = start_actors(config, model_path)
     try:
         controller = StalenessController(config.train.staleness, config.grpo.prompts_per_step,
-                                         config.train.max_in_flight)
+                                         config.train.max_in_flight, config.train.staleness_mode)
         ledger, faults = restore(checkpoint, actors, prompts, controller) if checkpoint else (Ledger(), {})
         scheduler = Scheduler(ActorStages(prompts, actors.pool, actors.scorer, actors.rewards, actors.learner),
                               controller, groups_per_call=config.train.groups_per_call,

@@ -40,6 +40,31 @@ def test_eta0_alternates_one_batch_per_version():
     }
 
 
+def test_admission_mode_neither_waits_for_nor_drops_a_slow_group():
+    """AReaL's semantics: the strict controller would hold step 1 for group 0; this one trains what is ready."""
+    strict, areal = StalenessController(eta=1, batch_size=2), StalenessController(eta=1, batch_size=2, mode="admission")
+    for c in (strict, areal):
+        c.admit(4)
+        generate(c, [1, 2], 0)
+        assert c.next_batch(0) == [1, 2] and c.on_trained(0) == {0: 2}
+        c.on_synced(1)
+        c.admit(2)  # 4, 5 at version 1
+        generate(c, [3], 0)
+        generate(c, [4, 5], 1)
+    assert strict.next_batch(1) == []  # group 0 (deadline 1) is still in flight
+    assert areal.next_batch(1) == [3, 4] and areal.on_trained(1) == {0: 1, 1: 1}
+    areal.on_synced(2)
+    areal.admit(2)  # 6, 7
+    generate(areal, [6, 7], 2)
+    assert areal.next_batch(2) == [5, 6]
+    areal.on_trained(2)
+    generate(areal, [0], 0)  # three versions late: kept, and first in line
+    assert areal.next_batch(3) == [0, 7] and areal.on_trained(3) == {1: 1, 3: 1}
+    assert areal.stats()["dropped"] == 0 and max(areal.staleness) == 3
+    with pytest.raises(ValueError, match="unknown staleness mode"):
+        StalenessController(1, 2, mode="loose")
+
+
 def test_eta1_keeps_two_batches_ahead_and_trains_oldest_first():
     c = StalenessController(eta=1, batch_size=2)
     assert c.admit(4) == [0, 1, 2, 3] and c.capacity() == 0

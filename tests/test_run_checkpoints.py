@@ -84,6 +84,8 @@ def test_run_ledger_prefers_the_final_ledger_and_needs_a_run_folder(tmp_path):
     final = Ledger()
     final.save(tmp_path / "ledger.json")
     assert "finished run" in run_ledger(tmp_path)[1]
+    (tmp_path / "config.yaml").write_text("train:\n  staleness: 2\n  staleness_mode: admission\n")
+    assert run_ledger(tmp_path)[2] is None  # no per-group bound to check
 
 
 def test_prompt_stream_hands_requeued_samples_out_first_and_resumes_its_cursor():
@@ -124,3 +126,15 @@ def test_resume_reads_the_runs_own_config_and_keeps_its_folder(tmp_path):
     assert config_source(args) == (str(tmp_path / "config.yaml"), ["train.steps=9", f"train.output={tmp_path}"])
     plain = argparse.Namespace(config=None, overrides=[], resume=None)
     assert config_source(plain) == ("configs/tiny.yaml", [])
+
+
+def test_segrl_ledger_prints_the_summary_and_the_check(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["ledger", str(tmp_path)]) == 2
+    assert "not a `segrl train` output folder" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("train:\n  staleness: 1\n")
+    fake_checkpoint(tmp_path / "checkpoints", 4)
+    assert main(["ledger", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint step4" in out and "trained 1" in out and "exactly-once check: passed (staleness bound eta=1)" in out

@@ -287,6 +287,9 @@ class TrainConfig(Section):
 
     steps: PositiveInt = 30
     staleness: int = Field(1, ge=0, description="eta: a response from weights version v trains step s only if s - v <= eta")
+    staleness_mode: Literal["strict", "admission"] = Field(
+        "strict", description="strict: s - v <= eta for every trained group; admission: AReaL's, eta bounds "
+        "admission only and the learner never waits for or drops a slow group")
     groups_per_call: PositiveInt = Field(2, description="prompts per rollout call (must divide grpo.prompts_per_step)")
     max_in_flight: PositiveInt | None = Field(None, description="backpressure: groups admitted but not yet trained")
     straggler_timeout_s: float | None = Field(None, gt=0)
