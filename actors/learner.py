@@ -37,6 +37,8 @@ module release ZeRO-3 scans its recorded module trace until that many parameters
 passed; the head runs once per row (thousands of module calls a step), so with the default
 (1e9, never reached by small models) each release scans the whole trace and the step that
 records it took 60 s instead of 2 s (64 rows, tiny config)."""
+BATCH_FETCH_TIMEOUT_S = 600.0
+"""A step's batches are ready when it starts; this bounds their transfer from other nodes."""
 EXPORT_BUCKET_NUMEL = 1 << 26
 """Parameters gathered at once when exporting (256 MiB fp32): bounds the full copies on a rank."""
 
@@ -75,7 +77,7 @@ def read_rows(batch_refs: Sequence[ray.ObjectRef]) -> list[dict]:
     A batch without an ``error`` column has no errors.
     """
     rows = []
-    for batch in ray.get(list(batch_refs)):
+    for batch in ray.get(list(batch_refs), timeout=BATCH_FETCH_TIMEOUT_S):
         names = [c for c in ROW_COLUMNS if c in batch.schema.names]
         columns = {c: batch.column(c).to_pylist() for c in names}
         columns["gt_masks"] = [[decode_mask(rle) for rle in rles or []] for rles in columns["gt_masks"]]

@@ -139,6 +139,12 @@ def verdict(sc: Scenario, outcome: dict) -> list[str]:
                      f"lasts as long as that batch's slowest group ({results[1]['step_s']:.0f} s here, a capped "
                      f"response alone takes {p.max_new_tokens * p.step_base_s:.0f} s) against an ideal "
                      f"{ideal_step:.0f} s; more staleness (eta=2, 4) is what hides the tail")
+        capped_s = p.max_new_tokens * p.step_base_s
+        lines.append(f"    ceiling: a capped response begun with weights v must train by step v + 1 under the "
+                     f"strict bound, so two steps last at least {capped_s:.0f} s: at most "
+                     f"{min(1.0, 2 * ideal_step / capped_s):.0%} of ideal even with an unbounded window; "
+                     f"AReaL's rule keeps at most 2 batches pending at eta=1, exactly what a full pool and a "
+                     f"busy learner need, so any tail group leaves slots empty")
     if speedup < AREAL_SPEEDUP:
         lines.append(f"    why: generation is {results[0]['generating']:.0%} of a synchronous step, so even the "
                      f"ideal bound is only x{bound / results[0]['rate']:.2f} the synchronous rate")

@@ -62,10 +62,18 @@ class Injector:
 
         monkeypatch.setattr(train_module, "start_actors", capture)
 
-    def in_background(self, plan) -> threading.Thread:
-        thread = threading.Thread(target=plan, daemon=True)
+
+def faulty_run(workspace: dict, out: Path, steps: int, checkpoint_every: int, inject) -> tuple[dict, Injector]:
+    """A tiny GRPO run into ``out`` while ``inject(injector)`` runs beside it in a thread."""
+    config = tiny_grpo_config(workspace, out, steps=steps, checkpoint_every=checkpoint_every)
+    config.train.eval_samples = 0
+    with pytest.MonkeyPatch.context() as patch:
+        injector = Injector(patch)
+        thread = threading.Thread(target=inject, args=(injector,), daemon=True)
         thread.start()
-        return thread
+        summary = train(config)
+        thread.join(timeout=5)
+    return summary, injector
 
 
 def wait_for(condition, what: str, timeout_s: float = STEP_TIMEOUT_S) -> None:
@@ -100,25 +108,19 @@ def assert_versions_agree(versions: dict, steps: int) -> None:
 def actor_kills(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
     """Kill the rollout engine, the reference scorer and a reward worker at random points of one run."""
     out = tmp_path_factory.mktemp("faults-actors")
-    config = tiny_grpo_config(tiny_workspace, out, steps=6, checkpoint_every=3)
-    config.train.eval_samples = 0
     rng = random.Random(6)
     kills = sorted(zip(rng.sample([1, 2, 3, 4], 3), ["rollout", "scorer", "reward"]))
-    with pytest.MonkeyPatch.context() as patch:
-        injector = Injector(patch)
 
-        def plan():
-            wait_for(lambda: injector.topologies, "the actors")
-            topology = injector.topologies[0]
-            for step, kind in kills:
-                wait_for(lambda: steps_logged(out) >= step, f"step {step}")
-                time.sleep(rng.uniform(0.0, 1.0))
-                pool = {"rollout": topology.pool, "scorer": topology.scorer, "reward": topology.rewards}[kind]
-                ray.kill(pool.workers[0])
+    def inject(injector):
+        wait_for(lambda: injector.topologies, "the actors")
+        topology = injector.topologies[0]
+        for step, kind in kills:
+            wait_for(lambda: steps_logged(out) >= step, f"step {step}")
+            time.sleep(rng.uniform(0.0, 1.0))
+            pool = {"rollout": topology.pool, "scorer": topology.scorer, "reward": topology.rewards}[kind]
+            ray.kill(pool.workers[0])
 
-        thread = injector.in_background(plan)
-        summary = train(config)
-        thread.join(timeout=5)
+    summary, injector = faulty_run(tiny_workspace, out, 6, 3, inject)
     return out, summary, injector, kills
 
 
@@ -209,20 +211,14 @@ def test_a_torn_newest_checkpoint_is_skipped_for_the_previous_one(torn_resumed):
 def learner_killed(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
     """A learner rank killed after the step-2 checkpoint: the run resumes by itself."""
     out = tmp_path_factory.mktemp("faults-learner")
-    config = tiny_grpo_config(tiny_workspace, out, steps=6, checkpoint_every=2)
-    config.train.eval_samples = 0
     rng = random.Random(2)
-    with pytest.MonkeyPatch.context() as patch:
-        injector = Injector(patch)
 
-        def plan():
-            wait_for(lambda: (out / "checkpoints" / "step2.manifest.json").is_file(), "the step-2 checkpoint")
-            time.sleep(rng.uniform(0.0, 0.5))
-            ray.kill(injector.topologies[0].learner.ranks[1])
+    def inject(injector):
+        wait_for(lambda: (out / "checkpoints" / "step2.manifest.json").is_file(), "the step-2 checkpoint")
+        time.sleep(rng.uniform(0.0, 0.5))
+        ray.kill(injector.topologies[0].learner.ranks[1])
 
-        thread = injector.in_background(plan)
-        train(config)
-        thread.join(timeout=5)
+    _, injector = faulty_run(tiny_workspace, out, 6, 2, inject)
     return out, injector
 
 
