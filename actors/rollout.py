@@ -16,8 +16,10 @@ copy of the LM's input embedding table, and vLLM gets ``prompt_embeds``.
   other encoders) — a setup bug, not bad data, and an error row would only hide it from the
   scheduler until the rewards. The actor stays alive.
 - Weight updates load in place (``reload_weights`` through ``collective_rpc``), never restart
-  the engine. Calls to one actor run in submission order, so a response's
-  ``weights_version`` is the version set by the last update submitted before its batch.
+  the engine, and interrupt a running call between two engine steps (its sequences are
+  preempted and their KV recomputed with the new weights). A response's
+  ``weights_version`` is the version its call began with, so the staleness bound holds
+  for its oldest token.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from actors.interruptible import InterruptibleEngine
 from models.projector import load_projector
 from models.prompt import IMAGE_TOKEN, build_prompt_embeds
 from pipelines.config import Config
@@ -117,13 +120,13 @@ class Rollout:
                     dtype=config.model.dtype, seed=config.seed, enforce_eager=True)
         args.update(engine_args or {})
         self.llm = LLM(model=str(folder), **args)
-        self._version = 0
+        self.engine = InterruptibleEngine(self.llm)
 
     def ping(self) -> bool:
         return True
 
     def version(self) -> int:
-        return self._version
+        return self.engine.version
 
     @torch.no_grad()
     def prompt_embeds(self, prompt_ids: list[int], image_hash: str) -> torch.Tensor:
@@ -133,12 +136,13 @@ class Rollout:
 
     def generate(self, prompt_batch: pa.RecordBatch | pa.Table, *, group_size: int | None = None,
                  greedy: bool = False, max_tokens: int | Sequence[int] | None = None,
-                 ignore_eos: bool = False) -> pa.RecordBatch:
+                 ignore_eos: bool = False, min_version: int = 0) -> pa.RecordBatch:
         """ROLLOUT_SCHEMA rows: ``group_size`` (default config's G) responses per prompt row.
 
         ``greedy`` decodes at temperature 0 (tests, eval); ``max_tokens`` (one value or one per
         prompt) defaults to ``data.max_response_length``; ``ignore_eos`` forces the full length
-        (benchmarks).
+        (benchmarks). ``min_version``: wait for these weights first (the pool passes the
+        version it last broadcast, whose update may still be loading in another thread).
         """
         from vllm import SamplingParams
 
@@ -161,12 +165,12 @@ class Rollout:
         # detokenize=False: vLLM would decode every step; `_rows` decodes each response once.
         params = [SamplingParams(n=g, max_tokens=n, logprobs=0, ignore_eos=ignore_eos, detokenize=False, **sampling)
                   for n in lengths]
-        prompts = [{"prompt_embeds": self.prompt_embeds(ids, h)}
-                   for ids, h in zip(batch.column("prompt_ids").to_pylist(), hashes)]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        return self._rows(batch, sample_ids, outputs, g)
+        outputs, version = self.engine.generate(
+            lambda: [{"prompt_embeds": self.prompt_embeds(ids, h)}
+                     for ids, h in zip(batch.column("prompt_ids").to_pylist(), hashes)], params, min_version)
+        return self._rows(batch, sample_ids, outputs, g, version)
 
-    def _rows(self, batch: pa.RecordBatch, sample_ids: list[str], outputs, g: int) -> pa.RecordBatch:
+    def _rows(self, batch: pa.RecordBatch, sample_ids: list[str], outputs, g: int, version: int) -> pa.RecordBatch:
         """Prompt columns repeated per response (Arrow take), then the rollout columns."""
         group_ids, tokens, logprobs, texts = [], [], [], []
         for sample_id, request in zip(sample_ids, outputs):
@@ -184,32 +188,38 @@ class Rollout:
             pa.array([g] * n, pa.int32()),
             pa.array(tokens, pa.list_(pa.int32())),
             pa.array(logprobs, pa.list_(pa.float32())),
-            pa.array([self._version] * n, pa.int32()),
+            pa.array([version] * n, pa.int32()),
             pa.array(texts, pa.string()),
         ]
         return pa.RecordBatch.from_arrays(prompt_part.columns + rollout, schema=ROLLOUT_SCHEMA)
 
-    @torch.no_grad()
     def update_weights(self, state: dict[str, torch.Tensor] | PackedState, version: int) -> dict[str, float]:
         """Load ``lm.<hf name>`` / ``projector.<name>`` tensors in place; return timings (s).
 
         Pass the ref of ``ray.put(pack_state(state))``: read zero-copy here (a plain tensor
         dict works too, at two extra copies). Every LM and projector tensor is required: a
         partly loaded fused layer (qkv, gate-up) would mix old and new weights in one matrix.
+        A call generating meanwhile is interrupted: the weights land between two engine
+        steps and its running sequences continue with them (``actors.interruptible``).
         """
         start = time.perf_counter()
         state = unpack_state(state) if isinstance(state, PackedState) else state
         lm = {k[3:]: v for k, v in state.items() if k.startswith("lm.")}
         projector = {k[10:]: v for k, v in state.items() if k.startswith("projector.")}
         self._check_update(state)
-        self.projector.load_state_dict(projector, strict=True)
-        self.embed.weight.copy_(lm[self.embed_key])
-        engine_start = time.perf_counter()
-        self.llm.collective_rpc(_reload, args=(list(lm.items()),))
-        self.llm.reset_prefix_cache()
-        self._version = int(version)
-        end = time.perf_counter()
-        return {"engine_s": end - engine_start, "total_s": end - start}
+        timings = {}
+
+        @torch.no_grad()
+        def load() -> None:
+            self.projector.load_state_dict(projector, strict=True)
+            self.embed.weight.copy_(lm[self.embed_key])
+            engine_start = time.perf_counter()
+            self.llm.collective_rpc(_reload, args=(list(lm.items()),))
+            timings["engine_s"] = time.perf_counter() - engine_start
+
+        self.engine.update(load, version)
+        return {"engine_s": timings.get("engine_s", 0.0), "total_s": time.perf_counter() - start,
+                "interrupts": self.engine.interrupts}
 
     def _check_update(self, state: dict[str, torch.Tensor]) -> None:
         """Names and shapes, all checked before anything is loaded: an update is all or nothing."""
@@ -224,4 +234,6 @@ class Rollout:
 
 
 # The actor: ``RolloutWorker.options(num_cpus=...)`` sets its CPU share.
-RolloutWorker = ray.remote(num_cpus=0.5, runtime_env={"env_vars": ENGINE_ENV})(Rollout)
+# Threaded, so a weight update can reach the engine while a call generates (calls to the
+# engine itself are serialised by ``InterruptibleEngine``).
+RolloutWorker = ray.remote(num_cpus=0.5, max_concurrency=8, runtime_env={"env_vars": ENGINE_ENV})(Rollout)

@@ -19,9 +19,9 @@ class RolloutPool(SupervisedPool):
     """``num_workers`` RolloutWorkers on one model.
 
     A batch goes to the worker with the fewest unfinished batches (ties in turn). A weight
-    broadcast queues behind each worker's submitted batches (one actor runs its calls in
-    order), so those batches are tagged with the old version and later ones with the new.
-    A replaced worker loads the latest broadcast weights before its first batch.
+    broadcast interrupts the batches a worker is generating (they keep the version they
+    began with); batches submitted after it begin with the new weights or newer. A replaced
+    worker loads the latest broadcast weights before its first batch.
     """
 
     def __init__(self, config: Config, num_workers: int, *, num_cpus: float = 0.5,
@@ -31,6 +31,7 @@ class RolloutPool(SupervisedPool):
         self._dispatch = LeastLoaded(lambda: RolloutWorker.options(num_cpus=num_cpus).remote(config, model_path,
                                                                                              engine_args),
                                      num_workers, "rollout", max_restarts=max_restarts)
+        self._version = 0  # of the last broadcast: no batch submitted after it may begin older
 
     def ready(self, timeout_s: float | None = None) -> None:
         """Block until every engine has started (raises the first start failure, or GetTimeoutError)."""
@@ -38,11 +39,11 @@ class RolloutPool(SupervisedPool):
 
     def submit(self, prompt_ref: ray.ObjectRef, **sampling) -> ray.ObjectRef:
         """Sample groups for one prompt batch (pass its ref); ``sampling`` as ``Rollout.generate``."""
-        return self._dispatch.call("generate", prompt_ref, **sampling)
+        return self.dispatch(prompt_ref, **sampling)[0]
 
     def dispatch(self, prompt_ref: ray.ObjectRef, **sampling) -> tuple[ray.ObjectRef, str]:
         """``submit``, also naming the worker (for ``replace`` when the call fails)."""
-        return self._dispatch.dispatch("generate", prompt_ref, **sampling)
+        return self._dispatch.dispatch("generate", prompt_ref, min_version=self._version, **sampling)
 
     def map(self, prompt_refs: Iterable[ray.ObjectRef], **sampling) -> list[ray.ObjectRef]:
         """``submit`` each batch; the refs come back in the input order."""
@@ -56,4 +57,5 @@ class RolloutPool(SupervisedPool):
         """``broadcast_weights``, each ack with its worker's name (replayed on replacements)."""
         if not isinstance(state_ref, ray.ObjectRef):  # a dict here would be stored once per worker
             raise TypeError("broadcast_weights takes the ObjectRef of ray.put(state), not the state itself")
+        self._version = int(version)
         return self._dispatch.broadcast("update_weights", state_ref, version)

@@ -1,0 +1,120 @@
+"""Interruptible generation (AReaL-style): new weights land between two engine steps.
+
+A rollout call drives vLLM's engine step by step under a lock. A weight update from
+another thread of the (threaded) actor leaves its loader as *pending*; the generating
+thread applies it at the next step boundary and preempts every running request
+(``reset_prefix_cache(reset_running_requests=True)``), so vLLM recomputes their KV cache
+with the new weights and they go on decoding with them. With no call running, the update
+applies at once. A call's responses are tagged with the version they *began* with: the
+staleness bound holds for their oldest token, and their logprobs are those of the weights
+that sampled each token (the behaviour policy the learner's ratio needs).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+POLL_S = 0.02
+
+
+class InterruptibleEngine:
+    def __init__(self, llm):
+        self.llm = llm
+        self.version = 0
+        self.interrupts = 0  # updates that landed inside a running call
+        self._engine = threading.Lock()  # one thread drives the engine at a time
+        self._guard = threading.Lock()  # protects the pending update and the version
+        self._pending: tuple[Callable[[], None], int, int] | None = None  # (load, version, ticket)
+        self._submitted = self._landed = 0  # update tickets handed out / applied
+        self._failed: dict[int, BaseException] = {}  # ticket -> why its load failed
+        self._generating = False
+
+    def generate(self, build: Callable[[], list], params: list, min_version: int = 0,
+                 wait_s: float = 600.0) -> tuple[list, int]:
+        """(finished RequestOutputs in prompt order, the weights version they began with).
+
+        ``build()`` makes the prompts (embeddings from the actor's weights), under the lock.
+        The call begins only once weights ``min_version`` are in: an update submitted before
+        it may still be on its way in another thread, and must not be overtaken.
+        """
+        self._acquire_at(min_version, wait_s)
+        try:
+            began = self.version
+            prompts = build()
+            if not prompts:
+                return [], began
+            request_ids = self.llm._add_completion_requests(prompts, params, use_tqdm=False)
+            engine, outputs = self.llm.llm_engine, []
+            self._generating = True
+            try:
+                while engine.has_unfinished_requests():
+                    self._apply(interrupt=True)
+                    outputs += [out for out in engine.step() if out.finished]
+            except BaseException:
+                engine.abort_request(list(request_ids))  # the next call must not collect these
+                raise
+            finally:
+                self._generating = False
+            return sorted(outputs, key=lambda out: int(out.request_id)), began
+        finally:
+            self._engine.release()
+
+    def _acquire_at(self, min_version: int, wait_s: float) -> None:
+        """Take the engine with weights ``min_version`` or newer loaded (TimeoutError past ``wait_s``)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            self._engine.acquire()
+            try:
+                self._apply(interrupt=False)
+            except BaseException:
+                self._engine.release()
+                raise
+            if self.version >= min_version:
+                return
+            self._engine.release()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"weights version {min_version} never arrived within {wait_s:.0f} s "
+                                   f"(the engine has version {self.version}); did its update fail?")
+            time.sleep(POLL_S)
+
+    def update(self, load: Callable[[], None], version: int) -> None:
+        """Run ``load`` between engine steps (or now, if idle) and move to ``version``.
+
+        A later update that arrives before this one landed replaces it; this caller then
+        returns once the later weights are in.
+        """
+        with self._guard:
+            self._submitted += 1
+            ticket = self._submitted
+            self._pending = (load, int(version), ticket)
+        while True:
+            with self._guard:
+                if ticket in self._failed:
+                    raise self._failed.pop(ticket)
+                if self._landed >= ticket:
+                    return
+            if self._engine.acquire(timeout=POLL_S):
+                try:
+                    self._apply(interrupt=False)
+                finally:
+                    self._engine.release()
+
+    def _apply(self, interrupt: bool) -> None:
+        """Called by the engine's owner: load the pending weights, if any."""
+        with self._guard:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        load, version, ticket = pending
+        try:
+            load()
+        except Exception as exc:  # the update's caller raises it; a generating call goes on
+            with self._guard:
+                self._failed[ticket], self._landed = exc, ticket
+            return
+        interrupting = interrupt and self._generating
+        self.llm.reset_prefix_cache(reset_running_requests=interrupting)
+        with self._guard:
+            self.interrupts += interrupting
+            self.version, self._landed = version, ticket
