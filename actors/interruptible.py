@@ -22,12 +22,12 @@ class InterruptibleEngine:
     def __init__(self, llm):
         self.llm = llm
         self.version = 0
-        self.interrupts = 0  # updates that landed inside a running call
         self._engine = threading.Lock()  # one thread drives the engine at a time
         self._guard = threading.Lock()  # protects the pending update and the version
         self._pending: tuple[Callable[[], None], int, int] | None = None  # (load, version, ticket)
         self._submitted = self._landed = 0  # update tickets handed out / applied
         self._failed: dict[int, BaseException] = {}  # ticket -> why its load failed
+        self._interrupted: dict[int, bool] = {}  # ticket -> whether it landed inside a call
         self._generating = False
 
     def generate(self, build: Callable[[], list], params: list, min_version: int = 0,
@@ -78,11 +78,12 @@ class InterruptibleEngine:
                                    f"(the engine has version {self.version}); did its update fail?")
             time.sleep(POLL_S)
 
-    def update(self, load: Callable[[], None], version: int) -> None:
+    def update(self, load: Callable[[], None], version: int) -> bool:
         """Run ``load`` between engine steps (or now, if idle) and move to ``version``.
 
-        A later update that arrives before this one landed replaces it; this caller then
-        returns once the later weights are in.
+        True if the weights landed inside a running call. A later update that arrives
+        before this one landed replaces it; this caller then returns (False) once the
+        later weights are in.
         """
         with self._guard:
             self._submitted += 1
@@ -93,7 +94,7 @@ class InterruptibleEngine:
                 if ticket in self._failed:
                     raise self._failed.pop(ticket)
                 if self._landed >= ticket:
-                    return
+                    return self._interrupted.pop(ticket, False)
             if self._engine.acquire(timeout=POLL_S):
                 try:
                     self._apply(interrupt=False)
@@ -116,5 +117,4 @@ class InterruptibleEngine:
         interrupting = interrupt and self._generating
         self.llm.reset_prefix_cache(reset_running_requests=interrupting)
         with self._guard:
-            self.interrupts += interrupting
-            self.version, self._landed = version, ticket
+            self.version, self._landed, self._interrupted[ticket] = version, ticket, interrupting

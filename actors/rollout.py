@@ -194,7 +194,7 @@ class Rollout:
         return pa.RecordBatch.from_arrays(prompt_part.columns + rollout, schema=ROLLOUT_SCHEMA)
 
     def update_weights(self, state: dict[str, torch.Tensor] | PackedState, version: int) -> dict[str, float]:
-        """Load ``lm.<hf name>`` / ``projector.<name>`` tensors in place; return timings (s).
+        """Load ``lm.<hf name>`` / ``projector.<name>`` tensors in place; timings (s) and ``interrupted``.
 
         Pass the ref of ``ray.put(pack_state(state))``: read zero-copy here (a plain tensor
         dict works too, at two extra copies). Every LM and projector tensor is required: a
@@ -217,9 +217,9 @@ class Rollout:
             self.llm.collective_rpc(_reload, args=(list(lm.items()),))
             timings["engine_s"] = time.perf_counter() - engine_start
 
-        self.engine.update(load, version)
+        interrupted = self.engine.update(load, version)
         return {"engine_s": timings.get("engine_s", 0.0), "total_s": time.perf_counter() - start,
-                "interrupts": self.engine.interrupts}
+                "interrupted": interrupted}
 
     def _check_update(self, state: dict[str, torch.Tensor]) -> None:
         """Names and shapes, all checked before anything is loaded: an update is all or nothing."""

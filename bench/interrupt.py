@@ -43,23 +43,22 @@ def lengths(n: int, tokens: int, seed: int = 0) -> list[int]:
 
 
 def one_run(worker, batch, sizes, group: int, weights, version: int, at_s: float, interrupt: bool) -> dict:
-    """(call seconds, weights latency seconds) with the update submitted ``at_s`` into the call."""
+    """Call seconds, weights latency seconds, whether the update interrupted the call."""
     start = time.perf_counter()
     call = worker.generate.remote(batch, group_size=group, max_tokens=sizes, ignore_eos=True)
     time.sleep(at_s)
     submitted = time.perf_counter()
     if interrupt:
-        ack = worker.update_weights.remote(weights, version)
-        ray.get(ack)
+        ack = ray.get(worker.update_weights.remote(weights, version))
         landed = time.perf_counter()
         ray.get(call)
         finished = time.perf_counter()
     else:
         ray.get(call)
         finished = time.perf_counter()
-        ray.get(worker.update_weights.remote(weights, version))
+        ack = ray.get(worker.update_weights.remote(weights, version))
         landed = time.perf_counter()
-    return {"call": finished - start, "latency": landed - submitted}
+    return {"call": finished - start, "latency": landed - submitted, "interrupted": ack["interrupted"]}
 
 
 def main() -> None:
@@ -96,14 +95,14 @@ def main() -> None:
             for arm in runs:
                 version += 1
                 runs[arm].append(one_run(worker, batch, sizes, args.group, weights, version, at_s, arm == "interrupt"))
-        interrupts = ray.get(worker.update_weights.remote(weights, version + 1))["interrupts"]
     finally:
         disconnect()
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"cpu_count={os.cpu_count()}, torch {torch.__version__}, ray {ray.__version__}")
     print(f"call: {args.prompts} prompts x {args.group} responses, lengths {min(sizes)}-{max(sizes)} "
           f"(median {int(statistics.median(sizes))}); plain call {plain:.2f} s; update submitted at {at_s:.2f} s; "
-          f"{interrupts} calls interrupted")
+          f"interrupted: {sum(r['interrupted'] for r in runs['interrupt'])}/{args.repeats} interrupt-arm calls, "
+          f"{sum(r['interrupted'] for r in runs['drain'])}/{args.repeats} drain-arm calls")
     median = {arm: {k: statistics.median(r[k] for r in rs) for k in ("call", "latency")} for arm, rs in runs.items()}
     print(f"{'arm':<11}{'call (s)':>10}{'weights latency (s)':>21}")
     for arm, m in median.items():

@@ -28,6 +28,7 @@ def step_metrics(record: StepRecord, phases: dict) -> dict:
         "grad_norm": learner.get("grad_norm"),
         "lr": learner.get("lr"),
         "staleness": {str(k): v for k, v in sorted(record.staleness.items())},
+        "rollout": {"interrupted_updates": record.interrupted_updates},
         "faults": {k: record.faults.get(k, 0) for k in ("actor_failures", "restarts", "retries", "stalls", "resumes")},
         "time": {"learn_s": record.learn_s, "learner_wait_s": record.wait_s,
                  "tokens_per_s": learner.get("tokens", 0) / max(record.learn_s, 1e-9)},

@@ -111,6 +111,7 @@ class StepRecord:
     wait_s: float  # learner idle before this step
     learn_s: float
     faults: dict = field(default_factory=dict)  # run totals so far: failures, restarts, retries, stalls
+    interrupted_updates: int = 0  # engine weight loads that landed inside a running call, since the last step
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Scheduler:
         self.max_retries = max_retries
         self.watchdog = Watchdog(stall_timeout_s)
         self.faults: Counter[str] = Counter()
+        self._interrupted = 0  # weight loads that interrupted a running rollout call, since the last step
         controller.on_drop = self._controller_dropped
         self._waiting: dict[ray.ObjectRef, _Call] = {}  # meta/ack ref -> its call
         self._chunk_of: dict[int, _Chunk] = {}  # group id -> its live chunk
@@ -344,7 +346,9 @@ class Scheduler:
             rewards=[chunk.rewards for chunk in chunks],
             groups=sum(len(chunk.ids) for chunk in chunks),
             wait_s=wait_s, learn_s=time.perf_counter() - started, faults=dict(self.faults),
+            interrupted_updates=self._interrupted,
         )
+        self._interrupted = 0
         for chunk in chunks:
             for group_id in chunk.ids:
                 self.ledger.trained(group_id, step)
@@ -364,7 +368,7 @@ class Scheduler:
     def _synced(self, ref: ray.ObjectRef, call: _Call) -> None:
         version = call.item
         try:
-            self._small(ref)
+            self._interrupted += bool(self._small(ref).get("interrupted"))
         except RayActorError:  # its replacement loads the latest weights before serving
             if call.worker is None:
                 raise

@@ -6,6 +6,7 @@ staleness bound on the data itself, independently of the scheduler's bookkeeping
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -28,11 +29,16 @@ class SimulatedStage:
     def configure(self, service_s: float, slow: dict | None = None, fail=()):
         self.service_s, self.slow, self.fail = service_s, slow or {}, set(fail)
         self.version, self.trained = 0, []
+        self.running, self.lock = 0, threading.Lock()  # rollout calls in progress
 
     @ray.method(num_returns=2)
     def rollout(self, group_ids):
         version = self.version  # the weights a real engine would start sampling with
+        with self.lock:
+            self.running += 1
         time.sleep(self.service_s + max(self.slow.get(g, 0.0) for g in group_ids))
+        with self.lock:
+            self.running -= 1
         if self.fail.intersection(group_ids):
             raise RuntimeError(f"simulated rollout failure in {group_ids}")
         payload = np.zeros(PAYLOAD_FLOATS, np.float32)
@@ -55,7 +61,7 @@ class SimulatedStage:
     def load_weights(self, weights, version):
         assert weights[0] == version - 1  # the weights of the step that just finished
         self.version = version
-        return {"version": version}
+        return {"version": version, "interrupted": self.running > 0}  # as an interruptible engine reports
 
     def trained_groups(self):
         return self.trained
@@ -120,9 +126,9 @@ def stages(ray_cluster):
     sim.kill_all()
 
 
-def run(stages, eta, steps=STEPS, straggler_timeout_s=None, **pool):
+def run(stages, eta, steps=STEPS, straggler_timeout_s=None, rollout_s=0.12, **pool):
     """One scheduler run; returns (report, scheduler, what the driver fetched, trained ids)."""
-    stages.configure(rollout_s=0.12, score_s=0.03, reward_s=0.03, learn_s=0.2, **pool)
+    stages.configure(rollout_s=rollout_s, score_s=0.03, reward_s=0.03, learn_s=0.2, **pool)
     fetched, records = [], []
     original = ray.get
 
@@ -161,6 +167,7 @@ def test_eta0_alternates_generation_and_training(sync_and_async):
     assert len(learning) == STEPS and overlap_s(generation, learning) == 0.0
     assert all(record.staleness == {0: BATCH} for record in report.steps)
     assert all(record.metrics["staleness"] == [0, 0] for record in report.steps)
+    assert all(record.interrupted_updates == 0 for record in report.steps)  # weights land between batches
 
 
 def test_eta1_overlaps_generation_and_training(sync_and_async):
@@ -173,6 +180,13 @@ def test_eta1_overlaps_generation_and_training(sync_and_async):
     assert fast.phases["learn"]["idle_s"] < sync.phases["learn"]["idle_s"]
     assert fast.wall_s < 0.85 * sync.wall_s
     assert fast.admission["staleness"].get(1, 0) > 0  # it did train one step behind
+
+
+def test_weights_landing_inside_a_rollout_call_are_counted(stages):
+    """Rollouts slower than a step: the sync after a step reaches calls still generating."""
+    report = run(stages, 1, rollout_s=0.4)[0]
+    assert report.steps[0].interrupted_updates == 0  # nothing was synced before step 0
+    assert sum(record.interrupted_updates for record in report.steps) >= 1
 
 
 @pytest.mark.parametrize("eta", [0, 1])

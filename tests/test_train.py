@@ -47,6 +47,7 @@ def test_steps_are_logged_with_rewards_and_staleness(run):
         assert 0.0 <= r["reward/total"] <= 1.0 and 0.0 <= r["reward/mask"] <= 1.0
         assert all(int(k) <= config.train.staleness for k in (key.split("/")[1] for key in r if key.startswith("staleness/")))
         assert r["loss/kl"] >= 0 and r["grad_norm"] > 0
+        assert 0 <= r["rollout/interrupted_updates"] <= config.cluster.rollout_actors
     assert len(summary["rewards"]) == 3
     assert summary["admission"]["trained"] == 3 * config.grpo.prompts_per_step
 
