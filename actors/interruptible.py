@@ -110,9 +110,10 @@ class InterruptibleEngine:
         load, version, ticket = pending
         try:
             load()
-        except Exception as exc:  # the update's caller raises it; a generating call goes on
-            with self._guard:
-                self._failed[ticket], self._landed = exc, ticket
+        except Exception as exc:  # the update's callers raise it; a generating call goes on
+            with self._guard:  # the updates it replaced failed with it: their weights never loaded
+                self._failed.update((t, exc) for t in range(self._landed + 1, ticket + 1))
+                self._landed = ticket
             return
         interrupting = interrupt and self._generating
         self.llm.reset_prefix_cache(reset_running_requests=interrupting)

@@ -98,6 +98,13 @@ def test_a_call_waits_for_the_weights_it_was_submitted_after():
     assert engine.generate(lambda: [1], [None], min_version=2)[1] == 2  # the lock was released
 
 
+def _catch(errors: list, call, *args) -> None:
+    try:
+        call(*args)
+    except OSError as exc:
+        errors.append(exc)
+
+
 def test_a_failed_load_raises_in_its_caller_and_a_failed_step_aborts_the_call():
     llm = FakeLLM(fail_at=2)
     engine = InterruptibleEngine(llm)
@@ -108,6 +115,16 @@ def test_a_failed_load_raises_in_its_caller_and_a_failed_step_aborts_the_call():
     with pytest.raises(OSError, match="weights unreadable"):
         engine.update(broken, 5)
     assert engine.version == 0
+    errors = []
+    with engine._engine:  # busy: the second update replaces the first before either loads
+        updaters = [threading.Thread(target=lambda load=load, v=v: _catch(errors, engine.update, load, v))
+                    for load, v in ((lambda: llm.log.append("load 6"), 6), (broken, 7))]
+        for thread in updaters:
+            thread.start()
+            time.sleep(0.1)
+    for thread in updaters:
+        thread.join()
+    assert len(errors) == 2 and engine.version == 0 and "load 6" not in llm.log
     with pytest.raises(RuntimeError, match="engine step failed"):
         engine.generate(lambda: [1, 2, 3], [None] * 3)
     assert llm.log[-1] == "abort ['0', '1', '2']"
