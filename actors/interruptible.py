@@ -23,11 +23,10 @@ class InterruptibleEngine:
         self.llm = llm
         self.version = 0
         self._engine = threading.Lock()  # one thread drives the engine at a time
-        self._guard = threading.Lock()  # protects the pending update and the version
-        self._pending: tuple[Callable[[], None], int, int] | None = None  # (load, version, ticket)
-        self._submitted = self._landed = 0  # update tickets handed out / applied
-        self._failed: dict[int, BaseException] = {}  # ticket -> why its load failed
-        self._interrupted: dict[int, bool] = {}  # ticket -> whether it landed inside a call
+        self._guard = threading.Lock()  # protects everything below and the version
+        self._pending: tuple[Callable[[], None], int] | None = None  # (load, version): the newest submitted
+        self._waiting: dict[int, int] = {}  # version -> update callers waiting for it
+        self._outcome: dict[int, bool | BaseException] = {}  # version -> landed inside a call? / why it failed
         self._generating = False
 
     def generate(self, build: Callable[[], list], params: list, min_version: int = 0,
@@ -81,41 +80,59 @@ class InterruptibleEngine:
     def update(self, load: Callable[[], None], version: int) -> bool:
         """Run ``load`` between engine steps (or now, if idle) and move to ``version``.
 
-        True if the weights landed inside a running call. A later update that arrives
-        before this one landed replaces it; this caller then returns (False) once the
-        later weights are in.
+        True if the weights landed inside a running call. Versions only move forward, in
+        whatever order the actor's threads deliver them: an update older than the weights
+        loaded or pending is never loaded, and its caller returns (False) once newer
+        weights are in, or raises if their load failed.
         """
+        version = int(version)
         with self._guard:
-            self._submitted += 1
-            ticket = self._submitted
-            self._pending = (load, int(version), ticket)
-        while True:
+            if version <= self.version:
+                return False
+            self._waiting[version] = self._waiting.get(version, 0) + 1
+            if self._pending is None or self._pending[1] < version:
+                self._pending = (load, version)
+        try:
+            while True:
+                with self._guard:
+                    if version in self._outcome:
+                        outcome = self._outcome[version]
+                        if isinstance(outcome, BaseException):
+                            raise outcome
+                        return outcome
+                if self._engine.acquire(timeout=POLL_S):
+                    try:
+                        self._apply(interrupt=False)
+                    finally:
+                        self._engine.release()
+        finally:
             with self._guard:
-                if ticket in self._failed:
-                    raise self._failed.pop(ticket)
-                if self._landed >= ticket:
-                    return self._interrupted.pop(ticket, False)
-            if self._engine.acquire(timeout=POLL_S):
-                try:
-                    self._apply(interrupt=False)
-                finally:
-                    self._engine.release()
+                self._waiting[version] -= 1
+                if not self._waiting[version]:
+                    del self._waiting[version]
+                    self._outcome.pop(version, None)
 
     def _apply(self, interrupt: bool) -> None:
         """Called by the engine's owner: load the pending weights, if any."""
         with self._guard:
             pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        load, version, ticket = pending
+            if pending is None or pending[1] <= self.version:  # came in while newer weights loaded
+                return
+        load, version = pending
         try:
             load()
-        except Exception as exc:  # the update's callers raise it; a generating call goes on
-            with self._guard:  # the updates it replaced failed with it: their weights never loaded
-                self._failed.update((t, exc) for t in range(self._landed + 1, ticket + 1))
-                self._landed = ticket
+        except Exception as exc:  # its callers raise it; a generating call goes on
+            self._settle(version, lambda waited: exc)  # the older ones it replaced never loaded either
             return
         interrupting = interrupt and self._generating
         self.llm.reset_prefix_cache(reset_running_requests=interrupting)
         with self._guard:
-            self.version, self._landed, self._interrupted[ticket] = version, ticket, interrupting
+            self.version = version
+        self._settle(version, lambda waited: interrupting and waited == version)
+
+    def _settle(self, version: int, outcome: Callable[[int], bool | BaseException]) -> None:
+        """Answer every caller waiting for ``version`` or an older one it superseded."""
+        with self._guard:
+            for waited in self._waiting:
+                if waited <= version and waited not in self._outcome:
+                    self._outcome[waited] = outcome(waited)

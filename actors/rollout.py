@@ -201,6 +201,7 @@ class Rollout:
         partly loaded fused layer (qkv, gate-up) would mix old and new weights in one matrix.
         A call generating meanwhile is interrupted: the weights land between two engine
         steps and its running sequences continue with them (``actors.interruptible``).
+        Versions only grow: an update older than the loaded weights is not loaded.
         """
         start = time.perf_counter()
         state = unpack_state(state) if isinstance(state, PackedState) else state

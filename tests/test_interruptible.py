@@ -131,6 +131,24 @@ def test_a_failed_load_raises_in_its_caller_and_a_failed_step_aborts_the_call():
     assert engine.generate(lambda: [], [])[0] == []
 
 
+def test_versions_only_move_forward_whatever_order_updates_arrive_in():
+    llm = FakeLLM()
+    engine = InterruptibleEngine(llm)
+    results = {}
+    with engine._engine:  # busy: the replayed older update arrives after the newer broadcast
+        updaters = [threading.Thread(target=lambda v=v: results.update({v: engine.update(
+            lambda: llm.log.append(f"load {v}"), v)})) for v in (2, 1)]
+        for thread in updaters:
+            thread.start()
+            time.sleep(0.1)
+    for thread in updaters:
+        thread.join()
+    assert results == {2: False, 1: False} and engine.version == 2
+    assert [line for line in llm.log if line.startswith("load")] == ["load 2"]
+    assert engine.update(lambda: llm.log.append("load 1 again"), 1) is False  # older than what is in
+    assert engine.version == 2 and "load 1 again" not in llm.log
+
+
 HOLD_AFTER = 5
 TOKENS = 24
 

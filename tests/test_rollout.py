@@ -138,7 +138,7 @@ def test_weight_push_gives_transformers_greedy_tokens(tiny_workspace, pool, work
         assert set(out.column("weights_version").to_pylist()) == {7}
         assert ray.get(worker.version.remote()) == 7
     finally:
-        ray.get(pool.broadcast_weights(ray.put(original), 0))  # a plain tensor dict works too
+        ray.get(pool.broadcast_weights(ray.put(original), 8))  # a plain tensor dict works too (versions only grow)
     _load(policy, new)
     with torch.no_grad():
         embeds = [policy.prompt_embeds(ids, v) for ids, v in
@@ -162,13 +162,14 @@ def test_packed_state_round_trips_every_dtype_zero_copy():
 def test_bad_weight_update_is_refused_whole(tiny_workspace, worker):
     policy, _ = _policy(tiny_workspace["config"])
     state = {f"lm.{k}": v for k, v in policy.lm.state_dict().items()}
+    version = ray.get(worker.version.remote())
     with pytest.raises(ValueError, match=r"missing keys \['projector"):
-        ray.get(worker.update_weights.remote(state, 3))
+        ray.get(worker.update_weights.remote(state, version + 1))
     state |= {f"projector.{k}": v for k, v in policy.projector.state_dict().items()}
     state["lm.lm_head.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"wrong shapes \['lm.lm_head.weight'\]"):
-        ray.get(worker.update_weights.remote(state, 3))
-    assert ray.get(worker.version.remote()) == 0
+        ray.get(worker.update_weights.remote(state, version + 1))
+    assert ray.get(worker.version.remote()) == version
 
 
 def test_missing_features_raise_naming_the_sample(worker, prompts):
