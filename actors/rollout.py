@@ -42,6 +42,8 @@ from pipelines.rollout_schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
 from pipelines.trajectory import as_record_batch, require_columns
 from pipelines.weight_transport import PackedState, unpack_state
 
+WEIGHTS_GROUP = "weights"  # the actor's threads for weight updates (and version queries)
+
 # In-process engine (the actor is the process); a 1 GiB KV cache holds ~0.5M tiny-model
 # tokens; one BLAS / OpenMP thread per actor, since more oversubscribe a shared node.
 ENGINE_ENV = {
@@ -125,6 +127,7 @@ class Rollout:
     def ping(self) -> bool:
         return True
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def version(self) -> int:
         return self.engine.version
 
@@ -193,6 +196,7 @@ class Rollout:
         ]
         return pa.RecordBatch.from_arrays(prompt_part.columns + rollout, schema=ROLLOUT_SCHEMA)
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def update_weights(self, state: dict[str, torch.Tensor] | PackedState, version: int) -> dict[str, float]:
         """Load ``lm.<hf name>`` / ``projector.<name>`` tensors in place; timings (s) and ``interrupted``.
 
@@ -234,7 +238,10 @@ class Rollout:
                              f"wrong shapes {wrong[:5]} (expected lm.<HF name> and projector.<name>)")
 
 
-# The actor: ``RolloutWorker.options(num_cpus=...)`` sets its CPU share.
-# Threaded, so a weight update can reach the engine while a call generates (calls to the
-# engine itself are serialised by ``InterruptibleEngine``).
-RolloutWorker = ray.remote(num_cpus=0.5, max_concurrency=8, runtime_env={"env_vars": ENGINE_ENV})(Rollout)
+# The actor: ``RolloutWorker.options(num_cpus=...)`` sets its CPU share. Threaded, so a
+# weight update can reach the engine while a call generates (calls to the engine itself
+# are serialised by ``InterruptibleEngine``); updates have threads of their own, so calls
+# waiting for their weights (``min_version``) can never hold every thread the update needs.
+ACTOR_OPTIONS = dict(num_cpus=0.5, max_concurrency=8, concurrency_groups={WEIGHTS_GROUP: 4},
+                     runtime_env={"env_vars": ENGINE_ENV})
+RolloutWorker = ray.remote(**ACTOR_OPTIONS)(Rollout)

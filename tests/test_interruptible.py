@@ -17,7 +17,7 @@ import ray
 import torch
 
 from actors.interruptible import InterruptibleEngine
-from actors.rollout import ENGINE_ENV, Rollout
+from actors.rollout import ACTOR_OPTIONS, Rollout
 from models.prompt import prompt_ids
 from pipelines.data.features import content_hash
 from pipelines.data.schema import read_samples, resolve_image
@@ -153,7 +153,7 @@ HOLD_AFTER = 5
 TOKENS = 24
 
 
-@ray.remote(num_cpus=0.5, max_concurrency=4, runtime_env={"env_vars": ENGINE_ENV})
+@ray.remote(**ACTOR_OPTIONS)
 class HeldRollout(Rollout):
     """A real rollout worker; its engine waits after step ``k`` until a weight update is pending."""
 

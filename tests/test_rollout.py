@@ -8,6 +8,7 @@ import pytest
 import ray
 import torch
 
+from actors.rollout import ACTOR_OPTIONS
 from models.generate import generate
 from models.policy import load_policy
 from models.prompt import prompt_ids
@@ -170,6 +171,20 @@ def test_bad_weight_update_is_refused_whole(tiny_workspace, worker):
     with pytest.raises(ValueError, match=r"wrong shapes \['lm.lm_head.weight'\]"):
         ray.get(worker.update_weights.remote(state, version + 1))
     assert ray.get(worker.version.remote()) == version
+
+
+def test_calls_waiting_for_weights_cannot_starve_the_update(tiny_workspace, worker, prompts):
+    """More calls than the actor has call threads, all waiting for weights not yet sent."""
+    policy, _ = _policy(tiny_workspace["config"])
+    state = {f"lm.{k}": v for k, v in policy.lm.state_dict().items()}
+    state |= {f"projector.{k}": v for k, v in policy.projector.state_dict().items()}
+    version = ray.get(worker.version.remote()) + 1
+    waiting = [worker.generate.remote(prompts, group_size=1, max_tokens=2, min_version=version)
+               for _ in range(ACTOR_OPTIONS["max_concurrency"] + 2)]
+    assert not ray.wait(waiting, timeout=1.0)[0]  # none may begin with older weights
+    ray.get(worker.update_weights.remote(ray.put(pack_state(state)), version), timeout=120)
+    batches = ray.get(waiting, timeout=300)
+    assert all(set(batch.column("weights_version").to_pylist()) == {version} for batch in batches)
 
 
 def test_missing_features_raise_naming_the_sample(worker, prompts):
