@@ -27,7 +27,6 @@ class InterruptibleEngine:
         self._pending: tuple[Callable[[], None], int] | None = None  # (load, version): the newest submitted
         self._waiting: dict[int, int] = {}  # version -> update callers waiting for it
         self._outcome: dict[int, bool | BaseException] = {}  # version -> landed inside a call? / why it failed
-        self._generating = False
 
     def generate(self, build: Callable[[], list], params: list, min_version: int = 0,
                  wait_s: float = 600.0) -> tuple[list, int]:
@@ -45,16 +44,14 @@ class InterruptibleEngine:
                 return [], began
             request_ids = self.llm._add_completion_requests(prompts, params, use_tqdm=False)
             engine, outputs = self.llm.llm_engine, []
-            self._generating = True
             try:
                 while engine.has_unfinished_requests():
-                    self._apply(interrupt=True)
                     outputs += [out for out in engine.step() if out.finished]
+                    if engine.has_unfinished_requests():  # between two steps of running requests
+                        self._apply(interrupt=True)
             except BaseException:
                 engine.abort_request(list(request_ids))  # the next call must not collect these
                 raise
-            finally:
-                self._generating = False
             return sorted(outputs, key=lambda out: int(out.request_id)), began
         finally:
             self._engine.release()
@@ -113,7 +110,7 @@ class InterruptibleEngine:
                     self._outcome.pop(version, None)
 
     def _apply(self, interrupt: bool) -> None:
-        """Called by the engine's owner: load the pending weights, if any."""
+        """Called by the engine's owner: load the pending weights, if any; ``interrupt``: inside a call."""
         with self._guard:
             pending, self._pending = self._pending, None
             if pending is None or pending[1] <= self.version:  # came in while newer weights loaded
@@ -124,11 +121,10 @@ class InterruptibleEngine:
         except Exception as exc:  # its callers raise it; a generating call goes on
             self._settle(version, lambda waited: exc)  # the older ones it replaced never loaded either
             return
-        interrupting = interrupt and self._generating
-        self.llm.reset_prefix_cache(reset_running_requests=interrupting)
+        self.llm.reset_prefix_cache(reset_running_requests=interrupt)
         with self._guard:
             self.version = version
-        self._settle(version, lambda waited: interrupting and waited == version)
+        self._settle(version, lambda waited: interrupt and waited == version)
 
     def _settle(self, version: int, outcome: Callable[[int], bool | BaseException]) -> None:
         """Answer every caller waiting for ``version`` or an older one it superseded."""
