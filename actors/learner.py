@@ -23,13 +23,12 @@ import numpy as np
 import ray
 import torch
 
+from config import Config
+from data.schema import decode_mask
+from data.trajectory import LEARNER_COLUMNS
+from data.weight_transport import PackedState, pack_state
 from models.grpo_step import LossTotals, learner_loss, usable
-from pipelines.config import Config
-from pipelines.data.schema import decode_mask
-from pipelines.weight_transport import PackedState, pack_state
 
-ROW_COLUMNS = ("image_hash", "prompt_ids", "response_ids", "rollout_logprobs", "ref_logprobs", "gt_masks",
-               "advantage", "error")
 ZERO_DEFAULTS = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True, "stage3_max_reuse_distance": 0}
 """overlap_comm stays off: unmanaged gradient accumulation (one ``step()`` after a variable
 number of backwards) supports it only with ZeRO-2. stage3_max_reuse_distance 0: on every
@@ -78,7 +77,7 @@ def read_rows(batch_refs: Sequence[ray.ObjectRef]) -> list[dict]:
     """
     rows = []
     for batch in ray.get(list(batch_refs), timeout=BATCH_FETCH_TIMEOUT_S):
-        names = [c for c in ROW_COLUMNS if c in batch.schema.names]
+        names = [c for c in LEARNER_COLUMNS if c in batch.schema.names]
         columns = {c: batch.column(c).to_pylist() for c in names}
         columns["gt_masks"] = [[decode_mask(rle) for rle in rles or []] for rles in columns["gt_masks"]]
         rows += [{"error": None, **{c: columns[c][i] for c in names}} for i in range(batch.num_rows)]
@@ -144,15 +143,14 @@ class LearnerRank:
                           TORCH_EXTENSIONS_DIR=self.extensions_dir)
         import deepspeed
 
+        from config.builders import build_segmenter, feature_store, head_spec, loss_settings
         from models.optim import build_optimizer, one_cycle, param_groups
-        from pipelines.modeling import build_segmenter, head_spec
-        from pipelines.precompute import feature_store
 
         self.deepspeed = deepspeed
         c = self.config
         torch.manual_seed(c.seed)  # identical initial heads on every rank and in every group
         model, self.tokenizer, _ = build_segmenter(c, self.model_path)
-        self.spec, self.store = head_spec(c), feature_store(c)
+        self.spec, self.store, self.loss_settings = head_spec(c), feature_store(c), loss_settings(c)
         self.ref_token_id = model.policy.ref_token_id
         optimizer = build_optimizer(param_groups(model.param_modules(), c.optim.lr,
                                                  c.optim.lr_multipliers.model_dump(), c.optim.weight_decay),
@@ -208,7 +206,7 @@ class LearnerRank:
         self.engine.train()
         sums = torch.zeros(9, dtype=torch.float64)
         for idx, live in plan:
-            loss, m = learner_loss(self.engine, [kept[i] for i in idx], feats, self.config, totals, live)
+            loss, m = learner_loss(self.engine, [kept[i] for i in idx], feats, self.loss_settings, totals, live)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)  # ZeRO averages over ranks
             u, t, s = m["pg_units"], m["tokens"], m["seg_rows"]
             sums += torch.tensor([m["loss"], m["pg_loss"] * u, m["kl"] * u, m["clip_fraction"] * t,

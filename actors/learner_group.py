@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import ray
 
 from actors.learner import LearnerRank
-from pipelines.config import Config
+from config import Config
 
 
 class LearnerGroup:

@@ -1,18 +1,17 @@
 """A pool of reward workers fed by ObjectRefs, for a driver that never holds bulk data.
 
-The driver submits the refs of scored batches and gets refs of rewarded batches back; the
+The driver submits the refs of reference batches and gets refs of rewarded batches back; the
 arrays go from the object store to a worker and back without passing through the driver.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import ray
 
 from actors.dispatch import LeastLoaded, SupervisedPool
-from actors.reward import DEFAULT_REF_TOKEN, RewardWorker, check_settings
+from actors.reward import RewardWorker
 from rewards import DEFAULT_PRESET
+from rewards.batch import DEFAULT_REF_TOKEN, check_settings
 
 
 class RewardPool(SupervisedPool):
@@ -44,12 +43,8 @@ class RewardPool(SupervisedPool):
 
     def submit(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
         """Score one batch (pass its ObjectRef); returns the ref of the rewarded batch."""
-        return self._dispatch.call("score", batch_ref, **self._settings)
+        return self._dispatch.call("reward", batch_ref, **self._settings)
 
     def dispatch(self, batch_ref: ray.ObjectRef) -> tuple[ray.ObjectRef, str]:
         """``submit``, also naming the worker (for ``replace`` when the call fails)."""
-        return self._dispatch.dispatch("score", batch_ref, **self._settings)
-
-    def map(self, batch_refs: Iterable[ray.ObjectRef]) -> list[ray.ObjectRef]:
-        """``submit`` each batch; the refs come back in the input order."""
-        return [self.submit(ref) for ref in batch_refs]
+        return self._dispatch.dispatch("reward", batch_ref, **self._settings)

@@ -34,13 +34,12 @@ import ray
 import torch
 
 from actors.interruptible import InterruptibleEngine
+from config import Config
+from config.builders import feature_store
+from data.trajectory import PROMPT_SCHEMA, ROLLOUT_SCHEMA, as_record_batch, require_columns
+from data.weight_transport import PackedState, unpack_state
 from models.projector import load_projector
 from models.prompt import IMAGE_TOKEN, build_prompt_embeds
-from pipelines.config import Config
-from pipelines.precompute import feature_store
-from pipelines.rollout_schema import PROMPT_SCHEMA, ROLLOUT_SCHEMA
-from pipelines.trajectory import as_record_batch, require_columns
-from pipelines.weight_transport import PackedState, unpack_state
 
 WEIGHTS_GROUP = "weights"  # the actor's threads for weight updates (and version queries)
 
@@ -230,7 +229,7 @@ class Rollout:
         """Names and shapes, all checked before anything is loaded: an update is all or nothing."""
         expected = {f"lm.{k}": s for k, s in self.lm_shapes.items()}
         expected |= {f"projector.{k}": tuple(v.shape) for k, v in self.projector.state_dict().items()}
-        unknown = sorted(k for k in set(state) - set(expected) if not k.startswith("head."))  # head: the scorer's
+        unknown = sorted(k for k in set(state) - set(expected) if not k.startswith("head."))  # head: the reference actor's
         missing = sorted(set(expected) - set(state))
         wrong = sorted(k for k, s in expected.items() if k in state and tuple(state[k].shape) != s)
         if unknown or missing or wrong:

@@ -1,7 +1,7 @@
 """A pool of rollout workers fed by ObjectRefs, for a driver that never holds bulk data.
 
 The driver submits refs of prompt batches and gets refs of rollout batches back; weights
-are ``ray.put(pack_state(state))`` once per sync by the caller (``pipelines.weight_transport``)
+are ``ray.put(pack_state(state))`` once per sync by the caller (``data.weight_transport``)
 and the same ref goes to every worker.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import ray
 
 from actors.dispatch import LeastLoaded, SupervisedPool
 from actors.rollout import RolloutWorker
-from pipelines.config import Config
+from config import Config
 
 
 class RolloutPool(SupervisedPool):

@@ -32,9 +32,9 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.rollout import build_50m, workspace  # noqa: E402
 from bench.weight_sync import export  # noqa: E402
+from data.trajectory import make_prompt_batch  # noqa: E402
+from data.weight_transport import pack_state  # noqa: E402
 from models.policy import load_policy  # noqa: E402
-from pipelines.rollout_schema import make_prompt_batch  # noqa: E402
-from pipelines.weight_transport import pack_state  # noqa: E402
 
 
 def lengths(n: int, tokens: int, seed: int = 0) -> list[int]:

@@ -44,13 +44,13 @@ import torch  # noqa: E402
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from config import load_config  # noqa: E402
+from config.builders import feature_store  # noqa: E402
+from data.trajectory import make_prompt_batch  # noqa: E402
 from models.policy import load_policy  # noqa: E402
 from models.projector import Projector, save_projector  # noqa: E402
 from models.prompt import prompt_ids  # noqa: E402
 from models.tiny import TinyLMSpec, build_lm  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
-from pipelines.precompute import feature_store  # noqa: E402
-from pipelines.rollout_schema import make_prompt_batch  # noqa: E402
 
 LM_50M = TinyLMSpec(hidden_size=512, num_layers=16, num_heads=8, num_kv_heads=2, intermediate_size=1536,
                     max_position_embeddings=4096)
@@ -58,8 +58,8 @@ LM_50M = TinyLMSpec(hidden_size=512, num_layers=16, num_heads=8, num_kv_heads=2,
 
 def workspace(work_dir: str, n_prompts: int):
     """(config, prompt rows): tiny models + synthetic questions, random cached vision features."""
+    from data.schema import read_samples
     from pipelines.build import build_synthetic, build_tiny
-    from pipelines.data.schema import read_samples
 
     config = load_config("configs/tiny.yaml", [f"paths.work_dir={work_dir}", "data.synthetic.n_train=64",
                                                "data.synthetic.n_val=8", "data.synthetic.n_test=8"])

@@ -2,14 +2,14 @@
 
 Usage: python bench/scheduler.py [--steps N] [--warmup 2]     (~2.5 min on 2 cores)
 
-What runs: ``pipelines.scheduler.Scheduler`` and ``pipelines.admission.StalenessController``
-as they are, over ``pipelines.sim_stages.SimStages``: zero-CPU async Ray actors that sleep
+What runs: ``pipelines.grpo.scheduler.Scheduler`` and ``pipelines.grpo.admission.StalenessController``
+as they are, over ``bench.sim_stages.SimStages``: zero-CPU async Ray actors that sleep
 the service times below, shrunk 50-400x. Per scenario (pool of 8 or 64 rollout actors) it
 prints responses per real second for each eta, the speedup over eta = 0 (synchronous:
 generate, score, reward, train, sync, repeat), and the efficiency against the ideal bound:
 the slowest stage's rate when it alone is busy all the time (for the rollout pool: every
 decode slot running a mean-length response, plus its weight load once a step). Rates are
-measured over a window of steps after a warm-up (``pipelines.sim_stages.measure``).
+measured over a window of steps after a warm-up (``bench.sim_stages.measure``).
 
 Assumptions (``Profile``; the output prints them), meant to match what the peers report for
 a 7B GRPO step (research/rl_systems.md), not tuned to a target:
@@ -22,7 +22,7 @@ a 7B GRPO step (research/rl_systems.md), not tuned to a target:
   (optimizer, ZeRO-3 gathers, weight export): generation is then ~70% of a synchronous step;
 - weight sync: 1 s into each engine; an interrupted engine (AReaL-style, the default) also
   recomputes the KV cache of its running sequences at 30k tok/s, prompts once per group;
-- scorer: 1 H100 per 4 rollout actors (reference forward 25k tok/s + 10 ms of masks per
+- reference: 1 H100 per 4 rollout actors (reference forward 25k tok/s + 10 ms of masks per
   response); rewards: 50 ms of CPU per response, one worker per rollout actor.
 The "short answers" scenario keeps everything but the responses (median 200, sigma 0.5,
 clipped at 1024), closer to reasoning segmentation. The staleness bound is strict and on the
@@ -43,8 +43,8 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.sim_stages import Profile, SimStages, measure  # noqa: E402
 from cluster.local import connect  # noqa: E402
-from pipelines.sim_stages import Profile, SimStages, measure  # noqa: E402
 
 ETAS = (0, 1, 2, 4)
 AREAL_ETAS = (1, 4)

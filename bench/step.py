@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipelines.config import load_config  # noqa: E402
+from config import load_config  # noqa: E402
 from pipelines.train import train  # noqa: E402
 
-PHASES = ("rollout", "score", "reward", "learn", "sync")
+PHASES = ("rollout", "reference", "reward", "learn", "sync")
 
 
 def run(eta: int, steps: int, overrides: list[str]) -> dict:

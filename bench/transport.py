@@ -1,6 +1,6 @@
 """Benchmark: a 256-response trajectory batch moved between two Ray actors (issue 5, part 5).
 
-The batch is a scored batch (``pipelines.trajectory.make_scored_batch``: K = 1..4 masks of
+The batch is a scored batch (``data.trajectory.make_reference_batch``: K = 1..4 masks of
 256×256 float32 per response, 32 groups of 8) plus token ids, rollout logprobs (~512 tokens
 each) and the weights version. A producer actor puts it in the object store, a consumer
 actor gets it by ObjectRef, in three forms:
@@ -39,8 +39,8 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from cluster.local import connect, disconnect  # noqa: E402
-from pipelines.data.schema import encode_mask  # noqa: E402
-from pipelines.trajectory import make_scored_batch  # noqa: E402
+from data.reference_rows import make_reference_batch  # noqa: E402
+from data.schema import encode_mask  # noqa: E402
 
 RESPONSES, GROUP, SIZE, TOKENS = 256, 8, 256, 512
 REPEATS = 5
@@ -54,7 +54,7 @@ def make_batch(seed: int = 0) -> pa.RecordBatch:
     gt = np.zeros((SIZE, SIZE), bool)
     gt[64:160, 32:200] = True
     gt_rle = encode_mask(gt)
-    scored = make_scored_batch(
+    scored = make_reference_batch(
         sample_ids=[f"s{i // GROUP}" for i in range(RESPONSES)],
         group_ids=[f"g{i // GROUP}" for i in range(RESPONSES)],
         response_indices=[i % GROUP for i in range(RESPONSES)],

@@ -3,7 +3,7 @@
 Usage: python bench/weight_sync.py [--work-dir work/bench-rollout] [--repeats 8]
 
 One sync = export (the learner's state dict as `lm.*` / `projector.*` names, packed as raw
-numpy views by `pipelines.weight_transport.pack_state`) + push (`ray.put` once, the actor
+numpy views by `data.weight_transport.pack_state`) + push (`ray.put` once, the actor
 receives the ref) + in-place load into the worker's vLLM engine (`reload_weights`) and its
 projector / embedding copies. The baseline clones every tensor once (`torch.clone`). Each
 phase is the best of `--repeats` (the first sync also writes fresh object-store pages: shown
@@ -29,8 +29,8 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.rollout import build_50m, workspace  # noqa: E402
+from data.weight_transport import pack_state  # noqa: E402
 from models.policy import load_policy  # noqa: E402
-from pipelines.weight_transport import pack_state  # noqa: E402
 
 
 def export(policy) -> dict[str, torch.Tensor]:

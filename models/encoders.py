@@ -29,7 +29,7 @@ class FrozenEncoders:
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
-        """RGB uint8 images -> one feature dict per image (see pipelines.data.features).
+        """RGB uint8 images -> one feature dict per image (see data.features).
 
         "vision" is [N, Dv], or for Qwen2.5-VL a [t, h, w, Dv] patch grid (its shape carries the grid).
         """

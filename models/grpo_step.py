@@ -13,16 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from models.losses import grpo_loss, segmentation_loss
-
-if TYPE_CHECKING:
-    from pipelines.config import Config
 
 AGGREGATION_UNITS: dict[str, Callable[[Sequence[int]], int]] = {
     "seq_mean_group_mean": lambda lengths: sum(1 for n in lengths if n > 0),
@@ -58,6 +54,20 @@ class LossTotals:
                    sum(1 for r in kept if ref_token_id in r["response_ids"]))
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """The config's GRPO and segmentation-loss settings that the learner's loss reads."""
+
+    clip_ratio: float
+    clip_ratio_high: float | None
+    kl_coef: float
+    kl_estimator: str
+    policy_loss: str
+    loss_aggregation: str
+    num_slots: int
+    seg_loss: Mapping[str, float]  # segmentation_loss keywords: seg_coef, dice/bce/conf weights
+
+
 def _pad(rows: Sequence[Sequence[float]], width: int) -> Tensor:
     out = torch.zeros(len(rows), width)
     for i, values in enumerate(rows):
@@ -75,7 +85,7 @@ def learner_loss(
     model: Callable,
     rows: Sequence[Mapping],
     features,
-    config: Config,
+    settings: LossSettings,
     totals: LossTotals | None = None,
     live: Sequence[bool] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
@@ -87,7 +97,7 @@ def learner_loss(
     Rows with an ``error`` are dropped and counted. Rows with ``live`` False still run
     through the model, so every ZeRO-3 rank calls the same modules in the same order, but
     add nothing to the loss (a zero weight keeps them in the graph, which the backward's
-    parameter gathers need too). The segmentation terms take ``config.seg_loss`` field for
+    parameter gathers need too). The segmentation terms take ``settings.seg_loss`` field for
     field (seg_coef scales Dice + BCE, conf_weight the slot confidences). Without
     ``totals`` the loss is this micro-batch's own: GRPO + mean segmentation loss.
     Metrics are micro-batch means plus the counts to weight them by (pg_units, tokens,
@@ -108,23 +118,23 @@ def learner_loss(
     old = _pad([r["rollout_logprobs"] for r in rows], width)
     ref = _pad([r["ref_logprobs"] for r in rows], width)
     advantages = torch.tensor([float(r["advantage"]) if a else 0.0 for r, a in zip(rows, live)])
-    g = config.grpo
-    pg, pg_metrics = grpo_loss(out.logprobs, old, ref, advantages, mask, g.clip_ratio, g.kl_coef, g.kl_estimator,
-                               g.policy_loss, None, g.loss_aggregation, g.clip_ratio_high)
+    s = settings
+    pg, pg_metrics = grpo_loss(out.logprobs, old, ref, advantages, mask, s.clip_ratio, s.kl_coef, s.kl_estimator,
+                               s.policy_loss, None, s.loss_aggregation, s.clip_ratio_high)
 
     seg_terms, seg_live = [], []
     for row, head, is_live in zip(rows, heads, live):
         if head is not None:
-            conf = head.conf_logits if config.model.num_slots > 1 else None
+            conf = head.conf_logits if s.num_slots > 1 else None
             term, _ = segmentation_loss(head.mask_logits, gt_masks(row, head.mask_logits.shape[1:]), conf,
-                                        **config.seg_loss.model_dump())
+                                        **s.seg_loss)
             seg_terms.append(term)
             seg_live.append(is_live)
     seg_weights = torch.tensor(seg_live, dtype=torch.float32)
     seg_sum = (torch.stack(seg_terms) * seg_weights).sum() if seg_terms else pg.new_zeros(())
 
     lengths = mask.sum(dim=1).tolist()
-    pg_units, seg_rows = _units(g.loss_aggregation, lengths), int(seg_weights.sum())
+    pg_units, seg_rows = _units(s.loss_aggregation, lengths), int(seg_weights.sum())
     totals = totals or LossTotals(pg_units, seg_rows)
     loss = pg * (pg_units / max(totals.pg_units, 1)) + seg_sum / max(totals.seg_rows, 1)
 

@@ -202,7 +202,7 @@ def _load_llava(path: str, dtype: torch.dtype):
     """llava-hf checkpoint -> its language model as a plain causal LM + its projector."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from models.checkpoints import llava_lm_key, llava_projector_key, load_exact, local_checkpoint, read_tensors
+    from models.hf_weights import llava_lm_key, llava_projector_key, load_exact, local_checkpoint, read_tensors
 
     folder = local_checkpoint(path)
     config = AutoConfig.from_pretrained(folder)

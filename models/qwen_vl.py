@@ -44,7 +44,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLTextModel,
 )
 
-from models.checkpoints import load_exact, local_checkpoint, read_tensors
+from models.hf_weights import load_exact, local_checkpoint, read_tensors
 from models.prompt import IMAGE_TOKEN
 
 FAMILY_MODEL_TYPE = "qwen2_5_vl"

@@ -3,7 +3,7 @@
 Parameters follow the SAELens layout so checkpoints map one-to-one:
 W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
 
-Forward, with s = `input_scale` (fixed at training time, see `models/sae_train.py`):
+Forward, with s = `input_scale` (fixed at training time, see `models/sae_fit.py`):
 
     z     = s · x                                   scale to the training normalisation
     pre   = (z − b_dec·apply_b_dec_to_input) W_enc + b_enc

@@ -119,7 +119,7 @@ def _llava_tower(path: str, _pixel_bounds) -> VisionTower:
     """
     from transformers import AutoConfig, CLIPVisionModel
 
-    from models.checkpoints import llava_vision_key, load_exact, local_checkpoint, read_tensors
+    from models.hf_weights import llava_vision_key, load_exact, local_checkpoint, read_tensors
 
     folder = local_checkpoint(path)
     config = AutoConfig.from_pretrained(folder)

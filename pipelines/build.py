@@ -10,8 +10,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from pipelines.config import Config
-from pipelines.data.schema import read_table
+from config import Config
+from data.schema import read_table
 
 
 def _stamp_matches(stamp: Path, params: dict) -> bool:
@@ -32,7 +32,7 @@ def split_summary(root: Path, splits: list[str]) -> dict[str, dict[str, int]]:
 
 
 def build_synthetic(config: Config, force: bool = False) -> dict:
-    from pipelines.data.synthetic import SPLITS, make_synthetic
+    from data.synthetic import SPLITS, make_synthetic
 
     if config.data.dataset != "synthetic":
         raise ValueError(
@@ -72,8 +72,8 @@ def build_tiny(config: Config, force: bool = False) -> dict:
     """Train the tokenizer on the synthetic train split and build the tiny models."""
     from dataclasses import asdict
 
+    from data.synthetic import corpus
     from models.tiny import make_tiny
-    from pipelines.data.synthetic import corpus
 
     if config.model.family != "tiny":
         raise ValueError(f"model.family is '{config.model.family}': make-tiny builds only the tiny family")

@@ -10,9 +10,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.config import Config, ConfigError, dump_config, load_config
-from pipelines.data.schema import DataError
-from pipelines.ledger import LedgerError
+from config import Config, ConfigError, dump_config, load_config
+from data.schema import DataError
+from pipelines.grpo.ledger import LedgerError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
@@ -74,7 +74,7 @@ def cmd_precompute(config: Config, args: argparse.Namespace) -> dict:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    from pipelines.data.converters import CONVERTERS
+    from data.converters import CONVERTERS
 
     p.add_argument("format", choices=sorted(CONVERTERS), help="upstream dataset format")
     p.add_argument("src", help="upstream file or folder (see README: Datasets)")
@@ -85,8 +85,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", "convert ReasonSeg / RefCOCO(+/g) / gRefCOCO into the canonical schema", _convert_args)
 def cmd_convert(config: Config, args: argparse.Namespace) -> None:
-    from pipelines.data.converters import convert
-    from pipelines.data.schema import read_table
+    from data.converters import convert
+    from data.schema import read_table
 
     out = convert(args.format, args.src, args.split, args.out, image_root=args.image_root)
     print(f"wrote {read_table(out).num_rows} samples to {out}")
@@ -117,11 +117,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    "checkpoint (its config.yaml, plus any overrides given)")
 
 
-@command("train", "distributed GRPO on Ray (rollout pool, reference scorer, reward workers, ZeRO-3 learner), "
+@command("train", "distributed GRPO on Ray (rollout pool, reference actors, reward workers, ZeRO-3 learner), "
          "then eval", _train_args)
 def cmd_train(config: Config, args: argparse.Namespace) -> dict:
     from pipelines.evaluate import table_lines
-    from pipelines.ledger import format_summary
+    from pipelines.grpo.ledger import format_summary
     from pipelines.train import train
 
     summary = train(config, resume=bool(args.resume))
@@ -143,8 +143,8 @@ def _ledger_args(p: argparse.ArgumentParser) -> None:
 @command("ledger", "summarise a run's trajectory ledger: samples per state, drops and retries by reason, "
          "staleness; checks that every sample was trained at most once", _ledger_args)
 def cmd_ledger(config: Config, args: argparse.Namespace) -> None:
-    from pipelines.ledger import format_summary
-    from pipelines.run_checkpoints import run_ledger
+    from pipelines.grpo.ledger import format_summary
+    from pipelines.grpo.run_checkpoints import run_ledger
 
     ledger, source, eta = run_ledger(Path(args.run))
     print(f"{source}")

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.loader import SegDataset, SegItem
+from data.mask_frames import lowres_to_image, slot_targets
 from models.generate import generate
-from models.mask_frames import lowres_to_image, slot_targets
 from models.prompt import prompt_ids
 from models.segmenter import Segmenter, slot_probabilities
-from pipelines.data.loader import SegDataset, SegItem
 from rewards import SegMetrics, mask_score, response_format_score
 
 
@@ -79,8 +79,7 @@ def run_eval(config, checkpoint: str | None = None, split: str | None = None, li
     import json
     from pathlib import Path
 
-    from pipelines.modeling import build_segmenter
-    from pipelines.precompute import feature_store
+    from config.builders import build_segmenter, feature_store
 
     checkpoint = checkpoint or config.resolve_path(config.model.name_or_path)
     split = split or config.data.eval_splits[0]

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipelines.config import Config
-from pipelines.data.features import FeatureStore, content_hash, encoder_key
-from pipelines.data.schema import read_table, resolve_image
+from config import Config
+from config.builders import feature_store
+from data.features import FeatureStore, content_hash
+from data.schema import read_table, resolve_image
 
 
 @dataclass
@@ -32,21 +33,6 @@ class PrecomputeReport:
         ]
         out += [f"  FAILED {path}: {why}" for path, why in self.failures]
         return out
-
-
-def encoder_sources(config: Config) -> list[str]:
-    """Files that define the frozen encoders (their identity in the cache)."""
-    model_path = config.resolve_path(config.model.name_or_path)
-    if config.model.family == "tiny":
-        return [str(Path(model_path) / "vision"), str(Path(model_path) / "sam")]
-    sources = [model_path, config.model.sam.variant, config.model.sam.checkpoint or "random-init"]
-    if config.model.family == "qwen2_5_vl":  # its grid, hence its features, depend on the pixel bounds
-        sources.append(f"pixels={config.data.image_min_pixels},{config.data.image_max_pixels}")
-    return sources
-
-
-def feature_store(config: Config) -> FeatureStore:
-    return FeatureStore(config.resolve_path(config.paths.cache_dir), encoder_key(*encoder_sources(config)))
 
 
 def dataset_images(config: Config, splits: list[str]) -> list[str]:

@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.config import Config
+from config import Config
 
 
 class CollectStates:
     """Ray Data stateful UDF: sample indices -> layer-k hidden states [n_tokens, d]."""
 
     def __init__(self, config_dump: dict, split_file: str):
+        from config.builders import feature_store
+        from data.schema import read_samples
         from models.policy import load_policy
-        from pipelines.data.schema import read_samples
-        from pipelines.precompute import feature_store
 
         self.config = Config.model_validate(config_dump)
         m = self.config.model
@@ -32,10 +32,10 @@ class CollectStates:
         self.split_file, self.store = split_file, feature_store(self.config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from data.features import content_hash
+        from data.schema import resolve_image
+        from data.synthetic import sft_target
         from models.prompt import prompt_ids
-        from pipelines.data.features import content_hash
-        from pipelines.data.schema import resolve_image
-        from pipelines.data.synthetic import sft_target
 
         m = self.config.model
         prompts, feats, responses = [], [], []
@@ -60,7 +60,7 @@ def collect_states(config: Config, split: str) -> torch.Tensor:
     import ray.data
 
     split_file = Path(config.resolve_path(config.data.root)) / f"{split}.parquet"
-    from pipelines.data.schema import read_table
+    from data.schema import read_table
 
     n = min(read_table(split_file).num_rows, config.model.sae.max_samples)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -75,8 +75,8 @@ def collect_states(config: Config, split: str) -> torch.Tensor:
 
 def run_sae_train(config: Config, progress: bool = True) -> dict:
     """Collect states, train, save to model.sae.path; returns the training report."""
+    from models.sae_fit import train_sae
     from models.sae_io import save_sae
-    from models.sae_train import train_sae
 
     s = config.model.sae
     states = collect_states(config, config.data.train_split)

@@ -14,17 +14,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from config import Config, dump_config
+from config.builders import build_segmenter, feature_store, head_spec
+from data.loader import SegDataset, SegItem
+from data.mask_frames import slot_targets
+from data.synthetic import sft_target
 from models.losses import segmentation_loss
-from models.mask_frames import slot_targets
 from models.optim import build_optimizer, clip_grad_norm, one_cycle, param_groups
 from models.prompt import prompt_ids
 from models.segmenter import save_segmenter
-from pipelines.config import Config, dump_config
-from pipelines.data.loader import SegDataset, SegItem
-from pipelines.data.synthetic import sft_target
 from pipelines.evaluate import evaluate, table_lines
-from pipelines.modeling import build_segmenter, head_spec
-from pipelines.precompute import feature_store
 
 
 def sft_step(model, tokenizer, items: list[SegItem], config: Config) -> tuple[torch.Tensor, dict]:

@@ -17,19 +17,19 @@ import ray
 from transformers import AutoTokenizer
 
 from cluster.local import connect
-from models.sam import sam_image_size
+from cluster.topology import start_actors
+from config import Config, dump_config, load_config
+from config.builders import feature_store
 from models.encoders import sam_checkpoint
-from pipelines.admission import StalenessController
-from pipelines.config import Config, dump_config, load_config
-from pipelines.ledger import Ledger
-from pipelines.precompute import feature_store
-from pipelines.prompts import PromptStream, prompt_rows
-from pipelines.resume import restore
-from pipelines.run_checkpoints import latest_checkpoint
-from pipelines.run_log import RunLog
-from pipelines.scheduler import LearnerFailure, Scheduler
-from pipelines.stages import ActorStages
-from pipelines.topology import start_actors
+from models.sam import sam_image_size
+from pipelines.grpo.admission import StalenessController
+from pipelines.grpo.ledger import Ledger
+from pipelines.grpo.prompts import PromptStream, prompt_rows
+from pipelines.grpo.resume import restore
+from pipelines.grpo.run_checkpoints import latest_checkpoint
+from pipelines.grpo.run_log import RunLog
+from pipelines.grpo.scheduler import LearnerFailure, Scheduler
+from pipelines.grpo.stages import ActorStages
 
 
 def train(config: Config, resume: bool = False) -> dict:
@@ -46,8 +46,8 @@ def train(config: Config, resume: bool = False) -> dict:
                 raise
             print(f"[segrl] {exc}; resuming from the last checkpoint "
                   f"(automatic resume {attempt + 1} of {config.train.max_learner_restarts})", flush=True)
-    scorer = config.cluster.scorer  # the actors are gone: evaluation takes the scorer's place
-    evaluation = ray.get(evaluate_checkpoint.options(num_cpus=scorer.num_cpus, num_gpus=scorer.num_gpus)
+    reference = config.cluster.reference  # the actors are gone: evaluation takes the reference's place
+    evaluation = ray.get(evaluate_checkpoint.options(num_cpus=reference.num_cpus, num_gpus=reference.num_gpus)
                          .remote(config, final, config.train.eval_samples)) if config.train.eval_samples else None
     summary = {"model": final, "eval": evaluation, "rewards": log.rewards, "admission": report.admission,
                "ledger": ledger.summary(), "phases": report.phases, "wall_s": report.wall_s}
@@ -67,7 +67,7 @@ def run_grpo(config: Config, run_dir: Path, resume: bool):
         controller = StalenessController(config.train.staleness, config.grpo.prompts_per_step,
                                          config.train.max_in_flight, config.train.staleness_mode)
         ledger, faults = restore(checkpoint, actors, prompts, controller) if checkpoint else (Ledger(), {})
-        scheduler = Scheduler(ActorStages(prompts, actors.pool, actors.scorer, actors.rewards, actors.learner),
+        scheduler = Scheduler(ActorStages(prompts, actors.rollout, actors.reference, actors.reward, actors.learner),
                               controller, groups_per_call=config.train.groups_per_call,
                               straggler_timeout_s=config.train.straggler_timeout_s, ledger=ledger,
                               max_retries=config.train.max_retries, stall_timeout_s=config.train.stall_timeout_s)

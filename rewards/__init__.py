@@ -3,7 +3,7 @@
 No Ray and no torch here: the reward workers and the evaluator wrap these functions.
 """
 
-from rewards.advantages import group_advantages, total_reward
+from rewards.advantages import ADVANTAGE_ESTIMATORS, group_advantages, total_reward
 from rewards.format import format_score, refusal_format_score, response_format_score
 from rewards.masks import mask_score, multi_object_score, pairwise_soft_iou, score_group, soft_iou
 from rewards.metrics import SegMetrics
@@ -16,6 +16,7 @@ from rewards.presets import (
 )
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "DEFAULT_PRESET",
     "RewardPreset",
     "SegMetrics",

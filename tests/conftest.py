@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pipelines.config import load_config
+from config import load_config
 
 TINY_OVERRIDES = ["data.synthetic.n_train=40", "data.synthetic.n_val=10", "data.synthetic.n_test=10"]
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from pipelines.admission import STALE, AdmissionError, StalenessController
+from pipelines.grpo.admission import STALE, AdmissionError, StalenessController
 
 
 def generate(controller: StalenessController, ids, version: int) -> None:

@@ -1,9 +1,9 @@
 """The `segrl` command: the main job's report, conversion, and clear errors."""
+from tests_support import overrides_for
 from upstream_fixtures import reasonseg_ann, write_reasonseg
 
+from data.schema import read_samples
 from pipelines.cli import build_parser, main
-from pipelines.data.schema import read_samples
-from tests_support import overrides_for
 
 
 def test_every_subcommand_has_help():
@@ -17,7 +17,7 @@ def test_main_job_builds_and_reports(tiny_workspace, ray_cluster, capsys):
     quick = ["model.sae.epochs=2", "sft.epochs=1", "sft.eval_samples=8", "sft.max_new_tokens=16",
              "train.steps=1", "grpo.prompts_per_step=2", "rollout.group_size=2", "train.groups_per_call=1",
              "train.eval_samples=4", "data.max_response_length=32", "cluster.rollout.num_cpus=0.1",
-             "cluster.learner.num_cpus=0.1", "cluster.scorer.num_cpus=0.1", "cluster.reward.num_cpus=0.1"]
+             "cluster.learner.num_cpus=0.1", "cluster.reference.num_cpus=0.1", "cluster.reward.num_cpus=0.1"]
     assert main(["main", *overrides_for(config), *quick]) == 0
     out = capsys.readouterr().out
     assert "is up to date" in out  # the session fixture already built data and models

@@ -6,9 +6,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from config import ConfigError, dump_config, load_config
+from config.load import parse_override
 from pipelines.cli import main as cli_main
-from pipelines.config import ConfigError, dump_config, load_config
-from pipelines.config.load import parse_override
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 

@@ -8,12 +8,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from upstream_fixtures import COMPRESSED, CROWD, H, H2, W, W2, grefs, instances, reasonseg_ann, rect, refer_refs
-from upstream_fixtures import write_grefcoco, write_reasonseg, write_refer
+from upstream_fixtures import (
+    COMPRESSED,
+    CROWD,
+    H2,
+    W2,
+    H,
+    W,
+    grefs,
+    instances,
+    reasonseg_ann,
+    rect,
+    refer_refs,
+    write_grefcoco,
+    write_reasonseg,
+    write_refer,
+)
 
-from pipelines.data.converters import CONVERTERS, convert
-from pipelines.data.converters.grefcoco import convert_split as grefcoco_split
-from pipelines.data.schema import DataError, read_samples, resolve_image
+from data.converters import CONVERTERS, convert
+from data.converters.grefcoco import convert_split as grefcoco_split
+from data.schema import DataError, read_samples, resolve_image
 
 
 def box(mask):

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import ray
 from ray.exceptions import RayError
+from tests_support import tiny_grpo_config
 
 import pipelines.train as train_module
-from pipelines.config import dump_config
-from pipelines.ledger import Ledger
-from pipelines.metrics_log import read_metrics
+from config import dump_config
+from pipelines.grpo.ledger import Ledger
+from pipelines.grpo.metrics_log import read_metrics
 from pipelines.train import train
-from tests_support import tiny_grpo_config
 
 BATCH = 2  # tiny_grpo_config's prompts per step
 STEP_TIMEOUT_S = 600
@@ -47,8 +47,8 @@ class Injector:
             def record_and_stop():
                 try:
                     self.versions.append({
-                        "pool": ray.get([w.version.remote() for w in topology.pool.workers], timeout=60),
-                        "scorer": [max(v) for v in ray.get([w.versions.remote() for w in topology.scorer.workers],
+                        "pool": ray.get([w.version.remote() for w in topology.rollout.workers], timeout=60),
+                        "reference": [max(v) for v in ray.get([w.versions.remote() for w in topology.reference.workers],
                                                            timeout=60)],
                         "learner": topology.learner.version(),
                     })
@@ -101,7 +101,7 @@ def assert_exactly_once(out: Path, steps: int, eta: int = 1) -> Ledger:
 
 def assert_versions_agree(versions: dict, steps: int) -> None:
     assert versions["learner"] == steps
-    assert set(versions["pool"]) == {steps} and set(versions["scorer"]) == {steps}
+    assert set(versions["pool"]) == {steps} and set(versions["reference"]) == {steps}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def actor_kills(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
     """Kill the rollout engine, the reference scorer and a reward worker at random points of one run."""
     out = tmp_path_factory.mktemp("faults-actors")
     rng = random.Random(6)
-    kills = sorted(zip(rng.sample([1, 2, 3, 4], 3), ["rollout", "scorer", "reward"]))
+    kills = sorted(zip(rng.sample([1, 2, 3, 4], 3), ["rollout", "reference", "reward"]))
 
     def inject(injector):
         wait_for(lambda: injector.topologies, "the actors")
@@ -117,7 +117,7 @@ def actor_kills(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
         for step, kind in kills:
             wait_for(lambda: steps_logged(out) >= step, f"step {step}")
             time.sleep(rng.uniform(0.0, 1.0))
-            pool = {"rollout": topology.pool, "scorer": topology.scorer, "reward": topology.rewards}[kind]
+            pool = {"rollout": topology.rollout, "reference": topology.reference, "reward": topology.reward}[kind]
             ray.kill(pool.workers[0])
 
     summary, injector = faulty_run(tiny_workspace, out, 6, 3, inject)
@@ -132,7 +132,7 @@ def test_killed_actors_are_replaced_and_no_sample_is_lost_or_trained_twice(actor
     assert faults["faults/restarts"] == 3 and faults["faults/actor_failures"] >= 3, (kills, faults)
     requeued = ledger.summary()["requeued_by_reason"]
     assert sum(requeued.values()) == faults["faults/retries"] >= 1
-    assert all(reason.split(":")[0] in ("rollout", "score", "reward") for reason in requeued)
+    assert all(reason.split(":")[0] in ("rollout", "reference", "reward") for reason in requeued)
 
 
 @pytest.fixture(scope="module")

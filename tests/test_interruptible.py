@@ -18,11 +18,11 @@ import torch
 
 from actors.interruptible import InterruptibleEngine
 from actors.rollout import ACTOR_OPTIONS, Rollout
+from data.features import content_hash
+from data.schema import read_samples, resolve_image
+from data.trajectory import make_prompt_batch
+from data.weight_transport import pack_state
 from models.prompt import prompt_ids
-from pipelines.data.features import content_hash
-from pipelines.data.schema import read_samples, resolve_image
-from pipelines.rollout_schema import make_prompt_batch
-from pipelines.weight_transport import pack_state
 
 
 class FakeLLM:

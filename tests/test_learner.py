@@ -16,16 +16,15 @@ import ray
 import torch
 
 from actors.learner import lockstep_plan, read_rows
+from config.builders import build_segmenter, feature_store, loss_settings
+from data.features import content_hash
+from data.loader import SegDataset
+from data.schema import encode_mask, resolve_image
+from data.synthetic import sft_target
+from data.trajectory import REF_LOGPROBS_FIELD, ROLLOUT_SCHEMA
+from data.weight_transport import unpack_state
 from models.grpo_step import LossTotals, learner_loss
 from models.prompt import prompt_ids
-from pipelines.data.features import content_hash
-from pipelines.data.loader import SegDataset
-from pipelines.data.schema import encode_mask, resolve_image
-from pipelines.data.synthetic import sft_target
-from pipelines.modeling import build_segmenter
-from pipelines.precompute import feature_store
-from pipelines.rollout_schema import REF_LOGPROBS_FIELD, ROLLOUT_SCHEMA
-from pipelines.weight_transport import unpack_state
 
 LEARNER_SCHEMA = pa.schema(list(ROLLOUT_SCHEMA) + [REF_LOGPROBS_FIELD, pa.field("advantage", pa.float32()),
                                                    pa.field("error", pa.string())])
@@ -107,7 +106,7 @@ def test_learner_loss_reaches_every_trainable_role(tiny_workspace, tiny_sae, row
     config = learner_config(tiny_workspace, num_slots=2)
     torch.manual_seed(0)
     model, _, _ = build_segmenter(config)
-    loss, metrics = learner_loss(model, rows, feature_store(config), config)
+    loss, metrics = learner_loss(model, rows, feature_store(config), loss_settings(config))
     loss.backward()
     for role, module in model.param_modules().items():
         grads = [p.grad.abs().sum() for p in module.parameters() if p.grad is not None]
@@ -121,14 +120,14 @@ def test_micro_batch_losses_sum_to_the_full_batch_loss(tiny_workspace, tiny_sae,
     torch.manual_seed(0)
     model, _, _ = build_segmenter(config)
     store = feature_store(config)
-    full, _ = learner_loss(model, rows, store, config)
+    full, _ = learner_loss(model, rows, store, loss_settings(config))
     totals = LossTotals.of(rows, config.grpo.loss_aggregation, model.policy.ref_token_id)
     chunks = [rows[i:i + 3] for i in range(0, len(rows), 3)]
-    parts = [learner_loss(model, chunk + rows[:1], store, config, totals, [True] * len(chunk) + [False])[0]
+    parts = [learner_loss(model, chunk + rows[:1], store, loss_settings(config), totals, [True] * len(chunk) + [False])[0]
              for chunk in chunks]  # each with a non-live padding row
     assert torch.allclose(sum(parts), full, rtol=1e-5)
     bad = [dict(rows[0], error="null_field")] + rows
-    assert learner_loss(model, bad, store, config)[1]["dropped_rows"] == 1
+    assert learner_loss(model, bad, store, loss_settings(config))[1]["dropped_rows"] == 1
 
 
 # ---------------------------------------------------------------- ZeRO-3 on Ray

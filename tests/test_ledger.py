@@ -7,13 +7,13 @@ import os
 
 import pytest
 
-from pipelines.ledger import (
+from pipelines.grpo.ledger import (
     ADMITTED,
     DROPPED,
     GENERATED,
+    REFERENCED,
     REQUEUED,
     REWARDED,
-    SCORED,
     STATES,
     TRAINED,
     Ledger,
@@ -27,7 +27,7 @@ def train(ledger: Ledger, group_id: int, sample: str, version: int, step: int) -
     """Admit a group and take it all the way to trained."""
     ledger.admitted(group_id, sample)
     ledger.generated(group_id, version)
-    ledger.scored(group_id)
+    ledger.referenced(group_id)
     ledger.rewarded(group_id)
     ledger.trained(group_id, step)
 
@@ -61,8 +61,8 @@ def test_life_cycle_and_summary():
     assert ledger.state(0) == ADMITTED and ledger.open_groups() == [0]
     ledger.generated(0, 3)
     assert ledger.state(0) == GENERATED
-    ledger.scored(0)
-    assert ledger.state(0) == SCORED
+    ledger.referenced(0)
+    assert ledger.state(0) == REFERENCED
     ledger.rewarded(0)
     assert ledger.state(0) == REWARDED
     ledger.trained(0, 4)
@@ -83,7 +83,7 @@ def test_life_cycle_and_summary():
     assert run.summary() == {
         "groups": 7,
         "states": {
-            ADMITTED: 0, GENERATED: 1, SCORED: 0, REWARDED: 0, TRAINED: 4, DROPPED: 1, REQUEUED: 1,
+            ADMITTED: 0, GENERATED: 1, REFERENCED: 0, REWARDED: 0, TRAINED: 4, DROPPED: 1, REQUEUED: 1,
         },
         "samples": 6,
         "trained_samples": 4,
@@ -129,7 +129,7 @@ def _requeued(ledger: Ledger) -> None:
 @pytest.mark.parametrize(
     "setup, action, state, target",
     [
-        (_admitted, lambda lg: lg.scored(3), ADMITTED, SCORED),  # skips generated
+        (_admitted, lambda lg: lg.referenced(3), ADMITTED, REFERENCED),  # skips generated
         (_admitted, lambda lg: lg.trained(3, 0), ADMITTED, TRAINED),
         (_admitted, lambda lg: lg.admitted(3, "e1:9"), ADMITTED, ADMITTED),  # id reused
         (_trained, lambda lg: lg.dropped(3, "late"), TRAINED, DROPPED),
@@ -182,7 +182,7 @@ def test_check_catches_a_group_after_a_final_or_open_one(first_end):
     ledger.admitted(0, "e0:5")
     if first_end == TRAINED:
         ledger.generated(0, 0)
-        ledger.scored(0)
+        ledger.referenced(0)
         ledger.rewarded(0)
         ledger.trained(0, 0)
     elif first_end == DROPPED:
@@ -269,7 +269,7 @@ def test_interrupt_open_requeues_in_admission_order_and_readmission_passes():
     train(ledger, 2, "e0:9", version=0, step=0)
     ledger.admitted(3, "e0:7")
     ledger.generated(3, 0)
-    ledger.scored(3)
+    ledger.referenced(3)
     ledger.rewarded(3)
     ledger.admitted(4, "e0:1")
     ledger.dropped(4, "bad data")
@@ -397,7 +397,7 @@ def test_format_summary_shows_counts_reasons_and_staleness():
     lines = text.splitlines()
     assert lines[0] == "9 groups over 8 samples: 5 trained in 3 steps, 1 retried"
     assert lines[1] == (
-        "admitted 0  generated 1  scored 0  rewarded 0  trained 5  dropped 2  requeued 1"
+        "admitted 0  generated 1  referenced 0  rewarded 0  trained 5  dropped 2  requeued 1"
     )
     assert "       1  stale" in lines and "       1  actor died" in lines
     assert "       1  rollout: actor failure beyond 3 retries" in lines

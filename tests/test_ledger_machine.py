@@ -5,13 +5,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pipelines.ledger import (
+from pipelines.grpo.ledger import (
     ADMITTED,
     DROPPED,
     GENERATED,
+    REFERENCED,
     REQUEUED,
     REWARDED,
-    SCORED,
     TRAINED,
     Ledger,
 )
@@ -55,21 +55,21 @@ class LedgerMachine(RuleBasedStateMachine):
             self.version[group_id] = self.step - min(lag, self.step)
             self.ledger.generated(group_id, self.version[group_id])
         elif state == GENERATED:
-            self.ledger.scored(group_id)
-        elif state == SCORED:
+            self.ledger.referenced(group_id)
+        elif state == REFERENCED:
             self.ledger.rewarded(group_id)
 
-    @precondition(lambda self: self._open(ADMITTED, GENERATED, SCORED))
+    @precondition(lambda self: self._open(ADMITTED, GENERATED, REFERENCED))
     @rule(data=st.data(), stages=st.integers(1, 3))
     def advance_one(self, data, stages):
-        group_id = data.draw(st.sampled_from(self._open(ADMITTED, GENERATED, SCORED)))
+        group_id = data.draw(st.sampled_from(self._open(ADMITTED, GENERATED, REFERENCED)))
         for _ in range(stages):
             self._advance(group_id, data.draw(st.integers(0, self.eta + 1)))
 
-    @precondition(lambda self: self._open(ADMITTED, GENERATED, SCORED))
+    @precondition(lambda self: self._open(ADMITTED, GENERATED, REFERENCED))
     @rule(lag=st.integers(0, 3), stages=st.integers(1, 3))
     def advance_all(self, lag, stages):
-        for group_id in self._open(ADMITTED, GENERATED, SCORED):
+        for group_id in self._open(ADMITTED, GENERATED, REFERENCED):
             for _ in range(stages):
                 self._advance(group_id, lag)
 

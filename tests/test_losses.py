@@ -1,24 +1,20 @@
-"""GRPO objective (eq. 10–11), KL estimators, advantages and the segmentation losses."""
+"""GRPO objective (eq. 10–11), KL estimators and the segmentation losses."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.losses import (
-    ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
-    Registry,
-    compute_advantages,
     dice_loss,
     grpo_loss,
     segmentation_loss,
     truncated_is_weights,
 )
 from models.losses.kl import K3_LOG_RATIO_CLAMP, LOW_VAR_KL_MAX
-from rewards.advantages import group_advantages
+from rewards.registry import Registry
 
 LN2 = math.log(2.0)
 
@@ -233,51 +229,6 @@ def test_registry_rejects_duplicates_and_lists_names():
         registry.register("a")(len)
     with pytest.raises(ValueError, match="unknown thing 'c'; known: a, b"):
         registry.get("c")
-
-
-# ------------------------------------------------------------------ advantages
-
-
-def test_advantage_estimators_hand_values():
-    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
-    # group [1, 0]: mean 0.5, unbiased std √0.5, population std 0.5; group [0.5, 0.5] is flat
-    s = math.sqrt(0.5)
-    assert compute_advantages(rewards, 2).tolist() == pytest.approx([0.5 / (s + 1e-6), -0.5 / (s + 1e-6), 0, 0])
-    assert compute_advantages(rewards, 2, "grpo_population_std").tolist() == pytest.approx(
-        [0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0, 0])
-    assert compute_advantages(rewards, 2, "dr_grpo").tolist() == [0.5, -0.5, 0.0, 0.0]
-    assert compute_advantages(rewards, 1).tolist() == [0.0] * 4
-    assert compute_advantages(torch.tensor([1, 0]), 2).dtype == torch.float32
-
-
-rewards_and_group = st.integers(1, 8).flatmap(
-    lambda g: st.tuples(
-        st.lists(st.sampled_from([0.0, 0.27, 0.3, 0.65, 0.97, 1.0]) | st.floats(0, 1), min_size=g, max_size=4 * g)
-        .map(lambda xs, g=g: xs[: len(xs) - len(xs) % g]),
-        st.just(g),
-    )
-)
-
-
-@settings(max_examples=50, deadline=None)
-@given(rewards_and_group)
-def test_advantages_zero_mean_per_group_and_match_the_numpy_version(case):
-    rewards, group_size = case
-    r64 = torch.tensor(rewards, dtype=torch.float64)
-    expected = group_advantages(np.array(rewards), group_size)
-    assert np.allclose(compute_advantages(r64, group_size).numpy(), expected, rtol=1e-12, atol=1e-12)
-    for name in ADVANTAGE_ESTIMATORS.names():
-        adv = compute_advantages(r64, group_size, name).reshape(-1, group_size)
-        assert torch.allclose(adv.sum(dim=1), torch.zeros(adv.shape[0], dtype=torch.float64), atol=1e-6)
-
-
-def test_advantages_reject_bad_input():
-    with pytest.raises(ValueError, match="not a multiple of group_size"):
-        compute_advantages(torch.ones(5), 2)
-    with pytest.raises(ValueError, match="NaN or inf"):
-        compute_advantages(torch.tensor([1.0, float("nan")]), 2)
-    with pytest.raises(ValueError, match="unknown advantage estimator 'rloo'; known: dr_grpo, grpo"):
-        compute_advantages(torch.ones(2), 2, "rloo")
 
 
 # ------------------------------------------------------------------ segmentation

@@ -1,11 +1,10 @@
 """Image <-> SAM low-res mask frames: a round trip keeps the object where it was."""
 import numpy as np
 import torch
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.mask_frames import gt_to_lowres, lowres_to_image, slot_targets
+from data.mask_frames import gt_to_lowres, lowres_to_image, slot_targets
 from models.sam import TinySamSpec, build_tiny_sam
 
 

@@ -1,5 +1,5 @@
 """Metrics sinks: JSONL lines and TensorBoard scalars with the same flattened names."""
-from pipelines.metrics_log import MetricsLog, flatten, read_metrics
+from pipelines.grpo.metrics_log import MetricsLog, flatten, read_metrics
 
 
 def test_flatten_nests_with_slashes():

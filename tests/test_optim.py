@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from config.schema import LRMultipliers, OptimConfig
 from models.optim import build_optimizer, clip_grad_norm, one_cycle, one_cycle_factor, param_groups
-from pipelines.config.schema import LRMultipliers, OptimConfig
 
 BASE_LR = OptimConfig().lr  # 2e-6
 

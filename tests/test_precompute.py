@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from models.encoders import FrozenEncoders
-from pipelines.config import load_config
-from pipelines.data.features import FeatureStore, content_hash, encoder_key
-from pipelines.data.schema import read_samples, resolve_image
-from pipelines.precompute import dataset_images, feature_store, precompute
 from tests_support import overrides_for
+
+from config import load_config
+from config.builders import feature_store
+from data.features import FeatureStore, content_hash, encoder_key
+from data.schema import read_samples, resolve_image
+from models.encoders import FrozenEncoders
+from pipelines.precompute import dataset_images, precompute
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from upstream_fixtures import qwen_style_tokenizer, write_tiny_qwen_vl
 
 from models.policy import load_policy
 from models.prompt import prompt_ids
 from models.qwen_vl import mrope_positions
 from models.vision import load_vision_tower
-from upstream_fixtures import qwen_style_tokenizer, write_tiny_qwen_vl
 
 PIXELS = (64, 64 * 64)  # min, max pixels: 40x60 -> 40x64 px -> 10x16 patches (patch 4)
 
@@ -99,8 +99,8 @@ def test_positions_equal_hf_rope_index(tiny_qwen, grid):
 
 
 def test_cache_holds_the_patch_grid_per_image(split):
-    from pipelines.config import load_config
-    from pipelines.precompute import encoder_sources
+    from config import load_config
+    from config.builders import encoder_sources
 
     _, _, tower = split
     images = [_image(40, 60), _image(64, 24, seed=1)]

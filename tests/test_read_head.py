@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests_support import overrides_for
 from torch.nn import functional as F
 
+from config import load_config
+from config.builders import build_segmenter, feature_store, head_spec
+from data.features import content_hash
+from data.loader import SegDataset
+from data.schema import read_samples, resolve_image
+from data.synthetic import sft_target
 from models.encoders import FrozenEncoders
+from models.heads import HEADS
 from models.optim import build_optimizer, param_groups
 from models.prompt import prompt_ids
 from models.read import similarity_map
@@ -19,15 +27,7 @@ from models.sae import SparseAutoencoder
 from models.sam import TinySamSpec, build_tiny_sam, load_sam
 from models.seghead import SegCompassHead
 from models.segmenter import Segmenter, save_segmenter
-from pipelines.config import load_config
-from pipelines.data.features import content_hash
-from pipelines.data.loader import SegDataset
-from pipelines.data.schema import read_samples, resolve_image
-from pipelines.data.synthetic import sft_target
-from pipelines.modeling import HEADS, build_segmenter, head_spec
-from pipelines.precompute import feature_store
 from pipelines.sft import sft_step
-from tests_support import overrides_for
 
 LM_DIM = 48
 N_ITEMS = 6
@@ -87,7 +87,7 @@ def test_param_groups_cope_with_reads_roles():
 
 
 def test_kind_registry_matches_the_config_key():
-    assert set(HEADS) == {"segcompass", "read"}
+    assert set(HEADS.names()) == {"segcompass", "read"}
     assert load_config().model.head.kind == "segcompass"
 
 

@@ -8,18 +8,19 @@ import pyarrow as pa
 import pytest
 import ray
 
-from actors.reward import RewardWorker, score_batch
+from actors.reward import RewardWorker
 from actors.reward_pool import RewardPool
-from pipelines.trajectory import (
-    REWARDED_SCHEMA,
+from data.reference_rows import make_reference_batch
+from data.trajectory import (
+    REFERENCE_SCHEMA,
+    REWARD_SCHEMA,
     ROW_ERRORS,
-    SCORED_SCHEMA,
     SchemaError,
     SplitGroupError,
     attach_rewards,
-    make_scored_batch,
 )
 from rewards import group_advantages
+from rewards.batch import reward_batch
 
 H = W = 4
 CLEAN = "<think>look</think> <SEG>"  # format 1.0 under both presets
@@ -39,7 +40,7 @@ LEFT, RIGHT = cols(0, 1), cols(2, 3)  # two GT objects of 8 pixels
 
 
 def group(name, texts, probs, confs, gts, **extra):
-    """Keyword arguments of make_scored_batch for one complete group."""
+    """Keyword arguments of make_reference_batch for one complete group."""
     n = len(texts)
     return dict(
         sample_ids=[f"s-{name}"] * n, group_ids=[name] * n, response_indices=list(range(n)),
@@ -51,7 +52,7 @@ def group(name, texts, probs, confs, gts, **extra):
 def batch_of(*groups) -> pa.RecordBatch:
     merged = {k: [v for g in groups for v in g[k]] for k in groups[0] if k != "group_sizes"}
     merged["group_sizes"] = [len(g["texts"]) for g in groups for _ in g["texts"]]
-    return make_scored_batch(**merged)
+    return make_reference_batch(**merged)
 
 
 # Hand-computed (format, mask) per row; soft IoU = Σpg / (Σp + Σg − Σpg).
@@ -98,7 +99,7 @@ def hand_advantages(rewards):
 
 @pytest.mark.parametrize("preset", ["paper", "segcompass-code"])
 def test_known_masks_give_exact_rewards_and_advantages(worker, preset):
-    out = ray.get(worker.score.remote(batch_of(SINGLE, MULTI, NONE), preset=preset))
+    out = ray.get(worker.reward.remote(batch_of(SINGLE, MULTI, NONE), preset=preset))
     groups = [SINGLE_SCORES, MULTI_SCORES[preset], NONE_SCORES]
     scores = [s for g in groups for s in g]
     rewards = [expected_rewards(g) for g in groups]
@@ -117,32 +118,32 @@ def test_known_masks_give_exact_rewards_and_advantages(worker, preset):
 
 def test_configured_advantage_estimator_is_used(worker):
     """dr_grpo centres each group's rewards without dividing by their std."""
-    out = ray.get(worker.score.remote(batch_of(SINGLE, NONE), advantage_estimator="dr_grpo"))
+    out = ray.get(worker.reward.remote(batch_of(SINGLE, NONE), advantage_estimator="dr_grpo"))
     rewards = [expected_rewards(SINGLE_SCORES), expected_rewards(NONE_SCORES)]
     centred = np.concatenate([r - r.mean() for r in rewards])
     np.testing.assert_allclose(out["advantage"].to_numpy(), centred, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="advantage estimator"):
-        score_batch(batch_of(SINGLE), advantage_estimator="ppo")
+        reward_batch(batch_of(SINGLE), advantage_estimator="ppo")
 
 
 def test_object_ref_input_and_weights(worker):
     batch = batch_of(SINGLE)
-    out = ray.get(worker.score.remote(ray.put(batch), weights=(0.0, 1.0)))
+    out = ray.get(worker.reward.remote(ray.put(batch), weights=(0.0, 1.0)))
     np.testing.assert_array_equal(out["reward"].to_numpy(), out["mask_score"].to_numpy())
-    by_value = ray.get(worker.score.remote(batch))
-    assert by_value.equals(score_batch(batch))
+    by_value = ray.get(worker.reward.remote(batch))
+    assert by_value.equals(reward_batch(batch))
 
 
 def test_output_schema_keys_and_join(worker):
     batch = batch_of(SINGLE, NONE)
-    out = ray.get(worker.score.remote(ray.put(batch)))
-    assert out.schema.equals(REWARDED_SCHEMA)
+    out = ray.get(worker.reward.remote(ray.put(batch)))
+    assert out.schema.equals(REWARD_SCHEMA)
     for key in ("sample_id", "group_id", "response_index"):
         assert out.column(key).equals(batch.column(key))
     joined = attach_rewards(batch, out)
-    assert joined.schema.names == SCORED_SCHEMA.names + REWARDED_SCHEMA.names[3:]
+    assert joined.schema.names == REFERENCE_SCHEMA.names + REWARD_SCHEMA.names[3:]
     with pytest.raises(SchemaError, match="missing 'gt_masks'"):
-        score_batch(batch.drop_columns(["gt_masks"]))
+        reward_batch(batch.drop_columns(["gt_masks"]))
 
 
 def test_workers_run_single_threaded(worker):
@@ -177,10 +178,10 @@ def test_malformed_rows_get_zero_reward_and_an_error_code(worker):
     ]
     texts, probs, confs, gts, codes = zip(*rows)
     assert set(codes) - {None} == set(ROW_ERRORS)  # every code is exercised
-    batch = make_scored_batch(**group("bad", list(texts), probs, confs, list(gts)))
+    batch = make_reference_batch(**group("bad", list(texts), probs, confs, list(gts)))
     batch = with_cell(with_cell(batch, "num_slots", 7, 3), "no_target", 8, True)
 
-    out = ray.get(worker.score.remote(ray.put(batch)))
+    out = ray.get(worker.reward.remote(ray.put(batch)))
 
     assert out["error"].to_pylist() == list(codes)
     reward = np.zeros(len(rows))
@@ -194,20 +195,20 @@ def test_malformed_rows_get_zero_reward_and_an_error_code(worker):
 
 def test_split_group_is_reported_and_the_worker_survives(worker):
     pair = group("g7", [CLEAN, CLEAN], [[LEFT]] * 2, [[0.9]] * 2, [[LEFT]] * 2)
-    split = make_scored_batch(**{**pair, "response_indices": [0, 2]})
+    split = make_reference_batch(**{**pair, "response_indices": [0, 2]})
     with pytest.raises(SplitGroupError, match=r"group 'g7' is not complete.*\[0, 2\]"):
-        ray.get(worker.score.remote(ray.put(split)))
-    assert ray.get(worker.score.remote(batch_of(NONE))).num_rows == 2
+        ray.get(worker.reward.remote(ray.put(split)))
+    assert ray.get(worker.reward.remote(batch_of(NONE))).num_rows == 2
 
 
 def test_pool_scores_batches_by_ref(ray_cluster):
     batches = [batch_of(SINGLE), batch_of(MULTI), batch_of(NONE), batch_of(SINGLE, NONE)]
     pool = RewardPool(2, num_cpus=0.5, preset="segcompass-code")
     try:
-        outs = pool.map([ray.put(b) for b in batches])
+        outs = [pool.dispatch(ray.put(b))[0] for b in batches]
         assert all(isinstance(ref, ray.ObjectRef) for ref in outs)
         for batch, out in zip(batches, ray.get(outs)):
-            assert out.equals(score_batch(batch, preset="segcompass-code"))
+            assert out.equals(reward_batch(batch, preset="segcompass-code"))
     finally:
         pool.shutdown()
 

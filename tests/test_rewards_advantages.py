@@ -8,9 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewards import RewardPreset, get_preset, group_advantages, preset_names, total_reward
-from rewards import format_score, multi_object_score, presets
-from rewards.advantages import ADVANTAGE_EPS
+from rewards import (
+    RewardPreset,
+    format_score,
+    get_preset,
+    group_advantages,
+    multi_object_score,
+    preset_names,
+    presets,
+    total_reward,
+)
+from rewards.advantages import ADVANTAGE_EPS, ADVANTAGE_ESTIMATORS
 
 # --------------------------------------------------------------- total_reward
 
@@ -170,3 +178,49 @@ def test_preset_validation(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         RewardPreset(**args)
+
+
+# ------------------------------------------------------- advantage estimators
+
+
+def test_advantage_estimators_hand_values():
+    rewards = np.array([1.0, 0.0, 0.5, 0.5])
+    # group [1, 0]: mean 0.5, unbiased std √0.5, population std 0.5; group [0.5, 0.5] is flat
+    s = math.sqrt(0.5)
+    grpo, population, dr = (ADVANTAGE_ESTIMATORS.get(n) for n in ("grpo", "grpo_population_std", "dr_grpo"))
+    assert grpo(rewards, 2).tolist() == pytest.approx([0.5 / (s + 1e-6), -0.5 / (s + 1e-6), 0, 0])
+    assert population(rewards, 2).tolist() == pytest.approx([0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0, 0])
+    assert dr(rewards, 2).tolist() == [0.5, -0.5, 0.0, 0.0]
+    assert all(ADVANTAGE_ESTIMATORS.get(n)(rewards, 1).tolist() == [0.0] * 4 for n in ADVANTAGE_ESTIMATORS.names())
+
+
+rewards_and_group = st.integers(1, 8).flatmap(
+    lambda g: st.tuples(
+        st.lists(st.sampled_from([0.0, 0.27, 0.3, 0.65, 0.97, 1.0]) | st.floats(0, 1), min_size=g, max_size=4 * g)
+        .map(lambda xs, g=g: xs[: len(xs) - len(xs) % g]),
+        st.just(g),
+    )
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(rewards_and_group)
+def test_every_estimator_has_zero_mean_per_group(case):
+    rewards, group_size = case
+    for name in ADVANTAGE_ESTIMATORS.names():
+        adv = ADVANTAGE_ESTIMATORS.get(name)(np.array(rewards), group_size).reshape(-1, group_size)
+        assert np.allclose(adv.sum(axis=1), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["grpo", "grpo_population_std", "dr_grpo"])
+def test_estimators_reject_bad_input(name):
+    estimate = ADVANTAGE_ESTIMATORS.get(name)
+    with pytest.raises(ValueError, match="not a multiple of group_size"):
+        estimate(np.ones(5), 2)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        estimate(np.array([1.0, float("nan")]), 2)
+
+
+def test_unknown_estimator_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown advantage estimator 'rloo'; known: dr_grpo, grpo"):
+        ADVANTAGE_ESTIMATORS.get("rloo")

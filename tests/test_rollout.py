@@ -9,14 +9,14 @@ import ray
 import torch
 
 from actors.rollout import ACTOR_OPTIONS
+from config.builders import feature_store
+from data.features import content_hash
+from data.schema import read_samples, resolve_image
+from data.trajectory import ROLLOUT_SCHEMA, make_prompt_batch
+from data.weight_transport import pack_state, unpack_state
 from models.generate import generate
 from models.policy import load_policy
 from models.prompt import prompt_ids
-from pipelines.data.features import content_hash
-from pipelines.data.schema import read_samples, resolve_image
-from pipelines.precompute import feature_store
-from pipelines.rollout_schema import ROLLOUT_SCHEMA, make_prompt_batch
-from pipelines.weight_transport import pack_state, unpack_state
 
 pytestmark = pytest.mark.timeout(600)
 MAX_TOKENS = 20

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from pipelines.cli import config_source
-from pipelines.ledger import Ledger
-from pipelines.metrics_log import MetricsLog, read_metrics
-from pipelines.prompts import PromptStream
-from pipelines.run_checkpoints import latest_checkpoint, run_ledger, save_run_checkpoint
+from pipelines.grpo.ledger import Ledger
+from pipelines.grpo.metrics_log import MetricsLog, read_metrics
+from pipelines.grpo.prompts import PromptStream
+from pipelines.grpo.run_checkpoints import latest_checkpoint, run_ledger, save_run_checkpoint
 
 
 def fake_checkpoint(folder, step: int, keep: int = 3) -> Ledger:
@@ -23,7 +23,7 @@ def fake_checkpoint(folder, step: int, keep: int = 3) -> Ledger:
     ledger = Ledger()
     ledger.admitted(step, f"e0:{step}")
     ledger.admitted(step + 100, f"e0:{step + 100}")  # still in flight
-    for advance in (lambda: ledger.generated(step, step - 1), lambda: ledger.scored(step),
+    for advance in (lambda: ledger.generated(step, step - 1), lambda: ledger.referenced(step),
                     lambda: ledger.rewarded(step), lambda: ledger.trained(step, step - 1)):
         advance()
     files = [f"step{step}/model_states.pt", f"step{step}/optim_states.pt"]

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.sae import SparseAutoencoder, sae_loss, top_features
+from models.sae_fit import DeadFeatureTracker, evaluate_sae, train_sae
 from models.sae_io import load_sae, load_saelens, save_sae, save_saelens
-from models.sae_train import DeadFeatureTracker, evaluate_sae, train_sae
 
 D_IN, ATOMS = 32, 64
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from config.builders import build_segmenter
 from models.sae_io import load_sae
 from pipelines.evaluate import run_eval
-from pipelines.modeling import build_segmenter
 from pipelines.sae_train import report_lines as sae_lines
 from pipelines.sft import report_lines as sft_lines
 from pipelines.sft import run_sft

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import ray
 
-from pipelines.admission import STALE, StalenessController
-from pipelines.phase_timer import PhaseTimer
-from pipelines.scheduler import Handoff, Scheduler
+from pipelines.grpo.admission import STALE, StalenessController
+from pipelines.grpo.phase_timer import PhaseTimer
+from pipelines.grpo.scheduler import Handoff, Scheduler
 
 PAYLOAD_FLOATS = 1 << 20  # 4 MB per chunk: bulk the driver must never fetch
 BATCH, PER_CALL, STEPS = 4, 2, 5
-GENERATION = ("rollout", "score", "reward")
+GENERATION = ("rollout", "reference", "reward")
 
 
 @ray.remote(num_cpus=0)
@@ -72,12 +72,12 @@ class SimStages:
 
     def __init__(self):
         self.pool = SimulatedStage.options(max_concurrency=4).remote()
-        self.scorer, self.rewarder, self.learner = (SimulatedStage.remote() for _ in range(3))
+        self.reference_sim, self.rewarder, self.learner = (SimulatedStage.remote() for _ in range(3))
         self.requeued, self.next_sample = [], 0
 
-    def configure(self, rollout_s, score_s, reward_s, learn_s, **pool):
+    def configure(self, rollout_s, reference_s, reward_s, learn_s, **pool):
         ray.get([self.pool.configure.remote(rollout_s, **pool),
-                 self.scorer.configure.remote(score_s),
+                 self.reference_sim.configure.remote(reference_s),
                  self.rewarder.configure.remote(reward_s),
                  self.learner.configure.remote(learn_s)])
 
@@ -102,8 +102,8 @@ class SimStages:
     def kill(self, worker):
         raise AssertionError(f"no stall expected, {worker} was reported")
 
-    def score(self, data):
-        return Handoff(*self.scorer.process.remote(data))
+    def reference(self, data):
+        return Handoff(*self.reference_sim.process.remote(data))
 
     def reward(self, data):
         return Handoff(*self.rewarder.process.remote(data))
@@ -112,10 +112,10 @@ class SimStages:
         return Handoff(*self.learner.learn.remote(step, *data))
 
     def sync(self, weights, version):
-        return [actor.load_weights.remote(weights, version) for actor in (self.pool, self.scorer)]
+        return [actor.load_weights.remote(weights, version) for actor in (self.pool, self.reference_sim)]
 
     def kill_all(self):
-        for actor in (self.pool, self.scorer, self.rewarder, self.learner):
+        for actor in (self.pool, self.reference_sim, self.rewarder, self.learner):
             ray.kill(actor)
 
 
@@ -128,7 +128,7 @@ def stages(ray_cluster):
 
 def run(stages, eta, steps=STEPS, straggler_timeout_s=None, rollout_s=0.12, **pool):
     """One scheduler run; returns (report, scheduler, what the driver fetched, trained ids)."""
-    stages.configure(rollout_s=rollout_s, score_s=0.03, reward_s=0.03, learn_s=0.2, **pool)
+    stages.configure(rollout_s=rollout_s, reference_s=0.03, reward_s=0.03, learn_s=0.2, **pool)
     fetched, records = [], []
     original = ray.get
 
@@ -254,7 +254,7 @@ class HangingStages(SimStages):
 def test_the_watchdog_kills_a_hung_actor_and_its_samples_are_retried(ray_cluster):
     stages = HangingStages()
     try:
-        stages.configure(rollout_s=0.05, score_s=0.01, reward_s=0.01, learn_s=0.05)
+        stages.configure(rollout_s=0.05, reference_s=0.01, reward_s=0.01, learn_s=0.05)
         scheduler = Scheduler(stages, StalenessController(eta=1, batch_size=BATCH), groups_per_call=PER_CALL,
                               poll_s=0.01, stall_timeout_s=2.0)
         report = scheduler.run(3)

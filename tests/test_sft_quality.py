@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import load_config
+from config import load_config
 
 OVERRIDES = ["data.synthetic.n_val=64", "data.synthetic.n_test=4", "model.sae.epochs=4", "sft.eval_samples=64"]
 

@@ -18,12 +18,21 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
-from pipelines.data.schema import read_samples, resolve_image, samples_to_table
-from pipelines.data.synthetic import (
-    COLOURS, NO_TARGET_ANSWER, QUERY_KINDS, SPLITS, WORDS, corpus, make_synthetic, query_kind, random_scene,
-    sft_target, words,
+from data.schema import read_samples, resolve_image, samples_to_table
+from data.synthetic import (
+    COLOURS,
+    NO_TARGET_ANSWER,
+    QUERY_KINDS,
+    SPLITS,
+    WORDS,
+    corpus,
+    make_synthetic,
+    query_kind,
+    random_scene,
+    sft_target,
+    words,
 )
-from pipelines.data.synthetic.templates import DIRECTIONS, EXTREMES, FUNCTIONS
+from data.synthetic.templates import DIRECTIONS, EXTREMES, FUNCTIONS
 
 N = 40  # per split
 

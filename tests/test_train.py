@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
-
-from pipelines.metrics_log import read_metrics
-from pipelines.train import train
-from pipelines.weight_transport import PackedState
 from tests_support import tiny_grpo_config
+
+from data.weight_transport import PackedState
+from pipelines.grpo.metrics_log import read_metrics
+from pipelines.train import train
 
 
 @pytest.fixture(scope="module")

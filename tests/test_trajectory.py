@@ -5,27 +5,26 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.reward import score_batch
-from pipelines.data.rle import RLEError, decode_rle
-from pipelines.data.schema import decode_mask, encode_mask
-from pipelines.trajectory import (
-    SCORED_SCHEMA,
+from data.reference_rows import ReferenceRows, make_reference_batch
+from data.rle import RLEError, decode_rle
+from data.schema import decode_mask, encode_mask
+from data.trajectory import (
+    REFERENCE_SCHEMA,
     RowError,
     SchemaError,
-    ScoredRows,
     SplitGroupError,
     as_record_batch,
     attach_rewards,
     group_rows,
-    make_scored_batch,
     require_columns,
 )
+from rewards.batch import reward_batch
 
 
-def scored(n=4, k=2, h=3, w=5, group_ids=None, indices=None, sizes=None, probs=None):
+def reference_batch(n=4, k=2, h=3, w=5, group_ids=None, indices=None, sizes=None, probs=None):
     rng = np.random.default_rng(n)
     gt = rng.random((h, w)) < 0.5
-    return make_scored_batch(
+    return make_reference_batch(
         sample_ids=[f"s{i}" for i in range(n)],
         group_ids=group_ids or ["g"] * n,
         response_indices=indices or list(range(n)),
@@ -69,9 +68,9 @@ def test_decode_rle_rejects_malformed(rle):
 
 def test_mask_probs_read_back_as_views_of_the_batch():
     probs = np.random.default_rng(1).random((4, 2, 3, 5), dtype=np.float32)
-    batch = scored(probs=probs)
-    assert batch.schema.equals(SCORED_SCHEMA)
-    rows = ScoredRows(batch.slice(1))  # a slice keeps its offsets into the shared buffer
+    batch = reference_batch(probs=probs)
+    assert batch.schema.equals(REFERENCE_SCHEMA)
+    rows = ReferenceRows(batch.slice(1))  # a slice keeps its offsets into the shared buffer
     for i in range(3):
         row = rows.row(i)
         np.testing.assert_array_equal(row.mask_probs, probs[i + 1])
@@ -80,15 +79,15 @@ def test_mask_probs_read_back_as_views_of_the_batch():
 
 
 def test_ragged_rows_and_length_checks():
-    batch = make_scored_batch(
+    batch = make_reference_batch(
         sample_ids=["a", "b"], group_ids=["g", "g"], response_indices=[0, 1], group_sizes=2,
         texts=["x", "y"], mask_probs=[np.zeros((1, 2, 2)), np.ones((3, 4, 4))],
         confidences=[[0.1], [0.2, 0.3, 0.4]], gt_masks=[[], []],
     )
     assert batch["num_slots"].to_pylist() == [1, 3] and batch["no_target"].to_pylist() == [True] * 2
-    assert ScoredRows(batch).row(1).mask_probs.shape == (3, 4, 4)
+    assert ReferenceRows(batch).row(1).mask_probs.shape == (3, 4, 4)
     with pytest.raises(ValueError, match="every column needs 2 entries"):
-        make_scored_batch(
+        make_reference_batch(
             sample_ids=["a"], group_ids=["g", "g"], response_indices=[0, 1], group_sizes=2,
             texts=["x", "y"], mask_probs=np.zeros((2, 1, 2, 2)), confidences=[[0.1]] * 2,
             gt_masks=[[], []],
@@ -96,17 +95,17 @@ def test_ragged_rows_and_length_checks():
 
 
 def test_null_cells_are_row_errors():
-    batch = scored(n=2)
+    batch = reference_batch(n=2)
     probs = pa.array([None, [0.5] * 30], pa.large_list(pa.float32()))
     batch = batch.set_column(batch.schema.get_field_index("mask_probs"), "mask_probs", probs)
     with pytest.raises(RowError) as err:
-        ScoredRows(batch).row(0)
+        ReferenceRows(batch).row(0)
     assert err.value.code == "null_field" and "mask_probs" in str(err.value)
-    assert ScoredRows(batch).row(1).mask_probs.shape == (2, 3, 5)
+    assert ReferenceRows(batch).row(1).mask_probs.shape == (2, 3, 5)
 
 
 def test_group_rows_orders_by_response_index():
-    batch = scored(n=4, group_ids=["a", "b", "a", "b"], indices=[1, 1, 0, 0], sizes=2)
+    batch = reference_batch(n=4, group_ids=["a", "b", "a", "b"], indices=[1, 1, 0, 0], sizes=2)
     groups = group_rows(batch)
     assert {g: m.tolist() for g, m in groups.items()} == {"a": [2, 0], "b": [3, 1]}
 
@@ -121,30 +120,30 @@ def test_group_rows_orders_by_response_index():
 )
 def test_group_rows_rejects_incomplete_groups(indices, sizes, message):
     with pytest.raises(SplitGroupError, match=message):
-        group_rows(scored(n=3, indices=indices, sizes=sizes))
+        group_rows(reference_batch(n=3, indices=indices, sizes=sizes))
 
 
 def test_group_rows_rejects_null_keys():
-    batch = scored(n=2)
+    batch = reference_batch(n=2)
     batch = batch.set_column(1, "group_id", pa.array(["g", None]))
     with pytest.raises(SplitGroupError, match="row 1 has a null key"):
         group_rows(batch)
 
 
 def test_tables_empty_batches_and_joins():
-    batch = scored(n=4)
+    batch = reference_batch(n=4)
     table = pa.Table.from_batches([batch.slice(0, 2), batch.slice(2)])
     assert as_record_batch(table).equals(batch)
-    assert score_batch(table).equals(score_batch(batch))
-    empty = score_batch(batch.slice(0, 0))
+    assert reward_batch(table).equals(reward_batch(batch))
+    empty = reward_batch(batch.slice(0, 0))
     assert empty.num_rows == 0
-    out = score_batch(batch)
+    out = reward_batch(batch)
     with pytest.raises(ValueError, match="disagree on 'response_index'"):
-        attach_rewards(scored(n=4, indices=[1, 0, 2, 3]), out)
+        attach_rewards(reference_batch(n=4, indices=[1, 0, 2, 3]), out)
 
 
 def test_require_columns_names_wrong_types():
-    batch = scored(n=1)
+    batch = reference_batch(n=1)
     batch = batch.set_column(2, "response_index", pa.array([0], pa.int64()))
     with pytest.raises(SchemaError, match="'response_index' is int64, expected int32"):
-        require_columns(batch, SCORED_SCHEMA, "scored batch")
+        require_columns(batch, REFERENCE_SCHEMA, "scored batch")

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pipelines.watchdog import Watchdog
+from pipelines.grpo.watchdog import Watchdog
 
 
 def test_busy_actor_without_progress_is_reported_once_per_timeout():

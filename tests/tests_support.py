@@ -1,5 +1,5 @@
 """Helpers shared by tests (not fixtures)."""
-from pipelines.config import Config
+from config import Config
 
 
 def overrides_for(config: Config) -> list[str]:
@@ -19,6 +19,6 @@ def tiny_grpo_config(workspace: dict, out, steps: int, checkpoint_every: int) ->
     config.train.output = str(out)
     config.grpo.prompts_per_step, config.rollout.group_size = 2, 4
     config.data.max_response_length = 48
-    for kind in (config.cluster.rollout, config.cluster.learner, config.cluster.scorer, config.cluster.reward):
+    for kind in (config.cluster.rollout, config.cluster.learner, config.cluster.reference, config.cluster.reward):
         kind.num_cpus = 0.1
     return config

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.data.schema import encode_mask
+from data.schema import encode_mask
 
 H, W = 48, 64  # image 1
 H2, W2 = 40, 50  # image 2

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from models.losses.registry import Registry
+from rewards.registry import Registry
 
 Aggregation = Callable[[Tensor, Tensor], Tensor]
 AGGREGATIONS: Registry[Aggregation] = Registry("loss aggregation")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.losses.registry import Registry
+from rewards.registry import Registry
 
 PolicyLoss = Callable[[Tensor, Tensor, float, float | None], tuple[Tensor, Tensor]]
 POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")

@@ -1,0 +1,51 @@
+"""What a config names, built: the trainable segmenter (policy + SAM + head), the feature store, the loss settings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.schema import Config
+from data.features import FeatureStore, encoder_key
+from models.encoders import sam_checkpoint
+from models.grpo_step import LossSettings
+from models.heads import HEADS
+from models.policy import load_policy
+from models.sam import load_sam
+from models.segmenter import HeadSpec, Segmenter, load_head_weights
+
+
+def head_spec(config: Config) -> HeadSpec:
+    h = config.model.head
+    return HeadSpec(config.model.num_slots, h.codebook_dim, h.act_threshold, h.top_k_features)
+
+
+def build_segmenter(config: Config, model_path: str | None = None):
+    """(Segmenter, tokenizer, SAM input size) from `model_path` (default: model.name_or_path)."""
+    path = model_path or config.resolve_path(config.model.name_or_path)
+    m = config.model
+    policy, tokenizer = load_policy(m.family, path, m.ref_token, m.sae.layer, m.head.ref_position)
+    sam = load_sam(m.sam.variant, sam_checkpoint(m.sam.variant, m.sam.checkpoint, path))
+    head = HEADS.get(m.head.kind)(sam, policy.lm.config.hidden_size, head_spec(config),
+                                  Path(config.resolve_path(m.sae.path)))
+    load_head_weights(head, path)
+    return Segmenter(policy, head), tokenizer, sam.image_encoder.img_size
+
+
+def encoder_sources(config: Config) -> list[str]:
+    """Files that define the frozen encoders (their identity in the cache)."""
+    model_path = config.resolve_path(config.model.name_or_path)
+    if config.model.family == "tiny":
+        return [str(Path(model_path) / "vision"), str(Path(model_path) / "sam")]
+    sources = [model_path, config.model.sam.variant, config.model.sam.checkpoint or "random-init"]
+    if config.model.family == "qwen2_5_vl":  # its grid, hence its features, depend on the pixel bounds
+        sources.append(f"pixels={config.data.image_min_pixels},{config.data.image_max_pixels}")
+    return sources
+
+
+def feature_store(config: Config) -> FeatureStore:
+    return FeatureStore(config.resolve_path(config.paths.cache_dir), encoder_key(*encoder_sources(config)))
+
+
+def loss_settings(config: Config) -> LossSettings:
+    g = config.grpo
+    return LossSettings(g.clip_ratio, g.clip_ratio_high, g.kl_coef, g.kl_estimator, g.policy_loss,
+                        g.loss_aggregation, config.model.num_slots, config.seg_loss.model_dump())

@@ -1,0 +1,377 @@
+"""Typed configuration: every YAML key maps to a field here; unknown keys are errors.
+
+Sections follow the sample's way through the system: paths, data, model (LM,
+vision side, SAM, SAE), rollout, optimisation (GRPO), reward. Later stages add
+fields as they land; a key nobody reads does not belong here.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Strict base: unknown keys and silent type coercions are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class PathsConfig(Section):
+    """Where generated things live; relative paths are relative to the working directory."""
+
+    work_dir: str = Field("work", description="root of models, data, caches and runs (git-ignored)")
+    models_dir: str = "{work_dir}/models"
+    data_dir: str = "{work_dir}/data"
+    cache_dir: str = "{work_dir}/cache"
+    runs_dir: str = "{work_dir}/runs"
+
+    def resolve(self, name: str) -> str:
+        return getattr(self, name).format(work_dir=self.work_dir)
+
+
+class SyntheticDataConfig(Section):
+    """Size and look of the synthetic reasoning-segmentation set."""
+
+    n_train: PositiveInt = 2000
+    n_val: PositiveInt = 200
+    n_test: PositiveInt = 200
+    image_size: int = Field(64, ge=48, le=1024, description="smaller makes small shapes indistinguishable")
+    query_weights: dict[str, float] | None = None
+
+
+class DataConfig(Section):
+    dataset: Literal["synthetic", "reasonseg", "refcoco", "refcoco+", "refcocog", "grefcoco"] = "synthetic"
+    root: str = Field("{data_dir}/synthetic", description="folder holding <split>.parquet files")
+    train_split: str = "train"
+    eval_splits: list[str] = ["val"]
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    max_prompt_length: PositiveInt = 256
+    max_response_length: PositiveInt = 128
+    image_min_pixels: PositiveInt | None = Field(None, description="Qwen2.5-VL dynamic resolution bounds")
+    image_max_pixels: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _pixels(self) -> "DataConfig":
+        lo, hi = self.image_min_pixels, self.image_max_pixels
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"image_min_pixels {lo} exceeds image_max_pixels {hi}")
+        return self
+
+
+class TinyLMConfig(Section):
+    """Shape of the offline-built Qwen2-style causal LM (make-tiny only)."""
+
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 2
+    num_kv_heads: PositiveInt = 1
+    intermediate_size: PositiveInt = 256
+    vocab_size: int = Field(1024, ge=300, description="BPE target size incl. bytes and special tokens")
+    max_position_embeddings: PositiveInt = 1024
+
+    @model_validator(mode="after")
+    def _heads(self) -> "TinyLMConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size // self.num_heads < 32:
+            raise ValueError("head dim (hidden_size / num_heads) must be >= 32: vLLM's CPU attention rejects 16")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class TinyVisionConfig(Section):
+    """Frozen tiny ViT producing patch features (the CLIP stand-in)."""
+
+    image_size: int = Field(64, ge=16)
+    patch_size: PositiveInt = 8
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _grid(self) -> "TinyVisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class TinySamConfig(Section):
+    """Tiny SAM built from segment_anything.modeling classes."""
+
+    image_size: int = Field(64, ge=32)
+    patch_size: PositiveInt = 8
+    encoder_dim: PositiveInt = 32
+    encoder_depth: PositiveInt = 2
+    encoder_heads: PositiveInt = 2
+    prompt_dim: int = Field(32, ge=8, description="SAM prompt/transformer dim; multiple of 8")
+    decoder_mlp_dim: PositiveInt = 64
+    decoder_heads: PositiveInt = 2
+    mask_in_chans: int = Field(16, ge=8, description="mask-prompt channels; //4 >= 2 so its LayerNorm is not constant")
+
+    @model_validator(mode="after")
+    def _sam_constraints(self) -> "TinySamConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.prompt_dim % 8:
+            raise ValueError(f"prompt_dim {self.prompt_dim} must be a multiple of 8 (mask decoder upscaling)")
+        if self.mask_in_chans % 4:
+            raise ValueError(f"mask_in_chans {self.mask_in_chans} must be a multiple of 4")
+        if (self.prompt_dim // 2) % self.decoder_heads:
+            raise ValueError("prompt_dim / 2 must be divisible by decoder_heads (attention downsampling)")
+        return self
+
+
+class TinyConfig(Section):
+    seed: int = 0
+    lm: TinyLMConfig = TinyLMConfig()
+    vision: TinyVisionConfig = TinyVisionConfig()
+    sam: TinySamConfig = TinySamConfig()
+
+
+class SamConfig(Section):
+    variant: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
+    checkpoint: str | None = Field(None, description="state dict path; tiny: built by make-tiny")
+
+
+class SaeConfig(Section):
+    """Frozen sparse autoencoder on a middle layer (SegCompass A.1-A.2, SAE-V style)."""
+
+    layer: int = Field(2, ge=1, description="HF hidden_states index = output of decoder layer k (1-based)")
+    expansion: PositiveInt = 8
+    activation: Literal["relu", "topk"] = "relu"
+    k: PositiveInt | None = Field(None, description="active features per token (topk only)")
+
+    @model_validator(mode="after")
+    def _topk(self) -> "SaeConfig":
+        if (self.activation == "topk") != (self.k is not None):
+            raise ValueError("k is required for activation topk and only allowed there")
+        return self
+    l1_coef: float = Field(5e-3, ge=0)
+    lr: float = Field(5e-5, gt=0)
+    batch_size: PositiveInt = 64
+    epochs: PositiveInt = 10
+    path: str = Field("{models_dir}/sae", description="trained SAE folder (segrl sae-train writes it)")
+    max_samples: PositiveInt = Field(1024, description="training samples whose states are collected")
+    tokens_per_sample: PositiveInt = Field(48, description="layer-k states kept per sample (random subset)")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class SegHeadConfig(Section):
+    """Which segmentation head (models.heads.HEADS), its SegCompass settings, and which hidden
+    state a reference token uses."""
+
+    kind: str = Field("segcompass", description="segcompass: SAE slot head; read: <SEG> similarity points (READ)")
+    codebook_dim: PositiveInt = 128
+    act_threshold: float = Field(0.0, ge=0, description="SAE activations below it are dropped (released: 2.0)")
+    top_k_features: PositiveInt = 8
+    ref_position: Literal["token", "previous"] = Field(
+        "token", description="token: the <SEG> position (paper); previous: the state that predicted it (LISA)"
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        from models.heads import HEADS
+
+        HEADS.get(kind)
+        return kind
+
+
+class ModelConfig(Section):
+    family: Literal["tiny", "llava", "qwen2_5_vl"] = "tiny"
+    name_or_path: str = Field("{models_dir}/tiny", description="tiny: make-tiny's folder; else HF id or path")
+    ref_token: str = "<SEG>"
+    num_slots: int = Field(1, ge=1, le=64, description="K slot masks (1 = single object)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyConfig = TinyConfig()
+    sam: SamConfig = SamConfig()
+    sae: SaeConfig = SaeConfig()
+    head: SegHeadConfig = SegHeadConfig()
+
+    @model_validator(mode="after")
+    def _read_slots(self) -> "ModelConfig":
+        if self.head.kind == "read" and self.num_slots != 1:
+            raise ValueError(f"head.kind read decodes one mask per response: num_slots must be 1, got {self.num_slots}")
+        return self
+
+
+class RolloutConfig(Section):
+    tensor_parallel_size: PositiveInt = Field(1, description="vLLM tensor parallelism per rollout actor (GPU)")
+    group_size: PositiveInt = 8
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class LRMultipliers(Section):
+    """Per-module learning-rate multipliers over the base LM rate (SegCompass A.2)."""
+
+    projector: float = Field(1.0, gt=0)
+    query_codebook: float = Field(25.0, gt=0)
+    slot_mapper: float = Field(80.0, gt=0)
+    mask_decoder: float = Field(10.0, gt=0)
+
+
+class OptimConfig(Section):
+    lr: float = Field(2e-6, gt=0, lt=1)
+    lr_multipliers: LRMultipliers = LRMultipliers()
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    schedule: Literal["one_cycle", "constant"] = "one_cycle"
+    one_cycle_final_div: float = Field(6.7, ge=1)
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    total_steps: PositiveInt = 100
+
+    @model_validator(mode="after")
+    def _betas(self) -> "OptimConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class GRPOConfig(Section):
+    """GRPO of SegCompass B.2; names select entries of the registries in models.losses."""
+
+    prompts_per_step: PositiveInt = 16
+    clip_ratio: float = Field(0.2, gt=0, lt=1)
+    clip_ratio_high: float | None = Field(None, gt=0, lt=1, description="only for policy_loss grpo_clip_higher")
+    kl_coef: float = Field(0.2, ge=0)
+    kl_estimator: str = "k3"
+    policy_loss: str = "grpo_clip"
+    advantage_estimator: str = "grpo"
+    loss_aggregation: str = "seq_mean_group_mean"
+    is_correction: bool = Field(True, description="truncated importance weights for stale samples")
+    is_cap: float = Field(2.0, ge=1)
+    micro_batch_size: PositiveInt = 2
+
+    @field_validator("kl_estimator", "policy_loss", "advantage_estimator", "loss_aggregation")
+    @classmethod
+    def _registered(cls, name: str, info) -> str:
+        from models import losses
+        from rewards.advantages import ADVANTAGE_ESTIMATORS
+
+        registry = {"kl_estimator": losses.KL_ESTIMATORS, "policy_loss": losses.POLICY_LOSSES,
+                    "advantage_estimator": ADVANTAGE_ESTIMATORS,
+                    "loss_aggregation": losses.AGGREGATIONS}[info.field_name]
+        registry.get(name)
+        return name
+
+
+class SegLossConfig(Section):
+    """Weights of the segmentation terms added to the GRPO loss (one backward, A.1)."""
+
+    seg_coef: float = Field(0.3, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    bce_weight: float = Field(1.0, ge=0)
+    conf_weight: float = Field(0.2, ge=0)
+
+
+class SftConfig(Section):
+    """Supervised warm start: templated reasoning + <SEG> (or a refusal) and the segmentation loss."""
+
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 16
+    lr: float = Field(1e-3, gt=0, lt=1)
+    head_lr: float = Field(1e-3, gt=0, lt=1)
+    seg_coef: float = Field(1.0, ge=0)
+    eval_samples: PositiveInt = 64
+    max_new_tokens: PositiveInt = 96
+    output: str = "{runs_dir}/sft"
+
+
+class TrainConfig(Section):
+    """The GRPO run: length, staleness bound, checkpoints, where it starts from and writes to."""
+
+    steps: PositiveInt = 30
+    staleness: int = Field(1, ge=0, description="eta: a response from weights version v trains step s only if s - v <= eta")
+    staleness_mode: Literal["strict", "admission"] = Field(
+        "strict", description="strict: s - v <= eta for every trained group; admission: AReaL's, eta bounds "
+        "admission only and the learner never waits for or drops a slow group")
+    groups_per_call: PositiveInt = Field(2, description="prompts per rollout call (must divide grpo.prompts_per_step)")
+    max_in_flight: PositiveInt | None = Field(None, description="backpressure: groups admitted but not yet trained")
+    straggler_timeout_s: float | None = Field(None, gt=0)
+    stall_timeout_s: float | None = Field(600.0, gt=0, description="watchdog: replace an actor with work and no "
+                                          "progress for this long (None: never)")
+    max_retries: int = Field(2, ge=0, description="a sample whose stage call failed is re-queued this many times, "
+                             "then dropped with the reason")
+    max_learner_restarts: int = Field(2, ge=0, description="automatic resumes from the last checkpoint after a "
+                                      "learner failure")
+    checkpoint_every: PositiveInt = 10
+    keep_checkpoints: int = Field(3, ge=2, description="complete checkpoints kept (the newest may be torn by a crash)")
+    init_from: str = Field("{runs_dir}/sft/model", description="model folder GRPO starts from (and its reference)")
+    output: str = "{runs_dir}/grpo"
+    eval_samples: int = Field(64, ge=0, description="val samples evaluated after training (0: skip)")
+
+
+class ActorResources(Section):
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ClusterConfig(Section):
+    """How many actors of each kind and what each asks of the Ray cluster."""
+
+    address: str | None = Field(None, description="Ray address; default $RAY_ADDRESS or a new local cluster")
+    rollout_actors: PositiveInt = 1
+    rollout: ActorResources = ActorResources(num_cpus=0.5)
+    learner_world_size: PositiveInt = 2
+    learner: ActorResources = ActorResources(num_cpus=0.5)
+    reward_workers: PositiveInt = 1
+    reward: ActorResources = ActorResources(num_cpus=0.25)
+    reference: ActorResources = ActorResources(num_cpus=0.25)
+    max_actor_restarts: int = Field(3, ge=0, description="replacements of failed rollout/reference/reward actors, per pool")
+    start_timeout_s: float = Field(900.0, gt=0, description="longest wait for actors to start (engines, learner group)")
+
+
+class RewardConfig(Section):
+    """Reward preset (rewards.presets registry) and the slot-confidence threshold."""
+
+    preset: str = "paper"
+    weights: tuple[float, float] = Field((0.3, 0.7), description="(format, mask)")
+    confidence_threshold: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, name: str) -> str:
+        from rewards import get_preset
+
+        get_preset(name)
+        return name
+
+
+class Config(Section):
+    """The whole run configuration (one YAML file + dotted overrides)."""
+
+    seed: int = 0
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    optim: OptimConfig = OptimConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    seg_loss: SegLossConfig = SegLossConfig()
+    sft: SftConfig = SftConfig()
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    reward: RewardConfig = RewardConfig()
+
+    @model_validator(mode="after")
+    def _chunks(self) -> "Config":
+        if self.grpo.prompts_per_step % self.train.groups_per_call:
+            raise ValueError(f"train.groups_per_call ({self.train.groups_per_call}) must divide "
+                             f"grpo.prompts_per_step ({self.grpo.prompts_per_step})")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        """Responses per optimiser step: prompts per step times group size."""
+        return self.grpo.prompts_per_step * self.rollout.group_size
+
+    def resolve_path(self, template: str) -> str:
+        """Expand {work_dir}/{models_dir}/{data_dir}/{cache_dir}/{runs_dir} in a path value."""
+        names = ("work_dir", "models_dir", "data_dir", "cache_dir", "runs_dir")
+        return template.format(**{n: self.paths.resolve(n) for n in names})

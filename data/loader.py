@@ -1,0 +1,63 @@
+"""Training/eval items: a canonical sample joined with its cached encoder features.
+
+Frozen encoders never run here (SegCompass A.1): vision features and the SAM
+embedding are read from the feature cache by image content hash, and the GT
+masks are moved into SAM's low-res frame once per sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.features import FeatureStore, content_hash
+from data.mask_frames import gt_to_lowres
+from data.schema import Sample, read_samples, resolve_image
+
+
+@dataclass
+class SegItem:
+    sample: Sample
+    vision: torch.Tensor  # [N, Dv] patch features for the projector
+    sam_embedding: torch.Tensor  # [C, h, w]
+    sam_input_size: tuple[int, int]
+    gt_lowres: torch.Tensor  # [G, L, L] soft GT in SAM's low-res frame (G = 0 for no target)
+
+    @property
+    def gt_stack(self) -> np.ndarray:
+        """[G, H, W] bool GT in the image frame."""
+        s = self.sample
+        return np.stack(s.masks) if s.masks else np.zeros((0, s.height, s.width), bool)
+
+
+class SegDataset:
+    """One split of a canonical dataset with features from `store`; items are built lazily."""
+
+    def __init__(self, split_file: str | Path, store: FeatureStore, sam_img_size: int, limit: int | None = None):
+        self.split_file = Path(split_file)
+        self.samples = read_samples(self.split_file)[:limit]
+        self.store, self.sam_img_size = store, sam_img_size
+        self._item = lru_cache(maxsize=None)(self._build)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> SegItem:
+        return self._item(index)
+
+    def _build(self, index: int) -> SegItem:
+        sample = self.samples[index]
+        image = resolve_image(self.split_file, sample.image_path)
+        try:
+            feats = self.store.get(content_hash(image))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{self.split_file}: sample {sample.sample_id}: {exc}") from None
+        sam = feats["sam"]
+        input_size = tuple(int(v) for v in feats["sam_input_size"])
+        gt = np.stack(sample.masks) if sample.masks else np.zeros((0, sample.height, sample.width), bool)
+        lowres = 4 * sam.shape[-1]
+        return SegItem(sample, feats["vision"], sam, input_size,
+                       gt_to_lowres(gt, input_size, self.sam_img_size, lowres))

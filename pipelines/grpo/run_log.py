@@ -1,0 +1,73 @@
+"""What a GRPO run records per step: metrics (JSONL + TensorBoard), a progress bar, checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from pipelines.grpo.ledger import Ledger
+from pipelines.grpo.metrics_log import MetricsLog
+from pipelines.grpo.run_checkpoints import save_run_checkpoint
+from pipelines.grpo.scheduler import StepRecord
+
+
+def step_metrics(record: StepRecord, phases: dict) -> dict:
+    """Flat-able dict of one step: learner terms, rewards of the chunks it trained, staleness, timings."""
+    rows = sum(r["rows"] for r in record.rewards) or 1
+    mean = lambda key: sum(r[key] * r["rows"] for r in record.rewards) / rows  # noqa: E731
+    groups = sum(r["groups"] for r in record.rewards) or 1
+    learner = record.metrics
+    return {
+        "reward": {"total": mean("reward"), "format": mean("format"), "mask": mean("mask")},
+        "zero_variance_groups": sum(r["zero_variance_groups"] for r in record.rewards) / groups,
+        "error_rows": sum(r["errors"] for r in record.rewards),
+        "loss": {k: learner[k] for k in ("loss", "pg_loss", "kl", "seg") if k in learner},
+        "clip_fraction": learner.get("clip_fraction"),
+        "logprob_mismatch": learner.get("logprob_mismatch"),
+        "grad_norm": learner.get("grad_norm"),
+        "lr": learner.get("lr"),
+        "staleness": {str(k): v for k, v in sorted(record.staleness.items())},
+        "rollout": {"interrupted_updates": record.interrupted_updates},
+        "faults": {k: record.faults.get(k, 0) for k in ("actor_failures", "restarts", "retries", "stalls", "resumes")},
+        "time": {"learn_s": record.learn_s, "learner_wait_s": record.wait_s,
+                 "tokens_per_s": learner.get("tokens", 0) / max(record.learn_s, 1e-9)},
+        "busy_fraction": {name: p["busy_fraction"] for name, p in phases.items() if "busy_fraction" in p},
+    }
+
+
+class RunLog:
+    """The scheduler's `on_step`: log, show progress, checkpoint every N steps.
+
+    ``snapshot()`` -> (driver state, ledger) at this instant: taken between two learner
+    steps, so it agrees with the learner checkpoint saved beside it. ``start_step``: the
+    steps a resumed run had already trained.
+    """
+
+    def __init__(self, run_dir: Path, total_steps: int, checkpoint_every: int, keep_checkpoints: int, learner,
+                 snapshot: Callable[[], tuple[dict, Ledger]], timer, start_step: int = 0):
+        self.dir, self.every, self.keep = run_dir, checkpoint_every, keep_checkpoints
+        self.metrics = MetricsLog(run_dir, resume_after=start_step if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step")
+        self.learner, self.snapshot, self.timer = learner, snapshot, timer
+        self.rewards: list[float] = []
+
+    def __call__(self, record: StepRecord) -> None:
+        flat = self.metrics.log(record.step + 1, step_metrics(record, self.timer.report()))
+        self.rewards.append(flat["reward/total"])
+        self.bar.set_postfix(reward=f"{flat['reward/total']:.3f}", mask=f"{flat['reward/mask']:.3f}",
+                             kl=f"{flat.get('loss/kl', 0):.4f}")
+        self.bar.update()
+        if (record.step + 1) % self.every == 0:
+            self.checkpoint(record.step + 1)
+
+    def checkpoint(self, step: int) -> None:
+        """Learner state (weights, optimizer, schedule, RNG) + driver state + ledger, as ``step<step>``."""
+        folder = self.dir / "checkpoints"
+        files = self.learner.save_checkpoint(str(folder), f"step{step}")
+        state, ledger = self.snapshot()
+        save_run_checkpoint(folder, step, files, state, ledger, self.keep)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
