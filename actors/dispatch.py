@@ -35,12 +35,8 @@ class LeastLoaded:
         self._turn = 0
         self.restarts = 0
 
-    def call(self, method: str, *args, **kwargs) -> ray.ObjectRef:
-        """Submit ``method`` to the least-loaded actor; returns its result ref."""
-        return self.dispatch(method, *args, **kwargs)[0]
-
     def dispatch(self, method: str, *args, **kwargs) -> tuple[ray.ObjectRef, str]:
-        """``call``, also naming the actor that got it."""
+        """Submit ``method`` to the least-loaded actor: (its result ref, the actor's name)."""
         index = self._pick()
         out = getattr(self.actors[index], method).remote(*args, **kwargs)
         self._unfinished[index].append(out)

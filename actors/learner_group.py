@@ -1,9 +1,9 @@
 """LearnerGroup: the driver's handle on the ZeRO-3 learner ranks.
 
 Every call goes to all ranks (ZeRO-3 collectives need each of them) and the group
-returns rank 0's answer. Batches and weights move as ObjectRefs only: ``train_step``
-forwards the refs it is given, and ``export_weights`` hands back the ref of rank 0's
-result, which already lives in the object store, so the driver never holds weights.
+returns rank 0's answer. Batches and weights move as ObjectRefs only: ``step`` forwards
+the refs it is given, and ``step`` and ``export_weights`` hand back the ref of rank 0's
+export, which already lives in the object store, so the driver never holds weights.
 """
 from __future__ import annotations
 
@@ -34,14 +34,15 @@ class LearnerGroup:
     def _all(self, method: str, *args) -> list:
         return ray.get([getattr(r, method).remote(*args) for r in self.ranks], timeout=self.timeout_s)
 
-    def train_step(self, batch_refs: Sequence[ray.ObjectRef]) -> dict[str, float]:
-        """One optimiser step on the rows of all ``batch_refs``; metrics over the whole batch."""
-        return self._all("train_step", list(batch_refs))[0]
+    def step(self, batch_refs: Sequence[ray.ObjectRef]) -> tuple[list[ray.ObjectRef], ray.ObjectRef]:
+        """Start one optimiser step on the rows of all ``batch_refs``, then the export of its weights.
 
-    def logprobs(self, batch_refs: Sequence[ray.ObjectRef]) -> list[list[float]]:
-        """The current policy's response-token log-probabilities, one list per row in order."""
-        merged = {i: lp for part in self._all("logprobs", list(batch_refs)) for i, lp in part.items()}
-        return [merged[i] for i in range(len(merged))]
+        Returns at once: (per-rank refs of the step's metrics, each over the whole batch;
+        the ref of the exported PackedState). Only rank 0's export carries the weights.
+        """
+        metrics = [rank.train_step.remote(list(batch_refs)) for rank in self.ranks]
+        weights = [rank.export_weights.remote() for rank in self.ranks]
+        return metrics, weights[0]
 
     def export_weights(self) -> ray.ObjectRef:
         """Ref of the full weights (``lm.*``, ``projector.*``, ``head.*``) as a PackedState, put once by rank 0's return."""

@@ -41,10 +41,6 @@ class RewardPool(SupervisedPool):
         self._dispatch = LeastLoaded(lambda: RewardWorker.options(num_cpus=num_cpus).remote(), num_workers,
                                      "reward", max_restarts=max_restarts)
 
-    def submit(self, batch_ref: ray.ObjectRef) -> ray.ObjectRef:
-        """Score one batch (pass its ObjectRef); returns the ref of the rewarded batch."""
-        return self._dispatch.call("reward", batch_ref, **self._settings)
-
     def dispatch(self, batch_ref: ray.ObjectRef) -> tuple[ray.ObjectRef, str]:
-        """``submit``, also naming the worker (for ``replace`` when the call fails)."""
+        """Reward one batch (pass its ObjectRef): (ref of the reward batch, the worker's name)."""
         return self._dispatch.dispatch("reward", batch_ref, **self._settings)

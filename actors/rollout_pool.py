@@ -6,8 +6,6 @@ and the same ref goes to every worker.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import ray
 
 from actors.dispatch import LeastLoaded, SupervisedPool
@@ -37,25 +35,16 @@ class RolloutPool(SupervisedPool):
         """Block until every engine has started (raises the first start failure, or GetTimeoutError)."""
         ray.get([w.ping.remote() for w in self._dispatch.actors], timeout=timeout_s)
 
-    def submit(self, prompt_ref: ray.ObjectRef, **sampling) -> ray.ObjectRef:
-        """Sample groups for one prompt batch (pass its ref); ``sampling`` as ``Rollout.generate``."""
-        return self.dispatch(prompt_ref, **sampling)[0]
-
     def dispatch(self, prompt_ref: ray.ObjectRef, **sampling) -> tuple[ray.ObjectRef, str]:
-        """``submit``, also naming the worker (for ``replace`` when the call fails)."""
+        """Sample groups for one prompt batch (pass its ref): (ref of the rollout batch, the worker's name).
+
+        ``sampling`` as ``RolloutCore.generate``; the name is for ``replace`` when the call fails.
+        """
         return self._dispatch.dispatch("generate", prompt_ref, min_version=self._version, **sampling)
 
-    def map(self, prompt_refs: Iterable[ray.ObjectRef], **sampling) -> list[ray.ObjectRef]:
-        """``submit`` each batch; the refs come back in the input order."""
-        return [self.submit(ref, **sampling) for ref in prompt_refs]
-
-    def broadcast_weights(self, state_ref: ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
-        """Every worker loads the one stored state dict; refs of their timing dicts."""
-        return [ref for ref, _ in self.broadcast_named(state_ref, version)]
-
     def broadcast_named(self, state_ref: ray.ObjectRef, version: int) -> list[tuple[ray.ObjectRef, str]]:
-        """``broadcast_weights``, each ack with its worker's name (replayed on replacements)."""
+        """Every worker loads the one stored state (replayed on replacements): (ack ref, worker name) each."""
         if not isinstance(state_ref, ray.ObjectRef):  # a dict here would be stored once per worker
-            raise TypeError("broadcast_weights takes the ObjectRef of ray.put(state), not the state itself")
+            raise TypeError("broadcast_named takes the ObjectRef of ray.put(state), not the state itself")
         self._version = int(version)
         return self._dispatch.broadcast("update_weights", state_ref, version)

@@ -9,7 +9,7 @@ tokens/4, sigma 0.9, clipped to [8, tokens], EOS ignored: a few long responses h
 call, as in GRPO). A weight update is submitted ``--at`` of the way into the call:
 - drain: a non-interruptible engine loads it once the call has finished (what a rollout
   actor that runs its calls in order does);
-- interrupt: ``actors.interruptible`` loads it between two engine steps; the running
+- interrupt: ``models.interruptible`` loads it between two engine steps; the running
   sequences are preempted and their KV recomputed with the new weights.
 Printed per arm, medians over ``--repeats`` alternating runs: the call's time, and the
 weights' latency (from the update's submission until it has landed: until it serves).
@@ -30,9 +30,8 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.rollout import build_50m, workspace  # noqa: E402
+from bench.rollout import build_50m, prompt_batch, workspace  # noqa: E402
 from bench.weight_sync import export  # noqa: E402
-from data.trajectory import make_prompt_batch  # noqa: E402
 from data.weight_transport import pack_state  # noqa: E402
 from models.policy import load_policy  # noqa: E402
 
@@ -77,7 +76,7 @@ def main() -> None:
     config, rows = workspace(args.work_dir, args.prompts)
     folder = build_50m(config, Path(config.resolve_path("{models_dir}/bench-50m")))
     policy, _ = load_policy("tiny", str(folder), config.model.ref_token, 1)
-    batch = make_prompt_batch(rows)
+    batch = prompt_batch(rows)
     sizes = lengths(args.prompts, args.tokens)
     connect(num_cpus=2)
     try:

@@ -1,4 +1,4 @@
-"""Benchmark of the multi-object reward scorer (issue 3, part 4).
+"""Benchmark of the multi-object mask score (``rewards.masks.score_group``).
 
 Groups of 8 responses, K = 4 slots, G in {0..4} GT masks, 256×256 float32 masks. Prints, from
 one run: groups/s of ``score_group``; its speed-up over a naive scorer that loops over slot/GT

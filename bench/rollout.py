@@ -1,4 +1,4 @@
-"""Rollout engine (vLLM behind `actors.rollout.Rollout`) vs transformers `generate`.
+"""Rollout engine (vLLM behind `models.rollout.RolloutCore`) vs transformers `generate`.
 
 Usage: python bench/rollout.py [--work-dir work/bench-rollout] [--models tiny,50m]
        [--prompts 8] [--group 8] [--tokens 64] [--threads 1] [--engine-arg max_num_seqs=256 ...]
@@ -9,7 +9,7 @@ shape), and sampling (temperature 1, top-p 1, no top-k) on both sides. Two lengt
 - long-tail: per-response lengths drawn from a log-normal (median tokens/2, sigma 0.9,
   clipped to [4, 4 x tokens]); vLLM stops each sequence at its own length, transformers'
   static batch runs to the longest, so its useful tokens are the drawn lengths.
-Tokens/s count generated tokens; the vLLM time is the actor's whole `generate` call
+Tokens/s count generated tokens; the vLLM time is the core's whole `generate` call
 (prompt embeddings, engine, Arrow rows). Roofline: the best fp32 GEMM (2048^3, torch or
 vLLM's oneDNN) timed between the cases at the same thread count, the best of those (the node
 is shared, so it moves); a generated token costs 2 x (LM parameters except the input embedding table)
@@ -39,13 +39,14 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import torch  # noqa: E402
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from config import load_config  # noqa: E402
-from config.builders import feature_store  # noqa: E402
+from config.builders import feature_store, rollout_settings  # noqa: E402
 from data.trajectory import make_prompt_batch  # noqa: E402
 from models.policy import load_policy  # noqa: E402
 from models.projector import Projector, save_projector  # noqa: E402
@@ -137,9 +138,14 @@ def hf_generate(policy, tokenizer, embeds: list[torch.Tensor], lengths: list[int
     return sum(lengths), seconds
 
 
+def prompt_batch(rows: list[dict]) -> pa.RecordBatch:
+    """The rows as one prompt batch, one group each."""
+    return make_prompt_batch([{**row, "group_id": i} for i, row in enumerate(rows)])
+
+
 def vllm_generate(rollout, rows: list[dict], lengths: list[int] | int, group: int) -> tuple[int, float]:
-    """(generated tokens, seconds) of one `Rollout.generate` call, EOS ignored."""
-    batch = make_prompt_batch(rows)
+    """(generated tokens, seconds) of one `RolloutCore.generate` call, EOS ignored."""
+    batch = prompt_batch(rows)
     start = time.perf_counter()
     out = rollout.generate(batch, group_size=group, max_tokens=lengths, ignore_eos=True)
     seconds = time.perf_counter() - start
@@ -147,7 +153,7 @@ def vllm_generate(rollout, rows: list[dict], lengths: list[int] | int, group: in
 
 
 def bench_model(name: str, folder: Path, config, rows, args) -> None:
-    from actors.rollout import Rollout
+    from models.rollout import RolloutCore
 
     policy, tokenizer = load_policy("tiny", str(folder), config.model.ref_token, 1)
     policy.eval()
@@ -160,7 +166,7 @@ def bench_model(name: str, folder: Path, config, rows, args) -> None:
     vision = config.model.tiny.vision
     image_tokens = (vision.image_size // vision.patch_size) ** 2
     engine_args = {"max_model_len": config.data.max_prompt_length + image_tokens + 4 * t, **args.engine_args}
-    rollout = Rollout(config, str(folder), engine_args)
+    rollout = RolloutCore(rollout_settings(config, str(folder)), feature_store(config), engine_args)
     vllm_generate(rollout, rows, t, g)  # warm-up at full size: kernels, first touch of the KV cache
 
     store = rollout.store

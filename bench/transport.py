@@ -1,6 +1,6 @@
-"""Benchmark: a 256-response trajectory batch moved between two Ray actors (issue 5, part 5).
+"""Benchmark: a 256-response trajectory batch moved between two Ray actors.
 
-The batch is a scored batch (``data.trajectory.make_reference_batch``: K = 1..4 masks of
+The batch is a reference-stage batch (``data.reference_rows.make_reference_batch``: K = 1..4 masks of
 256×256 float32 per response, 32 groups of 8) plus token ids, rollout logprobs (~512 tokens
 each) and the weights version. A producer actor puts it in the object store, a consumer
 actor gets it by ObjectRef, in three forms:
@@ -9,8 +9,8 @@ actor gets it by ObjectRef, in three forms:
   mapped, not copied, by the reader);
 - dict: the same columns as a Python dict of lists (masks as one numpy array per row,
   token ids and logprobs as Python lists), serialised by Ray;
-- dict-bytes: that dict pickled by the producer itself (the "self-pickled bytes" of
-  DESIGN.md, as a framework that serialises its own batch objects does).
+- dict-bytes: that dict pickled by the producer itself, as a framework that serialises its
+  own batch objects does (measured 20-40x slower than Arrow on this stack).
 
 Timed inside the actors, median of REPEATS rounds with the forms interleaved: *put*
 (producer: serialise into the object store), *get* (consumer: deserialise), *read*
@@ -56,7 +56,7 @@ def make_batch(seed: int = 0) -> pa.RecordBatch:
     gt_rle = encode_mask(gt)
     scored = make_reference_batch(
         sample_ids=[f"s{i // GROUP}" for i in range(RESPONSES)],
-        group_ids=[f"g{i // GROUP}" for i in range(RESPONSES)],
+        group_ids=[i // GROUP for i in range(RESPONSES)],
         response_indices=[i % GROUP for i in range(RESPONSES)],
         group_sizes=GROUP,
         texts=["<think>the red cup left of the plate</think><SEG>"] * RESPONSES,

@@ -1,1 +1,1 @@
-"""Cluster plumbing: local start/join, runtime environments, KubeRay manifests."""
+"""Cluster plumbing: local start/join, the topology that starts the actor pools, KubeRay manifests."""

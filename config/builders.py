@@ -1,4 +1,5 @@
-"""What a config names, built: the trainable segmenter (policy + SAM + head), the feature store, the loss settings."""
+"""What a config names, built: the trainable segmenter (policy + SAM + head), the feature store,
+the loss, rollout and learner settings."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,9 @@ from data.features import FeatureStore, encoder_key
 from models.encoders import sam_checkpoint
 from models.grpo_step import LossSettings
 from models.heads import HEADS
+from models.learner import LearnerSettings
 from models.policy import load_policy
+from models.rollout import RolloutSettings
 from models.sam import load_sam
 from models.segmenter import HeadSpec, Segmenter, load_head_weights
 
@@ -49,3 +52,25 @@ def loss_settings(config: Config) -> LossSettings:
     g = config.grpo
     return LossSettings(g.clip_ratio, g.clip_ratio_high, g.kl_coef, g.kl_estimator, g.policy_loss,
                         g.loss_aggregation, config.model.num_slots, config.seg_loss.model_dump())
+
+
+def rollout_settings(config: Config, model_path: str | None = None) -> RolloutSettings:
+    """The rollout core's settings; ``model_path`` defaults to model.name_or_path.
+
+    The tiny family's engine context is prompt + image tokens + response (the image token
+    gives way to the image's tokens); other families get vLLM's default, the model's own.
+    """
+    m, d, r = config.model, config.data, config.rollout
+    max_model_len = None
+    if m.family == "tiny":
+        image_tokens = (m.tiny.vision.image_size // m.tiny.vision.patch_size) ** 2
+        max_model_len = d.max_prompt_length - 1 + image_tokens + d.max_response_length
+    return RolloutSettings(model_path or config.resolve_path(m.name_or_path), m.dtype, m.ref_token, config.seed,
+                           r.group_size, r.temperature, r.top_p, d.max_response_length, max_model_len)
+
+
+def learner_settings(config: Config) -> LearnerSettings:
+    o = config.optim
+    return LearnerSettings(config.grpo.micro_batch_size, o.lr, o.lr_multipliers.model_dump(), o.weight_decay,
+                           tuple(o.betas), o.grad_clip, o.schedule, o.total_steps, o.one_cycle_final_div,
+                           o.warmup_fraction, loss_settings(config), head_spec(config))

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from models.tiny_specs import TinyLMSpec, TinySamSpec, TinySpec, TinyVisionSpec
+
 
 class Section(BaseModel):
     """Strict base: unknown keys and silent type coercions are errors."""
@@ -62,13 +64,13 @@ class DataConfig(Section):
 class TinyLMConfig(Section):
     """Shape of the offline-built Qwen2-style causal LM (make-tiny only)."""
 
-    hidden_size: PositiveInt = 128
-    num_layers: PositiveInt = 4
-    num_heads: PositiveInt = 2
-    num_kv_heads: PositiveInt = 1
-    intermediate_size: PositiveInt = 256
-    vocab_size: int = Field(1024, ge=300, description="BPE target size incl. bytes and special tokens")
-    max_position_embeddings: PositiveInt = 1024
+    hidden_size: PositiveInt = TinyLMSpec.hidden_size
+    num_layers: PositiveInt = TinyLMSpec.num_layers
+    num_heads: PositiveInt = TinyLMSpec.num_heads
+    num_kv_heads: PositiveInt = TinyLMSpec.num_kv_heads
+    intermediate_size: PositiveInt = TinyLMSpec.intermediate_size
+    vocab_size: int = Field(TinyLMSpec.vocab_size, ge=300, description="BPE target size incl. bytes and special tokens")
+    max_position_embeddings: PositiveInt = TinyLMSpec.max_position_embeddings
 
     @model_validator(mode="after")
     def _heads(self) -> "TinyLMConfig":
@@ -84,11 +86,11 @@ class TinyLMConfig(Section):
 class TinyVisionConfig(Section):
     """Frozen tiny ViT producing patch features (the CLIP stand-in)."""
 
-    image_size: int = Field(64, ge=16)
-    patch_size: PositiveInt = 8
-    hidden_size: PositiveInt = 64
-    num_layers: PositiveInt = 2
-    num_heads: PositiveInt = 2
+    image_size: int = Field(TinyVisionSpec.image_size, ge=16)
+    patch_size: PositiveInt = TinyVisionSpec.patch_size
+    hidden_size: PositiveInt = TinyVisionSpec.hidden_size
+    num_layers: PositiveInt = TinyVisionSpec.num_layers
+    num_heads: PositiveInt = TinyVisionSpec.num_heads
 
     @model_validator(mode="after")
     def _grid(self) -> "TinyVisionConfig":
@@ -102,15 +104,16 @@ class TinyVisionConfig(Section):
 class TinySamConfig(Section):
     """Tiny SAM built from segment_anything.modeling classes."""
 
-    image_size: int = Field(64, ge=32)
-    patch_size: PositiveInt = 8
-    encoder_dim: PositiveInt = 32
-    encoder_depth: PositiveInt = 2
-    encoder_heads: PositiveInt = 2
-    prompt_dim: int = Field(32, ge=8, description="SAM prompt/transformer dim; multiple of 8")
-    decoder_mlp_dim: PositiveInt = 64
-    decoder_heads: PositiveInt = 2
-    mask_in_chans: int = Field(16, ge=8, description="mask-prompt channels; //4 >= 2 so its LayerNorm is not constant")
+    image_size: int = Field(TinySamSpec.image_size, ge=32)
+    patch_size: PositiveInt = TinySamSpec.patch_size
+    encoder_dim: PositiveInt = TinySamSpec.encoder_dim
+    encoder_depth: PositiveInt = TinySamSpec.encoder_depth
+    encoder_heads: PositiveInt = TinySamSpec.encoder_heads
+    prompt_dim: int = Field(TinySamSpec.prompt_dim, ge=8, description="SAM prompt/transformer dim; multiple of 8")
+    decoder_mlp_dim: PositiveInt = TinySamSpec.decoder_mlp_dim
+    decoder_heads: PositiveInt = TinySamSpec.decoder_heads
+    mask_in_chans: int = Field(TinySamSpec.mask_in_chans, ge=8,
+                               description="mask-prompt channels; //4 >= 2 so its LayerNorm is not constant")
 
     @model_validator(mode="after")
     def _sam_constraints(self) -> "TinySamConfig":
@@ -126,7 +129,10 @@ class TinySamConfig(Section):
 
 
 class TinyConfig(Section):
-    seed: int = 0
+    """make-tiny's models. Defaults come from models.tiny_specs, the one place the models set them;
+    ``pipelines.build.tiny_spec`` turns this section into a TinySpec."""
+
+    seed: int = TinySpec.seed
     lm: TinyLMConfig = TinyLMConfig()
     vision: TinyVisionConfig = TinyVisionConfig()
     sam: TinySamConfig = TinySamConfig()

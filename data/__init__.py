@@ -1,1 +1,2 @@
-"""Datasets: canonical schema, synthetic generator, converters, feature cache."""
+"""The bottom layer: canonical dataset schema, synthetic generator, converters, feature cache, mask
+geometry, and the formats actors exchange (the trajectory table, packed weights). No Ray."""

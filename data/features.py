@@ -10,17 +10,18 @@ a changed encoder never reads stale features and a renamed image still hits:
         sam_input_size [2]      (h, w) of the resized image inside SAM's square input
         original_size  [2]      (H, W) of the image file
 
-Shards are written to a temporary name and renamed, so a crash never leaves
-a half-written shard that a rerun would take as done.
+Shards are written atomically (`data.atomic`), so a crash never leaves a
+half-written shard that a rerun would take as done.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from data.atomic import atomic_path
 
 FEATURE_KEYS = ("vision", "sam", "sam_input_size", "original_size")
 
@@ -75,9 +76,8 @@ class FeatureStore:
             raise ValueError(f"feature shard for {image_hash} lacks {missing}")
         target = self.path(image_hash)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        save_file({k: features[k].contiguous() for k in FEATURE_KEYS}, tmp)
-        tmp.replace(target)
+        with atomic_path(target) as tmp:
+            save_file({k: features[k].contiguous() for k in FEATURE_KEYS}, tmp)
         return target
 
     def get(self, image_hash: str) -> dict[str, torch.Tensor]:

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.features import FeatureStore, content_hash
-from data.mask_frames import gt_to_lowres
+from data.mask_frames import lowres_gt
 from data.schema import Sample, read_samples, resolve_image
 
 
@@ -25,12 +24,6 @@ class SegItem:
     sam_embedding: torch.Tensor  # [C, h, w]
     sam_input_size: tuple[int, int]
     gt_lowres: torch.Tensor  # [G, L, L] soft GT in SAM's low-res frame (G = 0 for no target)
-
-    @property
-    def gt_stack(self) -> np.ndarray:
-        """[G, H, W] bool GT in the image frame."""
-        s = self.sample
-        return np.stack(s.masks) if s.masks else np.zeros((0, s.height, s.width), bool)
 
 
 class SegDataset:
@@ -55,9 +48,6 @@ class SegDataset:
             feats = self.store.get(content_hash(image))
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{self.split_file}: sample {sample.sample_id}: {exc}") from None
-        sam = feats["sam"]
         input_size = tuple(int(v) for v in feats["sam_input_size"])
-        gt = np.stack(sample.masks) if sample.masks else np.zeros((0, sample.height, sample.width), bool)
-        lowres = 4 * sam.shape[-1]
-        return SegItem(sample, feats["vision"], sam, input_size,
-                       gt_to_lowres(gt, input_size, self.sam_img_size, lowres))
+        return SegItem(sample, feats["vision"], feats["sam"], input_size,
+                       lowres_gt(sample.gt_stack, feats, self.sam_img_size))

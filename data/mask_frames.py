@@ -2,15 +2,27 @@
 
 SAM sees the image resized so its longest side is `img_size`, padded at the
 bottom/right to a square; its mask decoder predicts at `lowres` = 4x the
-embedding grid over that square. GT masks go image -> low-res for losses and
-rewards (soft, as SegCompass's `mask_float_256`); predictions go low-res ->
-image for metrics (as `Sam.postprocess_masks`).
+embedding grid over that square (`lowres_side`). GT masks go image -> low-res
+for losses and rewards (soft, as SegCompass's `mask_float_256`); predictions
+go low-res -> image for metrics (as `Sam.postprocess_masks`).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+
+def lowres_side(sam_embedding: torch.Tensor) -> int:
+    """Side of the low-res mask frame of a SAM image embedding [..., C, h, w] (the decoder upscales 4x)."""
+    return 4 * sam_embedding.shape[-1]
+
+
+def lowres_gt(gt: np.ndarray, features: dict[str, torch.Tensor], img_size: int) -> torch.Tensor:
+    """``gt_to_lowres`` for an image with cached features (``data.features``): its SAM embedding
+    fixes the frame's side, its ``sam_input_size`` where the image lies in SAM's square."""
+    input_size = tuple(int(v) for v in features["sam_input_size"])
+    return gt_to_lowres(gt, input_size, img_size, lowres_side(features["sam"]))
 
 
 def gt_to_lowres(masks: np.ndarray | torch.Tensor, input_size: tuple[int, int], img_size: int,

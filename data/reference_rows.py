@@ -46,7 +46,7 @@ def mask_list_array(mask_probs) -> tuple[pa.Array, list[tuple[int, int, int]]]:
 def make_reference_batch(
     *,
     sample_ids: Sequence[str],
-    group_ids: Sequence[str],
+    group_ids: Sequence[int],
     response_indices: Sequence[int],
     group_sizes: int | Sequence[int],
     texts: Sequence[str],

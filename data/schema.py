@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
+from data.atomic import atomic_path
 from data.rle import decode_rle
 
 ANSWER_TYPES = ("single", "multi", "no_target")
@@ -109,6 +110,11 @@ class Sample:
     no_target: bool = False
     is_sentence: bool = False
     reasoning: str | None = None
+
+    @property
+    def gt_stack(self) -> np.ndarray:
+        """[G, H, W] bool GT (G = 0 for a no-target sample)."""
+        return np.stack(self.masks) if self.masks else np.zeros((0, self.height, self.width), bool)
 
     @property
     def answer_type(self) -> str:
@@ -193,9 +199,8 @@ def write_samples(samples: list[Sample], path: str | Path) -> Path:
     path = Path(path)
     table = samples_to_table(samples, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

@@ -16,7 +16,7 @@ and extra columns are always allowed.
 | prompt_ids       | list<int32>                | prompt    | chat prompt with one image token                |
 | gt_masks         | list<struct<counts, size>> | prompt    | GT masks, COCO RLE in SAM's low-res frame (H×W) |
 | no_target        | bool                       | prompt    | false premise: the right answer is no mask      |
-| group_id         | string                     | rollout   | the ledger's group id (key): one per admission  |
+| group_id         | int64                      | prompt    | the ledger's group id (key): one per admission  |
 | response_index   | int32                      | rollout   | 0 .. group_size - 1 within the group (key)      |
 | group_size       | int32                      | rollout   | G, the same on every row of a group             |
 | response_ids     | list<int32>                | rollout   | sampled tokens (EOS included when it was hit)   |
@@ -48,6 +48,8 @@ different schemas and could not be concatenated. 64-bit offsets because 512 resp
 
 The GT masks must be given at the mask resolution (the producer resizes them). A batch
 must hold every response of each of its groups: advantages are normalised within a group.
+A prompt row is one group the scheduler admitted: its ``group_id`` is the ledger's (never
+reused in a run) and the rollout copies it to every response, so any row can be traced.
 """
 
 from __future__ import annotations
@@ -57,15 +59,16 @@ import pyarrow as pa
 
 from data.schema import RLE_TYPE
 
+GROUP_ID_FIELD = pa.field("group_id", pa.int64())
 PROMPT_FIELDS = [
     pa.field("sample_id", pa.string()),
     pa.field("image_hash", pa.string()),
     pa.field("prompt_ids", pa.list_(pa.int32())),
     pa.field("gt_masks", pa.list_(RLE_TYPE)),
     pa.field("no_target", pa.bool_()),
+    GROUP_ID_FIELD,
 ]
 ROLLOUT_FIELDS = [
-    pa.field("group_id", pa.string()),
     pa.field("response_index", pa.int32()),
     pa.field("group_size", pa.int32()),
     pa.field("response_ids", pa.list_(pa.int32())),
@@ -76,7 +79,7 @@ ROLLOUT_FIELDS = [
 REF_LOGPROBS_FIELD = pa.field("ref_logprobs", pa.list_(pa.float32()))
 KEY_FIELDS = [
     pa.field("sample_id", pa.string()),
-    pa.field("group_id", pa.string()),
+    GROUP_ID_FIELD,
     pa.field("response_index", pa.int32()),
 ]
 GROUP_SIZE_FIELD = pa.field("group_size", pa.int32())
@@ -168,7 +171,7 @@ def as_record_batch(data: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
     raise TypeError(f"expected a pyarrow RecordBatch or Table, got {type(data).__name__}")
 
 
-def group_rows(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
+def group_rows(batch: pa.RecordBatch) -> dict[int, np.ndarray]:
     """Row indices of each group, in response_index order; SplitGroupError if incomplete.
 
     The contract: keys and group_size are never null, a group's rows agree on group_size,
@@ -177,7 +180,7 @@ def group_rows(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     require_columns(batch, pa.schema(KEY_FIELDS + [GROUP_SIZE_FIELD]), "trajectory batch")
     names = KEY_COLUMNS + [GROUP_SIZE_FIELD.name]
     sample_ids, group_ids, indices, sizes = (batch.column(n).to_pylist() for n in names)
-    members: dict[str, list[int]] = {}
+    members: dict[int, list[int]] = {}
     for row, cells in enumerate(zip(sample_ids, group_ids, indices, sizes)):
         if None in cells:
             raise SplitGroupError(f"row {row} has a null key or group_size: {cells}")

@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from data.features import FeatureStore
+from data.mask_frames import lowres_side
 from data.reference_rows import mask_list_array
 from data.trajectory import REF_LOGPROBS_FIELD, REFERENCE_FIELDS
 from data.weight_transport import PackedState, unpack_state
@@ -75,7 +76,7 @@ class ReferenceCore:
                                         [responses[i] for i in idx], [feats[hashes[i]]["sam"] for i in idx])
                 for j, i in enumerate(idx):
                     ref_lp[i] = out.logprobs[j, : len(responses[i])].numpy()
-                    side = 4 * feats[hashes[i]]["sam"].shape[-1]
+                    side = lowres_side(feats[hashes[i]]["sam"])
                     masks[i], confs[i] = slot_probabilities(heads[j], self.num_slots, side)
         return self._append(batch, ref_lp, masks, confs)
 

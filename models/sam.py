@@ -14,12 +14,14 @@ import importlib.util
 import json
 import sys
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.tiny_specs import TinySamSpec
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -40,21 +42,6 @@ def _segment_anything_module(name: str) -> types.ModuleType:
 
 def sam_modeling() -> types.ModuleType:
     return _segment_anything_module("modeling")
-
-
-@dataclass(frozen=True)
-class TinySamSpec:
-    """Dimensions of a tiny SAM; saved as config.json beside its weights."""
-
-    image_size: int = 64
-    patch_size: int = 8
-    encoder_dim: int = 32
-    encoder_depth: int = 2
-    encoder_heads: int = 2
-    prompt_dim: int = 32
-    decoder_mlp_dim: int = 64
-    decoder_heads: int = 2
-    mask_in_chans: int = 16  # the mask-prompt path normalises mask_in_chans // 4 channels: 1 would be a constant
 
 
 def build_tiny_sam(spec: TinySamSpec) -> torch.nn.Module:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from data.mask_frames import lowres_side
 from models.sae import SparseAutoencoder, top_features
 from models.sam import decode_per_prompt
 
@@ -124,7 +125,7 @@ class SegCompassHead(nn.Module):
         heat, conf = self.slot_mapper(nn.utils.rnn.pad_sequence(list(concepts), batch_first=True), padding,
                                       refs, embeddings)
         b, k = heat.shape[:2]
-        side = 4 * embeddings.shape[-1]
+        side = lowres_side(embeddings)  # SAM's mask prompt is in its low-res frame
         heat = F.interpolate(heat.flatten(0, 1)[:, None], size=(side, side), mode="bilinear", align_corners=False)
         sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=heat)
         sparse = torch.cat([sparse, self.sparse_prompt(refs.flatten(0, 1))[:, None]], 1)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data.atomic import atomic_folder
 from models.policy import Policy, PolicyOutput
 from models.projector import save_projector
 from models.seghead import SegHeadOutput
@@ -88,19 +89,17 @@ def head_state(head: nn.Module) -> dict[str, torch.Tensor]:
 def save_segmenter(model: Segmenter, spec: HeadSpec, tokenizer, source: str | Path, out_dir: str | Path) -> Path:
     """Write a checkpoint folder; frozen encoders are copied from `source` (the folder loaded from)."""
     out, source = Path(out_dir), Path(source)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.policy.lm.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    save_projector(model.policy.projector, tmp / "projector")
-    for frozen in ("vision", "sam"):
-        if (source / frozen).exists():
-            shutil.copytree(source / frozen, tmp / frozen)
-    (tmp / "head").mkdir()
-    save_file(head_state(model.head), tmp / "head" / "model.safetensors")
-    (tmp / "head" / "config.json").write_text(json.dumps({"kind": model.head.kind, **asdict(spec)}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out) as tmp:
+        model.policy.lm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_projector(model.policy.projector, tmp / "projector")
+        for frozen in ("vision", "sam"):
+            if (source / frozen).exists():
+                shutil.copytree(source / frozen, tmp / frozen)
+        (tmp / "head").mkdir()
+        save_file(head_state(model.head), tmp / "head" / "model.safetensors")
+        (tmp / "head" / "config.json").write_text(json.dumps({"kind": model.head.kind, **asdict(spec)}, indent=2))
     return out
 
 

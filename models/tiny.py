@@ -15,36 +15,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from models.projector import Projector, save_projector
-from models.sam import TinySamSpec, build_tiny_sam, save_tiny_sam
+from models.sam import build_tiny_sam, save_tiny_sam
+from models.tiny_specs import TinyLMSpec, TinySpec
 from models.tokenizer import train_tokenizer
-from models.vision import TinyVisionEncoder, TinyVisionSpec, save_tiny_vision
-
-
-@dataclass(frozen=True)
-class TinyLMSpec:
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 2
-    num_kv_heads: int = 1
-    intermediate_size: int = 256
-    vocab_size: int = 1024
-    max_position_embeddings: int = 1024
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    seed: int = 0
-    ref_token: str = "<SEG>"
-    lm: TinyLMSpec = TinyLMSpec()
-    vision: TinyVisionSpec = TinyVisionSpec()
-    sam: TinySamSpec = TinySamSpec()
+from models.vision import TinyVisionEncoder, save_tiny_vision
 
 
 def build_lm(spec: TinyLMSpec, vocab: int, eos_id: int, pad_id: int) -> Qwen2ForCausalLM:

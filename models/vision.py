@@ -8,7 +8,7 @@ dynamic-resolution tower of a Qwen2.5-VL checkpoint (models/qwen_vl.py).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.tiny_specs import TinyVisionSpec
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class TinyVisionSpec:
-    image_size: int = 64
-    patch_size: int = 8
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
 
 
 class TinyVisionEncoder(nn.Module):

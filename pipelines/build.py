@@ -54,9 +54,7 @@ def build_synthetic(config: Config, force: bool = False) -> dict:
 
 
 def tiny_spec(config: Config):
-    from models.sam import TinySamSpec
-    from models.tiny import TinyLMSpec, TinySpec
-    from models.vision import TinyVisionSpec
+    from models.tiny_specs import TinyLMSpec, TinySamSpec, TinySpec, TinyVisionSpec
 
     t = config.model.tiny
     return TinySpec(

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from data.loader import SegDataset, SegItem
-from data.mask_frames import lowres_to_image, slot_targets
+from data.mask_frames import lowres_side, lowres_to_image, slot_targets
 from models.generate import generate
 from models.prompt import prompt_ids
 from models.segmenter import Segmenter, slot_probabilities
@@ -59,10 +59,8 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
             texts.append(text)
             formats.append(response_format_score(text, ref_token, preset))
             pred = None if head is None else predicted_mask(head, item, img_size, num_slots, conf_threshold)
-            gt = item.gt_stack.any(0) if item.gt_stack.shape[0] else np.zeros(
-                (item.sample.height, item.sample.width), bool)
-            meter.add(pred, gt, item.sample.ignore_mask)
-            probs, conf = slot_probabilities(head, num_slots, item.gt_lowres.shape[-1])
+            meter.add(pred, item.sample.gt_stack.any(0), item.sample.ignore_mask)
+            probs, conf = slot_probabilities(head, num_slots, lowres_side(item.sam_embedding))
             rewards.append(mask_score(probs, conf, slot_targets(item.gt_lowres, num_slots).numpy(),
                                       conf_threshold, preset))
     model.train()

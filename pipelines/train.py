@@ -25,8 +25,8 @@ from models.sam import sam_image_size
 from pipelines.grpo.admission import StalenessController
 from pipelines.grpo.ledger import Ledger
 from pipelines.grpo.prompts import PromptStream, prompt_rows
-from pipelines.grpo.resume import restore
-from pipelines.grpo.run_checkpoints import latest_checkpoint
+from pipelines.grpo.resume import driver_state, restore
+from pipelines.grpo.run_checkpoints import Checkpointer, latest_checkpoint
 from pipelines.grpo.run_log import RunLog
 from pipelines.grpo.scheduler import LearnerFailure, Scheduler
 from pipelines.grpo.stages import ActorStages
@@ -73,9 +73,10 @@ def run_grpo(config: Config, run_dir: Path, resume: bool):
                               max_retries=config.train.max_retries, stall_timeout_s=config.train.stall_timeout_s)
         scheduler.faults.update(faults)
         scheduler.faults["resumes"] = faults.get("resumes", 0) + (checkpoint is not None)
-        snapshot = lambda: ({"prompts": prompts.state(), "faults": dict(scheduler.faults)}, ledger)  # noqa: E731
-        log = RunLog(run_dir, config.train.steps, config.train.checkpoint_every, config.train.keep_checkpoints,
-                     actors.learner, snapshot, scheduler.timer, controller.learner_version)
+        snapshot = lambda: (driver_state(prompts, scheduler.faults), ledger)  # noqa: E731
+        checkpointer = Checkpointer(run_dir / "checkpoints", config.train.checkpoint_every,
+                                    config.train.keep_checkpoints, actors.learner, snapshot)
+        log = RunLog(run_dir, config.train.steps, scheduler.timer, checkpointer, controller.learner_version)
         scheduler.on_step = log
         try:
             report = scheduler.run(config.train.steps - controller.learner_version)

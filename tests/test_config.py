@@ -1,4 +1,5 @@
 """Typed config: shipped files validate; bad keys, types and values are named errors."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -6,8 +7,11 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from config import ConfigError, dump_config, load_config
+from config import Config, ConfigError, dump_config, load_config
 from config.load import parse_override
+from config.schema import TinyConfig, TinyLMConfig, TinySamConfig, TinyVisionConfig
+from models.tiny_specs import TinyLMSpec, TinySamSpec, TinySpec, TinyVisionSpec
+from pipelines.build import tiny_spec
 from pipelines.cli import main as cli_main
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
@@ -44,6 +48,17 @@ def test_dotted_override_sets_nested_value():
     c = load_config("configs/tiny.yaml", ["model.tiny.lm.hidden_size=256", "rollout.temperature=0.7"])
     assert c.model.tiny.lm.hidden_size == 256
     assert c.rollout.temperature == 0.7
+
+
+@pytest.mark.parametrize("section, spec", [(TinyLMConfig, TinyLMSpec), (TinyVisionConfig, TinyVisionSpec),
+                                           (TinySamConfig, TinySamSpec), (TinyConfig, TinySpec)])
+def test_tiny_sections_have_the_model_specs_fields(section, spec):
+    fields = {f.name for f in dataclasses.fields(spec)} - {"ref_token"}  # TinySpec's is model.ref_token
+    assert set(section.model_fields) == fields
+
+
+def test_default_tiny_section_builds_the_default_tiny_spec():
+    assert tiny_spec(Config()) == TinySpec()
 
 
 def _write(tmp_path, tree) -> Path:

@@ -16,12 +16,12 @@ import pytest
 import ray
 import torch
 
-from actors.interruptible import InterruptibleEngine
 from actors.rollout import ACTOR_OPTIONS, Rollout
 from data.features import content_hash
 from data.schema import read_samples, resolve_image
 from data.trajectory import make_prompt_batch
 from data.weight_transport import pack_state
+from models.interruptible import InterruptibleEngine
 from models.prompt import prompt_ids
 
 
@@ -158,7 +158,7 @@ class HeldRollout(Rollout):
     """A real rollout worker; its engine waits after step ``k`` until a weight update is pending."""
 
     def hold_after(self, k: int) -> None:
-        engine, step, count = self.llm.llm_engine, self.llm.llm_engine.step, [0]
+        engine, step, count = self.core.llm.llm_engine, self.core.llm.llm_engine.step, [0]
         self.holding = threading.Event()
 
         def held():
@@ -166,7 +166,7 @@ class HeldRollout(Rollout):
             count[0] += 1
             if count[0] == k:
                 self.holding.set()
-                while self.engine._pending is None:
+                while self.core.engine._pending is None:
                     time.sleep(0.01)
             return out
 
@@ -207,7 +207,7 @@ def test_a_running_call_continues_with_new_weights_and_keeps_its_version(tiny_wo
     prompts = make_prompt_batch([
         {"sample_id": s.sample_id, "image_hash": content_hash(resolve_image(split, s.image_path)),
          "prompt_ids": prompt_ids(tokenizer, s.question, config.model.ref_token), "gt_masks": [],
-         "no_target": s.no_target} for s in read_samples(split)[:2]])
+         "no_target": s.no_target, "group_id": i} for i, s in enumerate(read_samples(split)[:2])])
     sampling = dict(group_size=1, greedy=True, max_tokens=TOKENS, ignore_eos=True)
     plain = ray.get(held.generate.remote(prompts, **sampling), timeout=300).column("response_ids").to_pylist()
     state, vocab = flat_weights(config)

@@ -15,7 +15,6 @@ import pytest
 import ray
 import torch
 
-from actors.learner import lockstep_plan, read_rows
 from config.builders import build_segmenter, feature_store, loss_settings
 from data.features import content_hash
 from data.loader import SegDataset
@@ -24,6 +23,7 @@ from data.synthetic import sft_target
 from data.trajectory import REF_LOGPROBS_FIELD, ROLLOUT_SCHEMA
 from data.weight_transport import unpack_state
 from models.grpo_step import LossTotals, learner_loss
+from models.learner import learner_rows, lockstep_plan
 from models.prompt import prompt_ids
 
 LEARNER_SCHEMA = pa.schema(list(ROLLOUT_SCHEMA) + [REF_LOGPROBS_FIELD, pa.field("advantage", pa.float32()),
@@ -60,7 +60,7 @@ def make_rows(config) -> list[dict]:
             rows.append(dict(sample_id=item.sample.sample_id, image_hash=image_hash,
                              prompt_ids=prompt_ids(tokenizer, item.sample.question, config.model.ref_token),
                              gt_masks=[encode_mask(m.numpy() >= 0.5) for m in item.gt_lowres], no_target=False,
-                             group_id=f"g{p}", response_index=k, group_size=4, response_ids=resp,
+                             group_id=p, response_index=k, group_size=4, response_ids=resp,
                              weights_version=0, text="", advantage=1.0 if k % 2 else -1.0, error=None))
     feats = [data.store.get(r["image_hash"]) for r in rows]
     with torch.no_grad():
@@ -79,9 +79,9 @@ def batch(tiny_workspace, tiny_sae) -> pa.RecordBatch:
 
 
 @pytest.fixture(scope="module")
-def rows(batch, ray_cluster) -> list[dict]:
+def rows(batch) -> list[dict]:
     """The batch as the learner reads it (GT masks decoded)."""
-    return read_rows([ray.put(batch)])
+    return learner_rows([batch])
 
 
 # ---------------------------------------------------------------- plan and loss (no DeepSpeed)
@@ -133,8 +133,19 @@ def test_micro_batch_losses_sum_to_the_full_batch_loss(tiny_workspace, tiny_sae,
 # ---------------------------------------------------------------- ZeRO-3 on Ray
 
 
+def unpacked(weights: ray.ObjectRef) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in unpack_state(ray.get(weights)).items()}
+
+
 def export(group) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in unpack_state(ray.get(group.export_weights())).items()}
+    return unpacked(group.export_weights())
+
+
+def train(group, batch_refs) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One step as the GRPO stages run it: rank 0's metrics and the weights exported after the step."""
+    metrics, weights = group.step(batch_refs)
+    ray.get(metrics[1:])  # the other ranks' errors surface here
+    return ray.get(metrics[0]), unpacked(weights)
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +157,9 @@ def trained(tiny_workspace, batch, ray_cluster):
     ref = ray.put(batch)
     groups = {ws: LearnerGroup(config, ws, num_cpus=0.25, extensions_dir=EXTENSIONS, zero=ZERO) for ws in (1, 2)}
     before = {ws: export(g) for ws, g in groups.items()}
-    metrics = {ws: g.train_step([ref]) for ws, g in groups.items()}
-    after = {ws: export(g) for ws, g in groups.items()}
-    yield SimpleNamespace(config=config, batch=ref, groups=groups, before=before, metrics=metrics, after=after)
+    steps = {ws: train(g, [ref]) for ws, g in groups.items()}
+    metrics, after = {ws: m for ws, (m, _) in steps.items()}, {ws: w for ws, (_, w) in steps.items()}
+    yield SimpleNamespace(config=config, groups=groups, before=before, metrics=metrics, after=after)
     for g in groups.values():
         g.shutdown()
 
@@ -175,7 +186,7 @@ def test_step_changes_lm_projector_and_head_and_exports_no_frozen_encoder(traine
     assert all(k.split(".")[0] in ("lm", "projector", "head") for k in after)
 
 
-def test_exported_weights_load_strictly_and_reproduce_learner_logprobs(trained):
+def test_exported_weights_load_strictly_and_reproduce_learner_logprobs(trained, batch):
     model, _, _ = build_segmenter(trained.config)
     state = trained.after[2]
     for prefix, module in (("lm", model.policy.lm), ("projector", model.policy.projector)):
@@ -183,33 +194,39 @@ def test_exported_weights_load_strictly_and_reproduce_learner_logprobs(trained):
     missing, unexpected = model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")},
                                                      strict=False)
     assert not unexpected and all(k.startswith("sae.") for k in missing)
-    rows = read_rows([trained.batch])
+    rows = learner_rows([batch])
     store = feature_store(trained.config)
     with torch.no_grad():
         out = model.policy([r["prompt_ids"] for r in rows], [store.get(r["image_hash"])["vision"] for r in rows],
                            [r["response_ids"] for r in rows])
-    learner = trained.groups[2].logprobs([trained.batch])
-    for i, lp in enumerate(learner):
-        assert torch.allclose(out.logprobs[i, : len(lp)], torch.tensor(lp), atol=1e-5)
+    # Rows sampled with the exported weights, as a rollout engine holding them would: the
+    # learner's next step computes the same logprobs (its mismatch to the rollout's is ~0).
+    resampled = pa.array([out.logprobs[i, : len(r["response_ids"])].tolist() for i, r in enumerate(rows)],
+                         LEARNER_SCHEMA.field("rollout_logprobs").type)
+    column = LEARNER_SCHEMA.get_field_index("rollout_logprobs")
+    metrics, _ = train(trained.groups[2], [ray.put(batch.set_column(column, "rollout_logprobs", resampled))])
+    assert metrics["logprob_mismatch"] < 1e-5
 
 
 def test_error_rows_are_dropped_and_counted(trained, batch):
     errors = pa.array([None, None, None, "null_field", None, None, None, None], pa.string())
     ref = ray.put(batch.set_column(batch.schema.get_field_index("error"), "error", errors))
-    metrics = trained.groups[1].train_step([ref])
+    metrics, _ = train(trained.groups[1], [ref])
     assert metrics["dropped_rows"] == 1 and metrics["rows"] == 7 and metrics["version"] == 2
 
 
 def test_checkpoint_restores_weights_and_step_in_a_new_group(trained, tmp_path):
     from actors.learner_group import LearnerGroup
 
-    trained.groups[2].save_checkpoint(str(tmp_path), "step1")
+    saved = trained.groups[2]  # other tests may have stepped it further
+    version, weights = saved.version(), export(saved)
+    saved.save_checkpoint(str(tmp_path), f"step{version}")
     fresh = LearnerGroup(trained.config, 2, num_cpus=0.25, extensions_dir=EXTENSIONS, zero=ZERO)
     try:
-        assert fresh.version() == 0
-        assert fresh.load_checkpoint(str(tmp_path), "step1") == 1
+        assert fresh.version() == 0 < version
+        assert fresh.load_checkpoint(str(tmp_path), f"step{version}") == version
         restored = export(fresh)
-        assert all(torch.equal(restored[k], v) for k, v in trained.after[2].items())
+        assert all(torch.equal(restored[k], v) for k, v in weights.items())
         folder = Path(fresh.save_model(str(tmp_path / "model")))
         assert (folder / "model.safetensors").is_file() and (folder / "head" / "model.safetensors").is_file()
     finally:

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.mask_frames import gt_to_lowres, lowres_to_image, slot_targets
+from data.mask_frames import gt_to_lowres, lowres_gt, lowres_side, lowres_to_image, slot_targets
 from models.sam import TinySamSpec, build_tiny_sam
 
 
@@ -38,6 +38,13 @@ def test_round_trip_matches_sam_postprocess():
     torch.testing.assert_close(ours, theirs)
     iou = ((ours[0] > 0).numpy() & gt[0]).sum() / ((ours[0] > 0).numpy() | gt[0]).sum()
     assert iou > 0.85
+
+
+def test_cached_features_give_the_frame():
+    gt = _box_mask(40, 60, 10, 30, 20, 50)
+    feats = {"sam": torch.zeros(16, 8, 8), "sam_input_size": torch.tensor([43, 64])}
+    assert lowres_side(feats["sam"]) == lowres_side(feats["sam"][None]) == 32
+    torch.testing.assert_close(lowres_gt(gt, feats, img_size=64), gt_to_lowres(gt, (43, 64), 64, 32))
 
 
 def test_no_target_gives_empty_stack():

@@ -9,22 +9,13 @@ from hypothesis.extra import numpy as hnp
 from models.read import (
     DEFAULT_SIGMA,
     ReadParams,
-    best_threshold_iou,
-    decode_read_masks,
-    fixed_threshold_iou,
-    has_reference,
     read_prompts,
-    read_segment,
     refine_points,
-    sam_input_size,
     select_cells,
     similarity_map,
     similarity_to_points,
-    threshold_grid,
-    to_sam_coords,
     upsample_map,
 )
-from models.sam import TinySamSpec, build_tiny_sam
 
 # 3×3 map, cell index = row-major position; image (H, W) = (30, 60) → cells 10 px tall, 20 px wide.
 SIM_3X3 = np.array(
@@ -227,123 +218,3 @@ def test_read_prompts_pipeline_and_downsample():
     assert coarse.coords.shape == (6, 2)  # 2×3 cells after downsampling
     with pytest.raises(ValueError, match="downsample"):
         ReadParams(downsample=0)
-
-
-# ---------------------------------------------------------------------- SAM decode
-
-
-@pytest.fixture(scope="module")
-def tiny_sam():
-    torch.manual_seed(0)
-    return build_tiny_sam(TinySamSpec())
-
-
-def test_sam_coordinate_frame():
-    assert sam_input_size((30, 60), 64) == (32, 64)
-    np.testing.assert_allclose(to_sam_coords(np.array([[59.0, 29.0]]), (30, 60), 64), [[59 * 64 / 60, 29 * 32 / 30]])
-    assert sam_input_size((1, 3), 1024) == (341, 1024)
-
-
-def decode_inputs(spec=TinySamSpec()):
-    torch.manual_seed(1)
-    grid = spec.image_size // spec.patch_size
-    embedding = torch.randn(spec.prompt_dim, grid, grid)
-    coords, labels = similarity_to_points(np.random.default_rng(2).random((4, 4)), 6, 0.7, 0.3, (30, 60))
-    return embedding, coords, labels
-
-
-def test_decode_shapes_and_gradients(tiny_sam):
-    embedding, coords, labels = decode_inputs()
-    seg = torch.randn(32, requires_grad=True)
-    tiny_sam.zero_grad()
-    out = decode_read_masks(tiny_sam, embedding, seg, coords, labels, (30, 60))
-    assert out.low_res_logits.shape == (1, 1, 32, 32) and out.mask_logits.shape == (1, 1, 30, 60)
-    (out.low_res_logits.sum() + out.mask_logits.sum()).backward()
-    assert seg.grad.abs().sum() > 0
-    decoder = tiny_sam.mask_decoder
-    for module in (decoder.transformer, decoder.output_upscaling, decoder.output_hypernetworks_mlps[0]):
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
-    assert decode_read_masks(tiny_sam, embedding, seg, None, None, (30, 60), upsample=False).mask_logits is None
-    with pytest.raises(ValueError, match="coords and labels"):
-        decode_read_masks(tiny_sam, embedding, seg, coords, None, (30, 60))
-
-
-def test_points_steer_the_mask_and_neutrals_carry_no_location(tiny_sam):
-    embedding, coords, labels = decode_inputs()
-    seg = torch.randn(32)
-    labels = labels.copy()
-    labels[-1] = -1
-    with torch.no_grad():
-        base = decode_read_masks(tiny_sam, embedding, seg, coords, labels, (30, 60), upsample=False)
-        moved_neutral = coords.copy()
-        moved_neutral[-1] = [1.0, 1.0]
-        same = decode_read_masks(tiny_sam, embedding, seg, moved_neutral, labels, (30, 60), upsample=False)
-        moved_labelled = coords.copy()
-        moved_labelled[0] = [1.0, 1.0]
-        other = decode_read_masks(tiny_sam, embedding, seg, moved_labelled, labels, (30, 60), upsample=False)
-    torch.testing.assert_close(base.low_res_logits, same.low_res_logits)
-    assert not torch.allclose(base.low_res_logits, other.low_res_logits)
-
-
-def test_no_reference_token_means_no_mask(tiny_sam):
-    assert has_reference([5, 7, 9], 9) and has_reference(torch.tensor([[1, 9]]), 9)
-    assert not has_reference([], 9) and not has_reference(np.array([1, 2]), 9)
-    embedding, _, _ = decode_inputs()
-    common = dict(image_hidden=torch.randn(16, 8), grid=(4, 4), image_embedding=embedding, original_size=(30, 60))
-    assert read_segment(tiny_sam, [1, 2, 3], 99, seg_hidden=None, seg_embedding=None, **common) is None
-    result = read_segment(tiny_sam, [1, 99], 99, seg_hidden=torch.randn(8), seg_embedding=torch.randn(32), **common)
-    prompts, masks = result
-    assert prompts.coords.shape == (16, 2) and masks.mask_logits.shape == (1, 1, 30, 60)
-    with pytest.raises(ValueError, match="seg_hidden or seg_embedding is None"):
-        read_segment(tiny_sam, [99], 99, seg_hidden=None, seg_embedding=None, **common)
-
-
-# ------------------------------------------------------------- threshold search
-
-
-def naive_ious(prob, gt, thresholds):
-    out = []
-    for t in thresholds:
-        pred = prob >= t
-        union = (pred | gt).sum()
-        out.append((pred & gt).sum() / union if union else 1.0)
-    return np.array(out)
-
-
-def test_grid_search_equals_naive_loop():
-    rng = np.random.default_rng(3)
-    grid = threshold_grid(0.01)
-    assert len(grid) == 101 and grid[7] == 0.07 and grid[-1] == 1.0
-    for prob, gt in [
-        (rng.random((20, 30)), rng.random((20, 30)) > 0.6),
-        (np.round(rng.random((9, 9)), 2), rng.random((9, 9)) > 0.3),  # values exactly on the grid
-        (rng.random((5, 5)), np.zeros((5, 5), bool)),
-    ]:
-        ious = naive_ious(prob, gt, grid)
-        best_t, best_iou = best_threshold_iou(prob, gt)
-        assert best_iou == pytest.approx(ious.max())
-        assert best_t == grid[np.argmax(ious)]
-        for t in (0.0, 0.5, 0.73):
-            assert fixed_threshold_iou(prob, gt, t) == pytest.approx(naive_ious(prob, gt, [t])[0])
-
-
-def test_grid_search_picks_the_iou_maximising_threshold():
-    prob = np.full((4, 4), 0.1)
-    gt = np.zeros((4, 4), bool)
-    gt[:2, :2] = True
-    prob[:2, :2] = [[0.45, 0.7], [0.7, 0.7]]
-    prob[3, 3] = 0.3  # a distractor below the weakest target pixel
-    assert best_threshold_iou(prob, gt) == (0.31, 1.0)
-    assert fixed_threshold_iou(prob, gt) == pytest.approx(0.75)
-    assert best_threshold_iou(prob, gt, step=0.5) == (0.5, 0.75)
-
-
-def test_threshold_inputs_are_checked():
-    with pytest.raises(ValueError, match="one shape"):
-        best_threshold_iou(np.zeros((2, 2)), np.zeros((2, 3), bool))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        best_threshold_iou(np.full((2, 2), 1.5), np.zeros((2, 2), bool))
-    with pytest.raises(ValueError, match="ignore"):
-        best_threshold_iou(np.zeros((2, 2)), np.full((2, 2), 255))
-    with pytest.raises(ValueError, match="step"):
-        threshold_grid(0.0)

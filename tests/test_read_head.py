@@ -75,6 +75,34 @@ def test_no_reference_token_and_non_square_grid_are_clear_errors():
         square_grid(60)
 
 
+def test_the_mask_follows_the_similarity_points():
+    head, _ = _head()
+    ref, embedding = torch.randn(1, LM_DIM), torch.randn(32, 8, 8)
+    image = torch.randn(64, LM_DIM)
+    with torch.no_grad():
+        base = head(ref, image, embedding).mask_logits
+        again = head(ref, image.clone(), embedding).mask_logits
+        moved = head(ref, torch.roll(image, 9, dims=0), embedding).mask_logits  # the peaks move elsewhere
+    torch.testing.assert_close(base, again)
+    assert not torch.allclose(base, moved)
+
+
+def test_neutral_points_carry_no_location():
+    """READ's neutral points (label -1) fill the budget; SAM's prompt encoder ignores where they are."""
+    _, sam = _head()
+    coords = torch.tensor([[[3.0, 4.0], [20.0, 9.0]]])
+    labels = torch.tensor([[1, -1]])
+    moved = coords.clone()
+    moved[0, 1] = torch.tensor([60.0, 61.0])
+    with torch.no_grad():
+        base, _ = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        same, _ = sam.prompt_encoder(points=(moved, labels), boxes=None, masks=None)
+        moved[0, 0] = torch.tensor([60.0, 61.0])
+        other, _ = sam.prompt_encoder(points=(moved, labels), boxes=None, masks=None)
+    torch.testing.assert_close(base, same)
+    assert not torch.allclose(base, other)
+
+
 def test_param_groups_cope_with_reads_roles():
     head, _ = _head()
     multipliers = {"query_codebook": 25.0, "slot_mapper": 80.0, "mask_decoder": 10.0}

@@ -30,7 +30,7 @@ def setup(tiny_workspace, tiny_sae):
     for g, row in enumerate(rows):
         target = tok(sft_target(samples[row["sample_id"]]), add_special_tokens=False)["input_ids"]
         for r, resp in enumerate([target, target[:5]]):  # a full answer and a cut one (no <SEG>)
-            out.append({**row, "group_id": f"g{g}", "response_index": r, "group_size": 2, "response_ids": resp,
+            out.append({**row, "group_id": g, "response_index": r, "group_size": 2, "response_ids": resp,
                         "rollout_logprobs": [0.0] * len(resp), "weights_version": r, "text": tok.decode(resp)})
     return config, model, pa.RecordBatch.from_pylist(out, schema=ROLLOUT_SCHEMA)
 

@@ -39,11 +39,11 @@ def cols(*columns: int) -> np.ndarray:
 LEFT, RIGHT = cols(0, 1), cols(2, 3)  # two GT objects of 8 pixels
 
 
-def group(name, texts, probs, confs, gts, **extra):
+def group(group_id, texts, probs, confs, gts, **extra):
     """Keyword arguments of make_reference_batch for one complete group."""
     n = len(texts)
     return dict(
-        sample_ids=[f"s-{name}"] * n, group_ids=[name] * n, response_indices=list(range(n)),
+        sample_ids=[f"s-{group_id}"] * n, group_ids=[group_id] * n, response_indices=list(range(n)),
         group_sizes=n, texts=texts, mask_probs=[np.asarray(p, np.float32) for p in probs],
         confidences=confs, gt_masks=gts, **extra,
     )
@@ -57,7 +57,7 @@ def batch_of(*groups) -> pa.RecordBatch:
 
 # Hand-computed (format, mask) per row; soft IoU = Σpg / (Σp + Σg − Σpg).
 SINGLE = group(
-    "single",
+    0,
     [CLEAN, PREFIXED, NO_TAGS, CLEAN],
     [[LEFT], [cols(1, 2)], [0.5 * LEFT], [np.full((H, W), 0.5)]],
     [[0.9], [0.9], [0.9], [0.1]],  # K = G = 1 is plain soft IoU: the 0.1 gates nothing
@@ -65,7 +65,7 @@ SINGLE = group(
 )
 SINGLE_SCORES = [(1.0, 1.0), (0.9, 4 / 12), (0.0, 4 / 8), (1.0, 4 / 12)]
 MULTI = group(
-    "multi",
+    1,
     [CLEAN, CLEAN, TRAILING],
     [[RIGHT, LEFT], [LEFT, RIGHT], [LEFT, RIGHT]],
     [[0.9, 0.8], [0.9, 0.2], [0.1, 0.1]],
@@ -75,7 +75,7 @@ MULTI_SCORES = {  # one confident perfect slot of two objects: paper 1/1, code 1
     "paper": [(1.0, 1.0), (1.0, 1.0), (0.9, 0.0)],
     "segcompass-code": [(1.0, 1.0), (1.0, 0.5), (1.0, 0.0)],
 }
-NONE = group("none", [CLEAN, CLEAN], [[LEFT, RIGHT]] * 2, [[0.1, 0.2], [0.9, 0.1]], [[], []])
+NONE = group(2, [CLEAN, CLEAN], [[LEFT, RIGHT]] * 2, [[0.1, 0.2], [0.9, 0.1]], [[], []])
 NONE_SCORES = [(1.0, 1.0), (1.0, 0.0)]  # no target: any confident slot scores 0
 
 
@@ -178,7 +178,7 @@ def test_malformed_rows_get_zero_reward_and_an_error_code(worker):
     ]
     texts, probs, confs, gts, codes = zip(*rows)
     assert set(codes) - {None} == set(ROW_ERRORS)  # every code is exercised
-    batch = make_reference_batch(**group("bad", list(texts), probs, confs, list(gts)))
+    batch = make_reference_batch(**group(3, list(texts), probs, confs, list(gts)))
     batch = with_cell(with_cell(batch, "num_slots", 7, 3), "no_target", 8, True)
 
     out = ray.get(worker.reward.remote(ray.put(batch)))
@@ -194,9 +194,9 @@ def test_malformed_rows_get_zero_reward_and_an_error_code(worker):
 
 
 def test_split_group_is_reported_and_the_worker_survives(worker):
-    pair = group("g7", [CLEAN, CLEAN], [[LEFT]] * 2, [[0.9]] * 2, [[LEFT]] * 2)
+    pair = group(7, [CLEAN, CLEAN], [[LEFT]] * 2, [[0.9]] * 2, [[LEFT]] * 2)
     split = make_reference_batch(**{**pair, "response_indices": [0, 2]})
-    with pytest.raises(SplitGroupError, match=r"group 'g7' is not complete.*\[0, 2\]"):
+    with pytest.raises(SplitGroupError, match=r"group 7 is not complete.*\[0, 2\]"):
         ray.get(worker.reward.remote(ray.put(split)))
     assert ray.get(worker.reward.remote(batch_of(NONE))).num_rows == 2
 

@@ -45,13 +45,13 @@ def worker(pool):
 
 @pytest.fixture(scope="module")
 def prompts(tiny_workspace):
-    """Three val prompts as a prompt batch (no GT masks needed here)."""
+    """Three val prompts as a prompt batch, groups 10-12 (no GT masks needed here)."""
     config = tiny_workspace["config"]
     split = Path(config.resolve_path(config.data.root)) / "val.parquet"
     _, tokenizer = _policy(config)
     rows = [{"sample_id": s.sample_id, "image_hash": content_hash(resolve_image(split, s.image_path)),
              "prompt_ids": prompt_ids(tokenizer, s.question, config.model.ref_token), "gt_masks": [],
-             "no_target": s.no_target} for s in read_samples(split)[:3]]
+             "no_target": s.no_target, "group_id": 10 + i} for i, s in enumerate(read_samples(split)[:3])]
     return make_prompt_batch(rows)
 
 
@@ -62,7 +62,7 @@ def _vision(config, batch):
 
 def test_rollout_logprobs_equal_learner_recomputation(tiny_workspace, pool, prompts):
     config = tiny_workspace["config"]
-    ref = pool.submit(ray.put(prompts), group_size=2, max_tokens=MAX_TOKENS)
+    ref, _ = pool.dispatch(ray.put(prompts), group_size=2, max_tokens=MAX_TOKENS)
     assert isinstance(ref, ray.ObjectRef)
     out = ray.get(ref)
     policy, _ = _policy(config)
@@ -84,14 +84,14 @@ def test_schema_groups_version_and_eos(tiny_workspace, worker, prompts):
     assert out.schema.equals(ROLLOUT_SCHEMA)
     assert out.num_rows == prompts.num_rows * g
     rows = out.to_pylist()
-    groups: dict[str, list[dict]] = {}
+    groups: dict[int, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["group_id"], []).append(row)
     assert len(groups) == prompts.num_rows
-    for sample_id, members in zip(prompts.column("sample_id").to_pylist(), groups.values()):
+    for prompt, (group_id, members) in zip(prompts.to_pylist(), groups.items()):
         assert [r["response_index"] for r in members] == list(range(g))
-        assert all(r["group_size"] == g and r["sample_id"] == sample_id for r in members)
-        assert members[0]["group_id"].startswith(f"{sample_id}@")
+        assert all(r["group_size"] == g and r["sample_id"] == prompt["sample_id"] for r in members)
+        assert group_id == prompt["group_id"]  # the prompt row's group id, on every response
     _, tokenizer = _policy(config)
     for row in rows:
         ids = row["response_ids"]
@@ -126,20 +126,20 @@ def test_weight_push_gives_transformers_greedy_tokens(tiny_workspace, pool, work
     original |= {f"projector.{k}": v.clone() for k, v in policy.projector.state_dict().items()}
 
     def greedy():
-        out = ray.get(pool.submit(ray.put(prompts), group_size=1, greedy=True, max_tokens=MAX_TOKENS))
+        out = ray.get(pool.dispatch(ray.put(prompts), group_size=1, greedy=True, max_tokens=MAX_TOKENS)[0])
         return [ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
                 for ids in out.column("response_ids").to_pylist()], out
 
     before, _ = greedy()
     new = _perturbed_state(policy, seed=7)
     try:
-        timings = ray.get(pool.broadcast_weights(ray.put(pack_state(new)), 7))
+        timings = ray.get([ack for ack, _ in pool.broadcast_named(ray.put(pack_state(new)), 7)])
         assert timings[0]["engine_s"] > 0
         after, out = greedy()
         assert set(out.column("weights_version").to_pylist()) == {7}
         assert ray.get(worker.version.remote()) == 7
     finally:
-        ray.get(pool.broadcast_weights(ray.put(original), 8))  # a plain tensor dict works too (versions only grow)
+        ray.get([ack for ack, _ in pool.broadcast_named(ray.put(original), 8)])  # a plain dict works too (versions only grow)
     _load(policy, new)
     with torch.no_grad():
         embeds = [policy.prompt_embeds(ids, v) for ids, v in
@@ -188,10 +188,20 @@ def test_calls_waiting_for_weights_cannot_starve_the_update(tiny_workspace, work
 
 
 def test_missing_features_raise_naming_the_sample(worker, prompts):
-    from actors.rollout import MissingFeaturesError
+    from models.rollout import MissingFeaturesError
 
     rows = prompts.to_pylist()
     rows[1] |= {"sample_id": "lost-sample", "image_hash": "0" * 64}
     with pytest.raises(MissingFeaturesError, match="lost-sample"):
         ray.get(worker.generate.remote(make_prompt_batch(rows), max_tokens=4))
     assert ray.get(worker.ping.remote())
+
+
+def test_prompt_rows_need_their_own_group_id(worker, prompts):
+    rows = prompts.to_pylist()
+    rows[2]["group_id"] = rows[0]["group_id"]
+    with pytest.raises(ValueError, match="every row needs its own group_id"):
+        ray.get(worker.generate.remote(make_prompt_batch(rows), max_tokens=4))
+    rows[2]["group_id"] = None
+    with pytest.raises(ValueError, match="every row needs its own group_id"):
+        ray.get(worker.generate.remote(make_prompt_batch(rows), max_tokens=4))

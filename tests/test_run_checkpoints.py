@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,24 +12,49 @@ from pipelines.cli import config_source
 from pipelines.grpo.ledger import Ledger
 from pipelines.grpo.metrics_log import MetricsLog, read_metrics
 from pipelines.grpo.prompts import PromptStream
-from pipelines.grpo.run_checkpoints import latest_checkpoint, run_ledger, save_run_checkpoint
+from pipelines.grpo.run_checkpoints import Checkpointer, latest_checkpoint, run_ledger
+
+
+class FakeLearner:
+    """Saves like a LearnerGroup: two shard files under ``directory/tag``, listed relative to ``directory``."""
+
+    def __init__(self, events: list[str] | None = None):
+        self.events = [] if events is None else events
+
+    def save_checkpoint(self, directory: str, tag: str) -> list[str]:
+        shard = Path(directory) / tag
+        shard.mkdir(parents=True)
+        (shard / "model_states.pt").write_bytes(b"w" * (100 + int(tag.removeprefix("step"))))
+        (shard / "optim_states.pt").write_bytes(b"o" * 50)
+        self.events.append(f"learner {tag}")
+        return [f"{tag}/model_states.pt", f"{tag}/optim_states.pt"]
 
 
 def fake_checkpoint(folder, step: int, keep: int = 3) -> Ledger:
     """A learner folder with two shard files, plus the driver's state and a ledger of one trained group."""
-    shard = folder / f"step{step}"
-    shard.mkdir(parents=True)
-    (shard / "model_states.pt").write_bytes(b"w" * (100 + step))
-    (shard / "optim_states.pt").write_bytes(b"o" * 50)
     ledger = Ledger()
     ledger.admitted(step, f"e0:{step}")
     ledger.admitted(step + 100, f"e0:{step + 100}")  # still in flight
     for advance in (lambda: ledger.generated(step, step - 1), lambda: ledger.referenced(step),
                     lambda: ledger.rewarded(step), lambda: ledger.trained(step, step - 1)):
         advance()
-    files = [f"step{step}/model_states.pt", f"step{step}/optim_states.pt"]
-    save_run_checkpoint(folder, step, files, {"prompts": {"epoch": 0, "position": step}}, ledger, keep)
+    state = {"prompts": {"epoch": 0, "position": step}}
+    Checkpointer(folder, step, keep, FakeLearner(), lambda: (state, ledger)).save(step)
     return ledger
+
+
+def test_a_checkpoint_is_saved_every_n_steps_the_learner_first(tmp_path):
+    events = []
+
+    def snapshot():
+        events.append("snapshot")
+        return {"prompts": {}}, Ledger()
+
+    checkpointer = Checkpointer(tmp_path, 2, 5, FakeLearner(events), snapshot)
+    for step in range(1, 6):
+        checkpointer(step)
+    assert events == ["learner step2", "snapshot", "learner step4", "snapshot"]
+    assert latest_checkpoint(tmp_path).step == 4
 
 
 def test_the_newest_complete_checkpoint_is_found(tmp_path):
@@ -92,15 +118,16 @@ def test_prompt_stream_hands_requeued_samples_out_first_and_resumes_its_cursor()
     rows = [{"sample_id": f"s{i}", "image_hash": "h", "prompt_ids": [1, 2], "gt_masks": [], "no_target": False}
             for i in range(5)]
     stream = PromptStream(rows, seed=3)
-    _, first = stream.take(3)
+    _, first = stream.take(range(3))
     stream.requeue(first[1:])
-    batch, again = stream.take(3)
+    batch, again = stream.take(range(3, 6))
     assert again[:2] == first[1:] and again[2].startswith("e0:") and again[2] not in first
     assert batch.column("sample_id").to_pylist() == [f"s{int(k.split(':')[1])}" for k in again]
+    assert batch.column("group_id").to_pylist() == [3, 4, 5]  # the scheduler's ids, in order
     stream.requeue(["e0:4"])
     copy = PromptStream(rows, seed=3)
     copy.restore(json.loads(json.dumps(stream.state())))
-    assert copy.take(4)[1] == stream.take(4)[1]  # crosses into epoch 1 the same way
+    assert copy.take(range(6, 10))[1] == stream.take(range(6, 10))[1]  # crosses into epoch 1 the same way
     with pytest.raises(ValueError, match="training split is empty"):
         PromptStream([], seed=0)
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from data.mask_frames import lowres_side
 from models.projector import load_projector
 from models.sam import load_sam
 from models.tiny import TinySpec, make_tiny
@@ -68,7 +69,7 @@ def test_vision_projector_and_sam_shapes(tiny_workspace):
     low, iou = sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
                                 sparse_prompt_embeddings=torch.cat([sparse, torch.randn(1, 1, cfg.sam.prompt_dim)], 1),
                                 dense_prompt_embeddings=dense, multimask_output=False)
-    assert low.shape == (1, 1, 4 * sam_grid, 4 * sam_grid) and iou.shape == (1, 1)
+    assert low.shape == (1, 1, lowres_side(emb), lowres_side(emb)) and iou.shape == (1, 1)
 
 
 def _prompt_embeds(ws, hf_model) -> torch.Tensor:

@@ -26,7 +26,7 @@ def reference_batch(n=4, k=2, h=3, w=5, group_ids=None, indices=None, sizes=None
     gt = rng.random((h, w)) < 0.5
     return make_reference_batch(
         sample_ids=[f"s{i}" for i in range(n)],
-        group_ids=group_ids or ["g"] * n,
+        group_ids=group_ids or [0] * n,
         response_indices=indices or list(range(n)),
         group_sizes=sizes or n,
         texts=["<think>a</think><SEG>"] * n,
@@ -80,7 +80,7 @@ def test_mask_probs_read_back_as_views_of_the_batch():
 
 def test_ragged_rows_and_length_checks():
     batch = make_reference_batch(
-        sample_ids=["a", "b"], group_ids=["g", "g"], response_indices=[0, 1], group_sizes=2,
+        sample_ids=["a", "b"], group_ids=[0, 0], response_indices=[0, 1], group_sizes=2,
         texts=["x", "y"], mask_probs=[np.zeros((1, 2, 2)), np.ones((3, 4, 4))],
         confidences=[[0.1], [0.2, 0.3, 0.4]], gt_masks=[[], []],
     )
@@ -88,7 +88,7 @@ def test_ragged_rows_and_length_checks():
     assert ReferenceRows(batch).row(1).mask_probs.shape == (3, 4, 4)
     with pytest.raises(ValueError, match="every column needs 2 entries"):
         make_reference_batch(
-            sample_ids=["a"], group_ids=["g", "g"], response_indices=[0, 1], group_sizes=2,
+            sample_ids=["a"], group_ids=[0, 0], response_indices=[0, 1], group_sizes=2,
             texts=["x", "y"], mask_probs=np.zeros((2, 1, 2, 2)), confidences=[[0.1]] * 2,
             gt_masks=[[], []],
         )
@@ -105,9 +105,9 @@ def test_null_cells_are_row_errors():
 
 
 def test_group_rows_orders_by_response_index():
-    batch = reference_batch(n=4, group_ids=["a", "b", "a", "b"], indices=[1, 1, 0, 0], sizes=2)
+    batch = reference_batch(n=4, group_ids=[5, 9, 5, 9], indices=[1, 1, 0, 0], sizes=2)
     groups = group_rows(batch)
-    assert {g: m.tolist() for g, m in groups.items()} == {"a": [2, 0], "b": [3, 1]}
+    assert {g: m.tolist() for g, m in groups.items()} == {5: [2, 0], 9: [3, 1]}
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_group_rows_rejects_incomplete_groups(indices, sizes, message):
 
 def test_group_rows_rejects_null_keys():
     batch = reference_batch(n=2)
-    batch = batch.set_column(1, "group_id", pa.array(["g", None]))
+    batch = batch.set_column(1, "group_id", pa.array([0, None], pa.int64()))
     with pytest.raises(SplitGroupError, match="row 1 has a null key"):
         group_rows(batch)
 

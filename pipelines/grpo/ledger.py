@@ -19,14 +19,14 @@ be some REQUEUED ones, then at most one that is trained, dropped or still open.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from data.atomic import write_atomic
 
 ADMITTED = "admitted"
 GENERATED = "generated"
@@ -199,24 +199,7 @@ class Ledger:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a crash at any point leaves either the old file or the new one."""
-        path = Path(path)
-        data = json.dumps(self.to_dict(), separators=(",", ":")).encode()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, json.dumps(self.to_dict(), separators=(",", ":")))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Ledger:

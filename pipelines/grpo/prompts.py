@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Sequence
 
-import numpy as np
 import pyarrow as pa
 
 from data.features import FeatureStore, content_hash
-from data.mask_frames import gt_to_lowres, slot_targets
+from data.mask_frames import lowres_gt, slot_targets
 from data.schema import encode_mask, read_samples, resolve_image
 from data.trajectory import make_prompt_batch
 from models.prompt import prompt_ids
@@ -27,11 +27,7 @@ def prompt_rows(split_file: str | Path, tokenizer, store: FeatureStore, sam_img_
     rows = []
     for sample in read_samples(split_file)[:limit]:
         digest = content_hash(resolve_image(split_file, sample.image_path))
-        feats = store.get(digest)
-        input_size = tuple(int(v) for v in feats["sam_input_size"])
-        lowres = 4 * feats["sam"].shape[-1]
-        gt = np.stack(sample.masks) if sample.masks else np.zeros((0, sample.height, sample.width), bool)
-        low = slot_targets(gt_to_lowres(gt, input_size, sam_img_size, lowres), num_slots).numpy() > 0
+        low = slot_targets(lowres_gt(sample.gt_stack, store.get(digest), sam_img_size), num_slots).numpy() > 0
         rows.append({
             "sample_id": sample.sample_id,
             "image_hash": digest,
@@ -43,7 +39,7 @@ def prompt_rows(split_file: str | Path, tokenizer, store: FeatureStore, sam_img_
 
 
 class PromptStream:
-    """Endless shuffled epochs over prompt rows; ``take(n)`` -> (prompt RecordBatch, sample keys).
+    """Endless shuffled epochs over prompt rows; ``take(group_ids)`` -> (prompt RecordBatch, sample keys).
 
     A sample key ``e<epoch>:<row>`` names one visit of one row, which the trajectory
     ledger follows. Keys handed back with ``requeue`` (their work was lost) come out
@@ -64,7 +60,9 @@ class PromptStream:
         random.Random(self.seed * 100003 + epoch).shuffle(order)
         return order
 
-    def take(self, n: int) -> tuple[pa.RecordBatch, list[str]]:
+    def take(self, group_ids: Sequence[int]) -> tuple[pa.RecordBatch, list[str]]:
+        """One prompt row per admitted group, carrying its ``group_id``; and their sample keys."""
+        n = len(group_ids)
         keys = self.requeued[:n]
         self.requeued = self.requeued[n:]
         while len(keys) < n:
@@ -73,10 +71,8 @@ class PromptStream:
                 self._order = self._shuffled(self.epoch)
             keys.append(f"e{self.epoch}:{self._order[self.position]}")
             self.position += 1
-        return make_prompt_batch([self.rows[int(key.split(":")[1])] for key in keys]), keys
-
-    def next_batch(self, n: int) -> pa.RecordBatch:
-        return self.take(n)[0]
+        rows = [{**self.rows[int(key.split(":")[1])], "group_id": group_id} for key, group_id in zip(keys, group_ids)]
+        return make_prompt_batch(rows), keys
 
     def requeue(self, keys: list[str]) -> None:
         """Give ``keys`` out again before any new sample (in this order)."""

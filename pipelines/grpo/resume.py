@@ -1,8 +1,10 @@
 """Continue a GRPO run from a checkpoint: learner, data cursor, controller, ledger, rollout weights.
 
-Work that was in flight when the checkpoint was taken (admitted, not yet trained) is
-re-admitted first, under new group ids: the ledger marks the old groups requeued, so
-every sample is still trained exactly once or dropped with a reason.
+``run_checkpoints`` finds a complete checkpoint; this module puts it back into a fresh
+run, and defines the driver state a checkpoint keeps for it (``driver_state``). Work that
+was in flight when the checkpoint was taken (admitted, not yet trained) is re-admitted
+first, under new group ids: the ledger marks the old groups requeued, so every sample is
+still trained exactly once or dropped with a reason.
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ from pipelines.grpo.prompts import PromptStream
 from pipelines.grpo.run_checkpoints import RunCheckpoint
 
 RESUMED = "resumed: in flight at the checkpoint"
+
+
+def driver_state(prompts: PromptStream, faults: dict) -> dict:
+    """What a checkpoint keeps of the driver besides the ledger: the data cursor and the fault counters."""
+    return {"prompts": prompts.state(), "faults": dict(faults)}
 
 
 def restore(checkpoint: RunCheckpoint, actors, prompts: PromptStream,

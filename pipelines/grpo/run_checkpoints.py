@@ -1,25 +1,37 @@
-"""A GRPO run's checkpoints: written so a crash can never leave one that looks complete.
+"""A GRPO run's checkpoint folder: its format, written so a crash can never leave a checkpoint that looks complete.
 
-A checkpoint ``step<N>`` (N steps trained) is the learner's DeepSpeed folder, the
-driver's state (data cursor, controller counters, fault counters) and the trajectory
-ledger, each written atomically, and last a manifest naming every file with its size.
-Only a checkpoint whose manifest exists and matches the files on disk, and whose state
-and ledger load, counts; resuming takes the newest such one and says why it skipped any
-newer.
+This module owns the format; ``resume`` restores a run from a checkpoint, and the learner
+only writes (reads) the DeepSpeed folder it is handed. In ``<run>/checkpoints``, the
+checkpoint ``step<N>`` (N steps trained) is
+
+- ``step<N>/``: the learner's DeepSpeed checkpoint (every rank's partitions of the weights
+  and AdamW state, the schedule, the step counter, each rank's RNG states);
+- ``step<N>.state.json``: the driver's state (``step``, data cursor, fault counters);
+- ``step<N>.ledger.json``: the trajectory ledger;
+- ``step<N>.manifest.json``, written last: every file above with its size.
+
+Each JSON file is written atomically. Only a checkpoint whose manifest exists and matches
+the files on disk, and whose state and ledger load, counts; resuming takes the newest such
+one and says why it skipped any newer.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from data.atomic import write_atomic
 from pipelines.grpo.ledger import Ledger, LedgerError
 
-TAG = re.compile(r"^step(\d+)$")
+TAG = re.compile(r"^step(\d+)$")  # a checkpoint of N steps trained is step<N>
+
+
+def _name(tag: str, kind: str) -> str:
+    """A checkpoint's JSON file beside its DeepSpeed folder: kind is state, ledger or manifest."""
+    return f"{tag}.{kind}.json"
 
 
 @dataclass
@@ -30,29 +42,42 @@ class RunCheckpoint:
     state: dict  # the driver's state
     ledger: Ledger
 
+    @property
+    def manifest(self) -> Path:
+        return self.folder / _name(self.tag, "manifest")
+
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A crash leaves the old file or the new one (``data.atomic``)."""
+    write_atomic(path, json.dumps(payload))
 
 
-def save_run_checkpoint(folder: Path, step: int, learner_files: list[str], state: dict, ledger: Ledger,
-                        keep: int) -> None:
-    """Write the driver state, ledger and manifest of ``step<step>`` (the learner's files exist
-    already), then delete all but the newest ``keep`` complete checkpoints."""
-    tag = f"step{step}"
-    write_json_atomic(folder / f"{tag}.state.json", {"step": step, **state})
-    ledger.save(folder / f"{tag}.ledger.json")
-    files = [*learner_files, f"{tag}.state.json", f"{tag}.ledger.json"]
-    write_json_atomic(folder / f"{tag}.manifest.json",
-                      {"step": step, "files": {f: (folder / f).stat().st_size for f in files}})
-    for old in [c for c in _tags(folder)][keep:]:
-        _delete(folder, old)
+class Checkpointer:
+    """Saves ``step<N>`` after every ``every``-th step (the run log calls it with N, steps trained).
+
+    ``learner`` (a LearnerGroup) writes its DeepSpeed folder first; ``snapshot()`` -> (driver
+    state, ledger) is taken next, still between two learner steps, so both agree.
+    """
+
+    def __init__(self, folder: Path, every: int, keep: int, learner, snapshot: Callable[[], tuple[dict, Ledger]]):
+        self.folder, self.every, self.keep, self.learner, self.snapshot = folder, every, keep, learner, snapshot
+
+    def __call__(self, step: int) -> None:
+        if step % self.every == 0:
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        """Write ``step<step>``, manifest last, then delete all but the newest ``keep`` tags."""
+        folder, tag = self.folder, f"step{step}"
+        learner_files = self.learner.save_checkpoint(str(folder), tag)  # relative to folder
+        state, ledger = self.snapshot()
+        write_json_atomic(folder / _name(tag, "state"), {"step": step, **state})
+        ledger.save(folder / _name(tag, "ledger"))
+        files = [*learner_files, _name(tag, "state"), _name(tag, "ledger")]
+        write_json_atomic(folder / _name(tag, "manifest"),
+                          {"step": step, "files": {f: (folder / f).stat().st_size for f in files}})
+        for old in [c for c in _tags(folder)][self.keep:]:
+            _delete(folder, old)
 
 
 def latest_checkpoint(folder: Path, say: Callable[[str], None] = print) -> RunCheckpoint | None:
@@ -82,8 +107,7 @@ def run_ledger(run_dir: Path) -> tuple[Ledger, str, int | None]:
     eta = int(train["staleness"]) if train.get("staleness_mode", "strict") == "strict" else None
     final = run_dir / "ledger.json"
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    newest = checkpoint.folder / f"{checkpoint.tag}.manifest.json" if checkpoint else None
-    if final.is_file() and (newest is None or final.stat().st_mtime >= newest.stat().st_mtime):
+    if final.is_file() and (checkpoint is None or final.stat().st_mtime >= checkpoint.manifest.stat().st_mtime):
         return Ledger.load(final), f"ledger of the finished run: {final}", eta
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no ledger yet (no ledger.json, no complete checkpoint)")
@@ -95,7 +119,7 @@ class CheckpointError(RuntimeError):
 
 
 def _load(folder: Path, tag: str) -> RunCheckpoint:
-    manifest = folder / f"{tag}.manifest.json"
+    manifest = folder / _name(tag, "manifest")
     if not manifest.is_file():
         raise CheckpointError("no manifest (the run stopped while writing it)")
     try:
@@ -109,8 +133,8 @@ def _load(folder: Path, tag: str) -> RunCheckpoint:
         if path.stat().st_size != size:
             raise CheckpointError(f"{name} has {path.stat().st_size} bytes, the manifest says {size}")
     try:
-        state = json.loads((folder / f"{tag}.state.json").read_text())
-        ledger = Ledger.load(folder / f"{tag}.ledger.json")
+        state = json.loads((folder / _name(tag, "state")).read_text())
+        ledger = Ledger.load(folder / _name(tag, "ledger"))
     except (ValueError, LedgerError) as exc:
         raise CheckpointError(str(exc)) from exc
     return RunCheckpoint(folder, tag, int(state["step"]), state, ledger)
@@ -127,4 +151,4 @@ def _tags(folder: Path) -> list[str]:
 def _delete(folder: Path, tag: str) -> None:
     shutil.rmtree(folder / tag, ignore_errors=True)
     for suffix in ("manifest", "state", "ledger"):
-        (folder / f"{tag}.{suffix}.json").unlink(missing_ok=True)
+        (folder / _name(tag, suffix)).unlink(missing_ok=True)

@@ -1,4 +1,8 @@
-"""What a GRPO run records per step: metrics (JSONL + TensorBoard), a progress bar, checkpoints."""
+"""What a GRPO run records per step: metrics (JSONL + TensorBoard) and a progress bar.
+
+Checkpoints (when, what, where) belong to ``run_checkpoints``; the log calls its hook
+after logging a step, so a checkpoint never precedes the metrics of its step.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +10,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from pipelines.grpo.ledger import Ledger
 from pipelines.grpo.metrics_log import MetricsLog
-from pipelines.grpo.run_checkpoints import save_run_checkpoint
 from pipelines.grpo.scheduler import StepRecord
 
 
@@ -37,19 +39,17 @@ def step_metrics(record: StepRecord, phases: dict) -> dict:
 
 
 class RunLog:
-    """The scheduler's `on_step`: log, show progress, checkpoint every N steps.
+    """The scheduler's `on_step`: log, show progress, then ``checkpoint(steps trained)``.
 
-    ``snapshot()`` -> (driver state, ledger) at this instant: taken between two learner
-    steps, so it agrees with the learner checkpoint saved beside it. ``start_step``: the
-    steps a resumed run had already trained.
+    ``checkpoint``: a ``run_checkpoints.Checkpointer``. ``start_step``: the steps a resumed
+    run had already trained.
     """
 
-    def __init__(self, run_dir: Path, total_steps: int, checkpoint_every: int, keep_checkpoints: int, learner,
-                 snapshot: Callable[[], tuple[dict, Ledger]], timer, start_step: int = 0):
-        self.dir, self.every, self.keep = run_dir, checkpoint_every, keep_checkpoints
+    def __init__(self, run_dir: Path, total_steps: int, timer, checkpoint: Callable[[int], None],
+                 start_step: int = 0):
         self.metrics = MetricsLog(run_dir, resume_after=start_step if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step")
-        self.learner, self.snapshot, self.timer = learner, snapshot, timer
+        self.timer, self.checkpoint = timer, checkpoint
         self.rewards: list[float] = []
 
     def __call__(self, record: StepRecord) -> None:
@@ -58,15 +58,7 @@ class RunLog:
         self.bar.set_postfix(reward=f"{flat['reward/total']:.3f}", mask=f"{flat['reward/mask']:.3f}",
                              kl=f"{flat.get('loss/kl', 0):.4f}")
         self.bar.update()
-        if (record.step + 1) % self.every == 0:
-            self.checkpoint(record.step + 1)
-
-    def checkpoint(self, step: int) -> None:
-        """Learner state (weights, optimizer, schedule, RNG) + driver state + ledger, as ``step<step>``."""
-        folder = self.dir / "checkpoints"
-        files = self.learner.save_checkpoint(str(folder), f"step{step}")
-        state, ledger = self.snapshot()
-        save_run_checkpoint(folder, step, files, state, ledger, self.keep)
+        self.checkpoint(record.step + 1)
 
     def close(self) -> None:
         self.bar.close()

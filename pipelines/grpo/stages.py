@@ -62,7 +62,7 @@ class ActorStages:
         self.reward_pool, self.learner = reward_pool, learner
 
     def rollout(self, group_ids: list[int]) -> Handoff:
-        batch, samples = self.prompts.take(len(group_ids))
+        batch, samples = self.prompts.take(group_ids)
         data, worker = self.rollout_pool.dispatch(ray.put(batch))
         return Handoff(data, rollout_meta.remote(data), worker, tuple(samples))
 
@@ -76,9 +76,8 @@ class ActorStages:
         return Handoff(batch, meta, worker)
 
     def learn(self, step: int, data: list[ray.ObjectRef]) -> Handoff:
-        metrics = [rank.train_step.remote(list(data)) for rank in self.learner.ranks]
-        weights = [rank.export_weights.remote() for rank in self.learner.ranks]
-        return Handoff(weights[0], metrics[0], LEARNER, watch=tuple(metrics[1:]))
+        metrics, weights = self.learner.step(data)
+        return Handoff(weights, metrics[0], LEARNER, watch=tuple(metrics[1:]))
 
     def sync(self, weights: ray.ObjectRef, version: int) -> list[tuple[ray.ObjectRef, str]]:
         return self.rollout_pool.broadcast_named(weights, version) + self.reference_pool.broadcast_named(weights, version)

@@ -1,0 +1,60 @@
+"""Shapes of the tiny models: the one place their defaults are set.
+
+Free of torch, so the config schema (``model.tiny``) takes its defaults from here
+without importing the models. Each spec is saved as config.json beside its weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TinyLMSpec:
+    """Qwen2-style causal LM."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    intermediate_size: int = 256
+    vocab_size: int = 1024
+    max_position_embeddings: int = 1024
+
+
+@dataclass(frozen=True)
+class TinyVisionSpec:
+    """ViT producing patch features (the CLIP stand-in)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class TinySamSpec:
+    """SAM built from segment_anything.modeling classes."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    encoder_dim: int = 32
+    encoder_depth: int = 2
+    encoder_heads: int = 2
+    prompt_dim: int = 32
+    decoder_mlp_dim: int = 64
+    decoder_heads: int = 2
+    mask_in_chans: int = 16  # the mask-prompt path normalises mask_in_chans // 4 channels: 1 would be a constant
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    seed: int = 0
+    ref_token: str = "<SEG>"
+    lm: TinyLMSpec = TinyLMSpec()
+    vision: TinyVisionSpec = TinyVisionSpec()
+    sam: TinySamSpec = TinySamSpec()
