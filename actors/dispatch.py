@@ -2,13 +2,13 @@
 
 Every actor has a name (``<pool>-<slot>.<incarnation>``) that travels with the calls made
 on it, so a failed call can be traced to its actor, and ``replace`` can start a fresh one
-in the same slot, which first gets the latest ``broadcast`` (the current weights) before
-any call can reach it. Replacements are bounded: past ``max_restarts`` the slot is
-removed, and a pool with no slot left raises.
+in the same slot (and the same placement-group bundle), which first gets the latest
+``broadcast`` (the current weights) before any call can reach it. Replacements are
+bounded: past ``max_restarts`` the slot is removed, and a pool with no slot left raises.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import ray
 
@@ -20,16 +20,21 @@ class RestartsExhausted(RuntimeError):
 class LeastLoaded:
     """Tracks each actor's unfinished calls; picks the one with the fewest, ties in turn.
 
-    ``factory()`` starts one actor. Completion is checked with ``fetch_local=False``, so the
-    driver never pulls a result.
+    ``factory(**options)`` starts one actor with the Ray options of its slot (``slot_options[slot]``,
+    e.g. its placement-group bundle; none when not given). Completion is checked with
+    ``fetch_local=False``, so the driver never pulls a result.
     """
 
-    def __init__(self, factory: Callable[[], object], size: int, name: str, *, max_restarts: int = 3):
+    def __init__(self, factory: Callable[..., object], size: int, name: str, *, max_restarts: int = 3,
+                 slot_options: Sequence[dict] | None = None):
         if size < 1:
             raise ValueError(f"{name}: need at least one actor, got {size}")
+        if slot_options is not None and len(slot_options) != size:
+            raise ValueError(f"{name}: {len(slot_options)} slot options for {size} actors")
         self.factory, self.name, self.max_restarts = factory, name, max_restarts
+        self.slot_options = slot_options
         self._last_broadcast: tuple[str, tuple] | None = None
-        self.actors = [factory() for _ in range(size)]
+        self.actors = [self._start(slot) for slot in range(size)]
         self.names = [f"{name}-{slot}.0" for slot in range(size)]
         self._unfinished: list[list[ray.ObjectRef]] = [[] for _ in self.actors]
         self._turn = 0
@@ -66,14 +71,18 @@ class LeastLoaded:
                                         f"(raise cluster.max_actor_restarts or fix the cause in the actor's log)")
             return True
         self.restarts += 1
-        incarnation = int(name.rsplit(".", 1)[1]) + 1
-        self.actors[slot] = self.factory()
-        self.names[slot] = f"{self.name}-{name.rsplit('-', 1)[1].split('.')[0]}.{incarnation}"
+        number, incarnation = name.rsplit("-", 1)[1].split(".")
+        self.actors[slot] = self._start(int(number))
+        self.names[slot] = f"{self.name}-{number}.{int(incarnation) + 1}"
         self._unfinished[slot] = []
         if self._last_broadcast is not None:  # queued before any call can reach the new actor
             method, args = self._last_broadcast
             getattr(self.actors[slot], method).remote(*args)
         return True
+
+    def _start(self, number: int):
+        """A fresh actor for slot ``number`` (its number in the names, kept when other slots are dropped)."""
+        return self.factory(**(self.slot_options[number] if self.slot_options is not None else {}))
 
     def kill(self, name: str) -> None:
         """Kill actor ``name`` (a stalled one): its calls fail and the failures replace it."""

@@ -1,8 +1,9 @@
 """LearnerRank: one rank of the ZeRO-3 learner, a Ray shell over ``models.learner.LearnerCore``.
 
 The shell gives the core what Ray knows: the rendezvous (this node's address, a free
-port), the rank's environment for DeepSpeed, and the rows of a step's batches fetched by
-ObjectRef (zero-copy Arrow). ``actors.learner_group`` drives the ranks together.
+port), the GPU Ray assigned (``models.learner_backend`` turns it into device, process
+group and precision), the rank's environment for DeepSpeed, and the rows of a step's
+batches fetched by ObjectRef (zero-copy Arrow). ``actors.learner_group`` drives the ranks together.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from config import Config
 from data.weight_transport import PackedState
 from models.learner import LearnerCore, learner_rows
+from models.learner_backend import LearnerBackend, choose_backend
 
 BATCH_FETCH_TIMEOUT_S = 600.0
 """A step's batches are ready when it starts; this bounds their transfer from other nodes."""
@@ -29,11 +31,14 @@ def free_port() -> int:
 
 @ray.remote
 class LearnerRank:
-    """Rank ``rank`` of ``world_size``: builds its Segmenter copy and joins the ZeRO-3 group in ``setup``."""
+    """Rank ``rank`` of ``world_size``: builds its Segmenter copy and joins the ZeRO-3 group in ``setup``.
+
+    ``backend`` replaces the one chosen from Ray's GPUs (tests: the bf16 path on CPU).
+    """
 
     def __init__(self, config: Config, rank: int, world_size: int, model_path: str | None = None,
-                 extensions_dir: str | None = None, zero: dict | None = None):
-        self.config, self.rank, self.world_size, self.zero = config, rank, world_size, zero
+                 extensions_dir: str | None = None, zero: dict | None = None, backend: LearnerBackend | None = None):
+        self.config, self.rank, self.world_size, self.zero, self.backend = config, rank, world_size, zero, backend
         self.model_path = model_path or config.resolve_path(config.model.name_or_path)
         self.extensions_dir = extensions_dir or os.path.join(config.resolve_path(config.paths.cache_dir),
                                                              "torch_extensions")
@@ -48,16 +53,18 @@ class LearnerRank:
         DeepSpeed reads the rendezvous from the environment even for one process (else it
         looks for MPI) and picks its accelerator at import, so both are set before the core imports it.
         """
-        os.environ.update(DS_ACCELERATOR="cpu", RANK=str(self.rank), LOCAL_RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-                          TORCH_EXTENSIONS_DIR=self.extensions_dir)
         from config.builders import build_segmenter, feature_store, learner_settings
 
-        c = self.config
+        c, settings = self.config, learner_settings(self.config)
+        backend = self.backend or choose_backend(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                                 settings.dtype, settings.gradient_checkpointing, settings.zero_offload)
+        os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          TORCH_EXTENSIONS_DIR=self.extensions_dir, **backend.env)
         torch.manual_seed(c.seed)  # identical initial heads on every rank and in every group
         model, tokenizer, _ = build_segmenter(c, self.model_path)
-        self.core = LearnerCore(model, tokenizer, self.model_path, feature_store(c), learner_settings(c),
-                                self.rank, self.world_size, self.zero)
+        self.core = LearnerCore(model, tokenizer, self.model_path, feature_store(c), settings,
+                                self.rank, self.world_size, backend, self.zero)
 
     def train_step(self, batch_refs: Sequence[ray.ObjectRef]) -> dict[str, float]:
         """One optimiser step on all rows of ``batch_refs`` (every rank gets the same refs); whole-batch metrics."""

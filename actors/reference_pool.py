@@ -14,12 +14,15 @@ from config import Config
 
 
 class ReferencePool(SupervisedPool):
+    """``slot_options``: each reference actor's placement (its bundle), kept by its replacements."""
+
     def __init__(self, config: Config, model_path: str | None, num_workers: int = 1, *, num_cpus: float = 0.25,
-                 num_gpus: float = 0.0, keep_versions: int = 4, max_restarts: int = 3):
+                 num_gpus: float = 0.0, keep_versions: int = 4, max_restarts: int = 3,
+                 slot_options: list[dict] | None = None):
         self._dispatch = LeastLoaded(
-            lambda: Reference.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+            lambda **placement: Reference.options(num_cpus=num_cpus, num_gpus=num_gpus, **placement).remote(
                 config, model_path, keep_versions=keep_versions),
-            num_workers, "reference", max_restarts=max_restarts)
+            num_workers, "reference", max_restarts=max_restarts, slot_options=slot_options)
 
     def ready(self, timeout_s: float | None = None) -> None:
         """Block until every reference actor has built its model."""

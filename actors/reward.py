@@ -6,23 +6,14 @@ import pyarrow as pa
 import ray
 
 from actors.runtime import SINGLE_THREAD_ENV
-from rewards.batch import DEFAULT_REF_TOKEN, reward_batch
-from rewards.presets import DEFAULT_PRESET
+from rewards.batch import reward_batch
 
 
 @ray.remote(num_cpus=1, runtime_env={"env_vars": SINGLE_THREAD_ENV})
 class RewardWorker:
     """Rewards trajectory batches; ``RewardWorker.options(num_cpus=...)`` sets its CPU share."""
 
-    def reward(
-        self,
-        batch: pa.RecordBatch | pa.Table,
-        preset: str = DEFAULT_PRESET,
-        ref_token: str = DEFAULT_REF_TOKEN,
-        threshold: float = 0.5,
-        weights=None,
-        advantage_estimator: str = "grpo",
-    ) -> pa.RecordBatch:
-        """``reward_batch`` in the actor. Pass the batch's ObjectRef: Ray resolves it here,
-        as a zero-copy view of the object store, and the caller gets a ref back."""
-        return reward_batch(batch, preset, ref_token, threshold, weights, advantage_estimator)
+    def reward(self, batch: pa.RecordBatch | pa.Table, **settings) -> pa.RecordBatch:
+        """``reward_batch(batch, **settings)`` in the actor. Pass the batch's ObjectRef: Ray
+        resolves it here, as a zero-copy view of the object store, and the caller gets a ref back."""
+        return reward_batch(batch, **settings)

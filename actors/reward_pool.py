@@ -19,6 +19,7 @@ class RewardPool(SupervisedPool):
 
     Each batch goes to the worker with the fewest unfinished batches, ties broken in turn,
     so a slow batch does not hold up the ones queued behind it on the same worker.
+    ``slot_options``: each worker's placement (its bundle), kept by its replacements.
     """
 
     def __init__(
@@ -32,14 +33,16 @@ class RewardPool(SupervisedPool):
         weights=None,
         advantage_estimator: str = "grpo",
         max_restarts: int = 3,
+        slot_options: list[dict] | None = None,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         check_settings(preset, ref_token, threshold, weights, advantage_estimator)
         self._settings = dict(preset=preset, ref_token=ref_token, threshold=threshold,
                               weights=weights, advantage_estimator=advantage_estimator)
-        self._dispatch = LeastLoaded(lambda: RewardWorker.options(num_cpus=num_cpus).remote(), num_workers,
-                                     "reward", max_restarts=max_restarts)
+        self._dispatch = LeastLoaded(
+            lambda **placement: RewardWorker.options(num_cpus=num_cpus, **placement).remote(),
+            num_workers, "reward", max_restarts=max_restarts, slot_options=slot_options)
 
     def dispatch(self, batch_ref: ray.ObjectRef) -> tuple[ray.ObjectRef, str]:
         """Reward one batch (pass its ObjectRef): (ref of the reward batch, the worker's name)."""

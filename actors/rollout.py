@@ -15,8 +15,9 @@ from config import Config
 
 WEIGHTS_GROUP = "weights"  # the actor's threads for weight updates (and version queries)
 
-# In-process engine (the actor is the process); a 1 GiB KV cache holds ~0.5M tiny-model
-# tokens; one BLAS / OpenMP thread per actor, since more oversubscribe a shared node.
+# In-process engine (the actor is the process); a 1 GiB KV cache on CPU holds ~0.5M tiny-model
+# tokens (on GPUs vLLM sizes it by rollout.gpu_memory_utilization); one BLAS / OpenMP thread
+# per actor, since more oversubscribe a shared node.
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1",

@@ -14,7 +14,7 @@ from config import Config
 
 
 class RolloutPool(SupervisedPool):
-    """``num_workers`` RolloutWorkers on one model.
+    """``num_workers`` RolloutWorkers on one model; ``slot_options``: each worker's placement (its bundle).
 
     A batch goes to the worker with the fewest unfinished batches (ties in turn). A weight
     broadcast interrupts the batches a worker is generating (they keep the version they
@@ -22,13 +22,15 @@ class RolloutPool(SupervisedPool):
     worker loads the latest broadcast weights before its first batch.
     """
 
-    def __init__(self, config: Config, num_workers: int, *, num_cpus: float = 0.5,
-                 model_path: str | None = None, engine_args: dict | None = None, max_restarts: int = 3):
+    def __init__(self, config: Config, num_workers: int, *, num_cpus: float = 0.5, num_gpus: float = 0.0,
+                 model_path: str | None = None, engine_args: dict | None = None, max_restarts: int = 3,
+                 slot_options: list[dict] | None = None):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        self._dispatch = LeastLoaded(lambda: RolloutWorker.options(num_cpus=num_cpus).remote(config, model_path,
-                                                                                             engine_args),
-                                     num_workers, "rollout", max_restarts=max_restarts)
+        self._dispatch = LeastLoaded(
+            lambda **placement: RolloutWorker.options(num_cpus=num_cpus, num_gpus=num_gpus, **placement).remote(
+                config, model_path, engine_args),
+            num_workers, "rollout", max_restarts=max_restarts, slot_options=slot_options)
         self._version = 0  # of the last broadcast: no batch submitted after it may begin older
 
     def ready(self, timeout_s: float | None = None) -> None:

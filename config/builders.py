@@ -11,7 +11,7 @@ from models.grpo_step import LossSettings
 from models.heads import HEADS
 from models.learner import LearnerSettings
 from models.policy import load_policy
-from models.rollout import RolloutSettings
+from models.rollout import ENGINE_KEYS, RolloutSettings
 from models.sam import load_sam
 from models.segmenter import HeadSpec, Segmenter, load_head_weights
 
@@ -51,7 +51,8 @@ def feature_store(config: Config) -> FeatureStore:
 def loss_settings(config: Config) -> LossSettings:
     g = config.grpo
     return LossSettings(g.clip_ratio, g.clip_ratio_high, g.kl_coef, g.kl_estimator, g.policy_loss,
-                        g.loss_aggregation, config.model.num_slots, config.seg_loss.model_dump())
+                        g.loss_aggregation, config.model.num_slots, config.seg_loss.model_dump(), g.is_correction,
+                        g.is_cap, g.dual_clip_c, config.data.max_response_length)
 
 
 def rollout_settings(config: Config, model_path: str | None = None) -> RolloutSettings:
@@ -59,18 +60,21 @@ def rollout_settings(config: Config, model_path: str | None = None) -> RolloutSe
 
     The tiny family's engine context is prompt + image tokens + response (the image token
     gives way to the image's tokens); other families get vLLM's default, the model's own.
+    The rollout section's vLLM engine settings go to the engine only when set.
     """
     m, d, r = config.model, config.data, config.rollout
     max_model_len = None
     if m.family == "tiny":
         image_tokens = (m.tiny.vision.image_size // m.tiny.vision.patch_size) ** 2
         max_model_len = d.max_prompt_length - 1 + image_tokens + d.max_response_length
+    engine = {k: v for k in ENGINE_KEYS if (v := getattr(r, k)) is not None}
     return RolloutSettings(model_path or config.resolve_path(m.name_or_path), m.dtype, m.ref_token, config.seed,
-                           r.group_size, r.temperature, r.top_p, d.max_response_length, max_model_len)
+                           r.group_size, r.temperature, r.top_p, d.max_response_length, max_model_len, engine)
 
 
 def learner_settings(config: Config) -> LearnerSettings:
     o = config.optim
     return LearnerSettings(config.grpo.micro_batch_size, o.lr, o.lr_multipliers.model_dump(), o.weight_decay,
                            tuple(o.betas), o.grad_clip, o.schedule, o.total_steps, o.one_cycle_final_div,
-                           o.warmup_fraction, loss_settings(config), head_spec(config))
+                           o.warmup_fraction, loss_settings(config), head_spec(config), config.model.dtype,
+                           o.gradient_checkpointing, o.zero_offload)

@@ -156,7 +156,8 @@ class SaeConfig(Section):
         if (self.activation == "topk") != (self.k is not None):
             raise ValueError("k is required for activation topk and only allowed there")
         return self
-    l1_coef: float = Field(5e-3, ge=0)
+    l1_coef: float = Field(5e-3, ge=0, description="L1 weight (relu only)")
+    aux_coef: float = Field(1 / 32, ge=0, description="AuxK weight (topk only): trains latents silent for an epoch")
     lr: float = Field(5e-5, gt=0)
     batch_size: PositiveInt = 64
     epochs: PositiveInt = 10
@@ -210,6 +211,10 @@ class RolloutConfig(Section):
     group_size: PositiveInt = 8
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    max_num_seqs: PositiveInt | None = Field(None, description="vLLM: sequences per engine step (None: vLLM's default)")
+    max_num_batched_tokens: PositiveInt | None = Field(None, description="vLLM: tokens per engine step (None: default)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM: share of each GPU it takes")
+    enable_chunked_prefill: bool | None = Field(None, description="vLLM (None: its default)")
 
 
 class LRMultipliers(Section):
@@ -231,6 +236,9 @@ class OptimConfig(Section):
     one_cycle_final_div: float = Field(6.7, ge=1)
     warmup_fraction: float = Field(0.0, ge=0, lt=1)
     total_steps: PositiveInt = 100
+    gradient_checkpointing: bool = Field(False, description="recompute the LM's layer activations in the backward")
+    zero_offload: Literal["none", "optimizer", "optimizer_and_params"] = Field(
+        "none", description="ZeRO-3 state kept in host memory on GPU ranks (CPU ranks hold everything there)")
 
     @model_validator(mode="after")
     def _betas(self) -> "OptimConfig":
@@ -250,7 +258,9 @@ class GRPOConfig(Section):
     policy_loss: str = "grpo_clip"
     advantage_estimator: str = "grpo"
     loss_aggregation: str = "seq_mean_group_mean"
-    is_correction: bool = Field(True, description="truncated importance weights for stale samples")
+    dual_clip_c: float | None = Field(None, gt=1, description="only for policy_loss grpo_dual_clip (None: 3)")
+    is_correction: bool = Field(True, description="clip anchored to the learner's logprobs, tokens weighted by "
+                                "min(pi_learner / pi_rollout, is_cap): corrects stale samples")
     is_cap: float = Field(2.0, ge=1)
     micro_batch_size: PositiveInt = 2
 
@@ -265,6 +275,12 @@ class GRPOConfig(Section):
                     "loss_aggregation": losses.AGGREGATIONS}[info.field_name]
         registry.get(name)
         return name
+
+    @model_validator(mode="after")
+    def _dual_clip(self) -> "GRPOConfig":
+        if self.dual_clip_c is not None and self.policy_loss != "grpo_dual_clip":
+            raise ValueError(f"dual_clip_c is only for policy_loss grpo_dual_clip, not {self.policy_loss}")
+        return self
 
 
 class SegLossConfig(Section):
@@ -285,8 +301,14 @@ class SftConfig(Section):
     head_lr: float = Field(1e-3, gt=0, lt=1)
     seg_coef: float = Field(1.0, ge=0)
     eval_samples: PositiveInt = 64
-    max_new_tokens: PositiveInt = 96
     output: str = "{runs_dir}/sft"
+
+
+class EvalConfig(Section):
+    """Greedy generation and scoring: `segrl eval`, SFT's before/after and the post-GRPO evaluation."""
+
+    max_new_tokens: PositiveInt | None = Field(None, description="None: data.max_response_length (GRPO's)")
+    batch_size: PositiveInt = Field(16, description="prompts generated together")
 
 
 class TrainConfig(Section):
@@ -331,6 +353,8 @@ class ClusterConfig(Section):
     reference: ActorResources = ActorResources(num_cpus=0.25)
     max_actor_restarts: int = Field(3, ge=0, description="replacements of failed rollout/reference/reward actors, per pool")
     start_timeout_s: float = Field(900.0, gt=0, description="longest wait for actors to start (engines, learner group)")
+    placement_timeout_s: float = Field(300.0, gt=0, description="longest wait for the placement groups (an "
+                                       "autoscaler may add nodes); past it the run stops before any actor starts")
 
 
 class RewardConfig(Section):
@@ -361,6 +385,7 @@ class Config(Section):
     grpo: GRPOConfig = GRPOConfig()
     seg_loss: SegLossConfig = SegLossConfig()
     sft: SftConfig = SftConfig()
+    eval: EvalConfig = EvalConfig()
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     reward: RewardConfig = RewardConfig()
@@ -372,10 +397,23 @@ class Config(Section):
                              f"grpo.prompts_per_step ({self.grpo.prompts_per_step})")
         return self
 
+    @model_validator(mode="after")
+    def _rollout_gpus(self) -> "Config":
+        gpus, tp = self.cluster.rollout.num_gpus, self.rollout.tensor_parallel_size
+        if (tp > 1 or gpus > 1) and gpus != tp:
+            raise ValueError(f"cluster.rollout.num_gpus ({gpus:g}) must equal rollout.tensor_parallel_size ({tp}): "
+                             "a rollout engine runs one tensor-parallel rank per GPU")
+        return self
+
     @property
     def global_batch_size(self) -> int:
         """Responses per optimiser step: prompts per step times group size."""
         return self.grpo.prompts_per_step * self.rollout.group_size
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        """Evaluation's generation cap: ``eval.max_new_tokens``, else the rollout's response length."""
+        return self.eval.max_new_tokens or self.data.max_response_length
 
     def resolve_path(self, template: str) -> str:
         """Expand {work_dir}/{models_dir}/{data_dir}/{cache_dir}/{runs_dir} in a path value."""

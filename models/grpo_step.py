@@ -18,10 +18,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.losses import grpo_loss, segmentation_loss
+from models.losses import grpo_loss, segmentation_loss, truncated_is_weights
+
+
+def _responses(lengths: Sequence[int]) -> int:
+    return sum(1 for n in lengths if n > 0)
+
 
 AGGREGATION_UNITS: dict[str, Callable[[Sequence[int]], int]] = {
-    "seq_mean_group_mean": lambda lengths: sum(1 for n in lengths if n > 0),
+    "seq_mean_group_mean": _responses,
+    "seq_mean_token_sum_norm": _responses,
     "token_mean": sum,
 }
 """What each loss aggregation averages over, counted from response lengths: responses with
@@ -66,6 +72,10 @@ class LossSettings:
     loss_aggregation: str
     num_slots: int
     seg_loss: Mapping[str, float]  # segmentation_loss keywords: seg_coef, dice/bce/conf weights
+    is_correction: bool  # decoupled clip + truncated importance weights (see learner_loss)
+    is_cap: float
+    dual_clip_c: float | None  # grpo_dual_clip's c (None: its default)
+    max_response_length: int  # the constant of seq_mean_token_sum_norm
 
 
 def _pad(rows: Sequence[Sequence[float]], width: int) -> Tensor:
@@ -100,6 +110,13 @@ def learner_loss(
     parameter gathers need too). The segmentation terms take ``settings.seg_loss`` field for
     field (seg_coef scales Dice + BCE, conf_weight the slot confidences). Without
     ``totals`` the loss is this micro-batch's own: GRPO + mean segmentation loss.
+
+    With ``settings.is_correction`` (decoupled PPO with truncated importance sampling) the
+    clip is anchored to the learner's own logprobs at the step's start, which are π_θ itself
+    as a step is one update, and each token's policy term is weighted by
+    min(π_θ/π_rollout, is_cap): staleness and the engine's numerics are corrected with
+    bounded variance. Without it the clip is anchored to the rollout's logprobs: a token
+    whose ratio left the trust region on the favoured side gets no gradient.
     Metrics are micro-batch means plus the counts to weight them by (pg_units, tokens,
     seg_rows) and ``dropped_rows``.
     """
@@ -119,8 +136,13 @@ def learner_loss(
     ref = _pad([r["ref_logprobs"] for r in rows], width)
     advantages = torch.tensor([float(r["advantage"]) if a else 0.0 for r, a in zip(rows, live)])
     s = settings
-    pg, pg_metrics = grpo_loss(out.logprobs, old, ref, advantages, mask, s.clip_ratio, s.kl_coef, s.kl_estimator,
-                               s.policy_loss, None, s.loss_aggregation, s.clip_ratio_high)
+    anchor, is_weights = old, None
+    if s.is_correction:
+        anchor = out.logprobs.detach()
+        is_weights = truncated_is_weights(old, anchor, s.is_cap, mask)
+    pg, pg_metrics = grpo_loss(out.logprobs, anchor, ref, advantages, mask, s.clip_ratio, s.kl_coef, s.kl_estimator,
+                               s.policy_loss, is_weights, s.loss_aggregation, s.clip_ratio_high, s.dual_clip_c,
+                               s.max_response_length)
 
     seg_terms, seg_live = [], []
     for row, head, is_live in zip(rows, heads, live):

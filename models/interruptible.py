@@ -118,7 +118,7 @@ class InterruptibleEngine:
         load, version = pending
         try:
             load()
-        except Exception:  # its callers raise it; a generating call goes on
+        except Exception as exc:  # its callers raise it; a generating call goes on
             self._settle(version, lambda waited: exc)  # the older ones it replaced never loaded either
             return
         self.llm.reset_prefix_cache(reset_running_requests=interrupt)

@@ -1,7 +1,8 @@
 """The learner role's core, Ray-free: one rank of the DeepSpeed ZeRO-3 learner (GRPO + segmentation loss).
 
 The learner actor (``actors.learner``) is a shell over ``LearnerCore``. A group of ranks
-shards parameters, gradients and AdamW state with ZeRO-3 over gloo on CPU. Every rank
+shards parameters, gradients and AdamW state with ZeRO-3, on the device, process group
+and precision that ``models.learner_backend`` chose from the rank's GPUs. Every rank
 gets all rows of a step and trains on its own contiguous shard; the loss of every
 micro-batch is scaled by full-batch counts so that the update equals a single-process
 step on the whole batch, whatever the world size.
@@ -15,6 +16,7 @@ number of rows with and without a reference token.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -29,6 +31,7 @@ from data.schema import decode_mask
 from data.trajectory import LEARNER_COLUMNS
 from data.weight_transport import PackedState, pack_state
 from models.grpo_step import LossSettings, LossTotals, learner_loss, usable
+from models.learner_backend import LearnerBackend
 from models.optim import build_optimizer, one_cycle, param_groups
 from models.segmenter import HeadSpec, Segmenter, save_segmenter
 
@@ -59,6 +62,9 @@ class LearnerSettings:
     warmup_fraction: float
     loss: LossSettings
     head: HeadSpec  # written beside the weights by ``save_model``
+    dtype: str  # model.dtype: bf16 training on GPUs when bfloat16
+    gradient_checkpointing: bool
+    zero_offload: str  # models.learner_backend.ZERO_OFFLOADS
 
 
 def lockstep_plan(has_ref: Sequence[bool], world_size: int, micro_batch_size: int
@@ -115,23 +121,26 @@ def restore_rng(states: dict) -> None:
 
 
 class LearnerCore:
-    """Rank ``rank`` of ``world_size``: a ZeRO-3 engine over ``model`` and its AdamW.
+    """Rank ``rank`` of ``world_size``: a ZeRO-3 engine over ``model`` and its AdamW, on ``backend``.
 
-    Built by all ranks at once, after the process group's rendezvous is in the environment
-    and ``DS_ACCELERATOR`` is set (DeepSpeed picks its accelerator at import). Every method
-    but ``version`` runs collectives: all ranks call it. ``source``: the folder ``model``
-    was loaded from (its frozen encoders are copied by ``save_model``); ``zero``:
-    overrides of ``ZERO_DEFAULTS``.
+    Built by all ranks at once, after the process group's rendezvous and ``backend.env``
+    are in the environment (DeepSpeed picks its accelerator at import). Every method but
+    ``version`` runs collectives: all ranks call it. ``source``: the folder ``model`` was
+    loaded from (its frozen encoders are copied by ``save_model``); ``zero``: overrides of
+    ``ZERO_DEFAULTS`` and the backend's offload entries.
     """
 
     def __init__(self, model: Segmenter, tokenizer, source: str, features: FeatureStore, settings: LearnerSettings,
-                 rank: int, world_size: int, zero: Mapping | None = None):
+                 rank: int, world_size: int, backend: LearnerBackend, zero: Mapping | None = None):
         import deepspeed
 
         self.deepspeed, self.tokenizer, self.source = deepspeed, tokenizer, source
         self.store, self.settings, self.rank, self.world_size = features, settings, rank, world_size
-        self.zero = {**ZERO_DEFAULTS, **(zero or {})}
+        self.backend, self.dtype = backend, getattr(torch, backend.dtype)
+        self.zero = {**ZERO_DEFAULTS, **backend.zero, **(zero or {})}
         self.ref_token_id = model.policy.ref_token_id
+        if backend.gradient_checkpointing:
+            model.policy.lm.gradient_checkpointing_enable()
         s = settings
         optimizer = build_optimizer(param_groups(model.param_modules(), s.lr, dict(s.lr_multipliers), s.weight_decay),
                                     tuple(s.betas))
@@ -145,7 +154,8 @@ class LearnerCore:
         sae = getattr(model.head, "sae", None)  # READ's head has none
         if sae is not None:
             del model.head.sae
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+            sae.to(backend.device, self.dtype)  # the head feeds it states of the engine's dtype
+        deepspeed.init_distributed(dist_backend=backend.dist_backend, auto_mpi_discovery=False)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                config=self._ds_config(), dist_init_required=False)
         if sae is not None:
@@ -158,17 +168,27 @@ class LearnerCore:
             "managed_gradient_accumulation": False,  # a step's micro-batch count varies with its rows
             "gradient_clipping": self.settings.grad_clip,
             "zero_optimization": self.zero,
-            "bf16": {"enabled": False},
-            "fp16": {"enabled": False},
             "steps_per_print": 1 << 30,
+            **self.backend.ds_config,
         }
 
     def _plan(self, rows: list[dict]) -> tuple[list[tuple[list[int], list[bool]]], dict]:
-        """This rank's micro-batches and the features of the images they use."""
+        """This rank's micro-batches and the features of the images they use, on the device in its dtype."""
         has_ref = [self.ref_token_id in r["response_ids"] for r in rows]
         plan = lockstep_plan(has_ref, self.world_size, self.settings.micro_batch_size)[self.rank]
         hashes = {rows[i]["image_hash"] for idx, _ in plan for i in idx}
-        return plan, {h: self.store.get(h) for h in hashes}
+        return plan, {h: {k: v.to(self.backend.device, self.dtype if v.is_floating_point() else v.dtype)
+                          for k, v in self.store.get(h).items()} for h in hashes}
+
+    def _forward_context(self) -> contextlib.ExitStack:
+        """On a GPU, tensors the loss builds without a device (padded logprobs, GT masks) go there
+        too; in bf16, autocast lets SAM's fp32 positional encodings meet its bf16 weights."""
+        stack = contextlib.ExitStack()
+        if self.backend.on_gpu:
+            stack.enter_context(torch.device(self.backend.device))
+        if self.dtype != torch.float32:
+            stack.enter_context(torch.autocast(torch.device(self.backend.device).type, dtype=self.dtype))
+        return stack
 
     def train_step(self, rows: list[dict]) -> dict[str, float]:
         """One optimiser step on ``rows`` (``learner_rows`` of the step; every rank gets them all).
@@ -185,12 +205,14 @@ class LearnerCore:
         self.engine.train()
         sums = torch.zeros(9, dtype=torch.float64)
         for idx, live in plan:
-            loss, m = learner_loss(self.engine, [kept[i] for i in idx], feats, self.settings.loss, totals, live)
+            with self._forward_context():
+                loss, m = learner_loss(self.engine, [kept[i] for i in idx], feats, self.settings.loss, totals, live)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)  # ZeRO averages over ranks
             u, t, s = m["pg_units"], m["tokens"], m["seg_rows"]
             sums += torch.tensor([m["loss"], m["pg_loss"] * u, m["kl"] * u, m["clip_fraction"] * t,
                                   m["logprob_mismatch"] * t, m["seg"] * s, u, t, s], dtype=torch.float64)
         self.engine.step()
+        sums = sums.to(self.backend.device)  # NCCL reduces device tensors only
         torch.distributed.all_reduce(sums)
         loss, pg, kl, clip, mismatch, seg, u, t, s = sums.tolist()
         return {"loss": loss, "pg_loss": pg / max(u, 1), "kl": kl / max(u, 1), "clip_fraction": clip / max(t, 1),
@@ -212,7 +234,7 @@ class LearnerCore:
                 for name, tensor in module.state_dict(keep_vars=True).items()]
 
     def export_weights(self) -> PackedState | None:
-        """Full weights on rank 0 (CPU copies, packed as raw bytes), None elsewhere.
+        """Full weights on rank 0 (CPU copies in the engine's dtype, packed as raw bytes), None elsewhere.
 
         Parameters are gathered bucket by bucket (``EXPORT_BUCKET_NUMEL``), so no rank
         ever holds more than one bucket of full parameters besides rank 0's result. The
@@ -224,7 +246,7 @@ class LearnerCore:
             params = list({id(t): t for _, t in bucket if hasattr(t, "ds_id")}.values())
             with self.deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if self.rank == 0:
-                    state.update((name, t.detach().clone()) for name, t in bucket)
+                    state.update((name, t.detach().to("cpu", copy=True)) for name, t in bucket)
         return pack_state(state) if self.rank == 0 else None
 
     def save_checkpoint(self, directory: str, tag: str) -> list[str]:

@@ -41,6 +41,9 @@ from models.interruptible import InterruptibleEngine
 from models.projector import load_projector
 from models.prompt import IMAGE_TOKEN, build_prompt_embeds
 
+ENGINE_KEYS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "enable_chunked_prefill")
+"""``vllm.LLM`` (EngineArgs) arguments a config may set; unset ones keep vLLM's defaults."""
+
 
 @dataclass(frozen=True)
 class RolloutSettings:
@@ -55,6 +58,7 @@ class RolloutSettings:
     top_p: float
     max_response_length: int
     max_model_len: int | None  # prompt + image tokens + response; None: vLLM uses the model's
+    engine: dict  # the ENGINE_KEYS the config sets
 
 
 class MissingFeaturesError(FileNotFoundError):
@@ -90,8 +94,10 @@ def _reload(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
 class RolloutCore:
     """The engine, the prompt-embedding modules and the feature store of one rollout worker.
 
-    ``engine_args`` are extra ``vllm.LLM`` arguments (``max_num_seqs``,
-    ``gpu_memory_utilization`` on GPU, ``max_model_len`` for non-tiny families, ...).
+    The engine gets the settings' ``engine`` arguments, then ``engine_args`` (the placement's
+    ``tensor_parallel_size`` and Ray executor on GPUs, benchmarks' overrides). On a GPU it
+    runs on the GPUs Ray gave the actor (CUDA_VISIBLE_DEVICES) or, tensor-parallel, in Ray
+    workers in the actor's placement group.
     """
 
     def __init__(self, settings: RolloutSettings, store: FeatureStore, engine_args: dict | None = None):
@@ -111,7 +117,7 @@ class RolloutCore:
         self.embed = torch.nn.Embedding.from_pretrained(_read_tensor(folder, self.embed_key).to(self.dtype))
         self.projector = load_projector(folder / "projector").to(self.dtype).eval()
         args = dict(max_model_len=settings.max_model_len, enable_prompt_embeds=True,
-                    dtype=settings.dtype, seed=settings.seed, enforce_eager=True)
+                    dtype=settings.dtype, seed=settings.seed, enforce_eager=True, **settings.engine)
         args.update(engine_args or {})
         self.llm = LLM(model=str(folder), **args)
         self.engine = InterruptibleEngine(self.llm)

@@ -18,7 +18,13 @@ turns it off; loading their cfg keeps whatever it says.
 The ReLU SAE is trained with MSE + λ·Σ_j |a_j|·‖W_dec[j]‖: weighting the L1 by decoder
 row norms stops the optimiser from shrinking activations while growing decoder rows,
 so no unit-norm projection of W_dec is needed. TopK fixes the sparsity by
-construction and trains on MSE alone.
+construction (L0 = k) and trains on MSE plus the AuxK term of Gao et al. 2024. Its
+decoder rows are kept at unit norm (`normalize_decoder_`, after every step): the top k
+are then chosen by their share of the reconstruction, not by how the scale drifted
+between a latent's encoder and decoder (unconstrained, 78% of the tiny config's 1,024
+latents had stopped firing after two epochs). AuxK covers what still dies: a latent outside
+the top k gets no gradient, so the dead latents' own top-k_aux are trained to
+reconstruct the main model's residual, which pulls them back to where the error is.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 from torch import nn
 
 Activation = Literal["relu", "topk"]
-DECODER_INIT_NORM = 0.1  # Anthropic "April update": small decoder rows, W_enc = W_decᵀ
+DECODER_INIT_NORM = 0.1  # ReLU, Anthropic "April update": small decoder rows, W_enc = W_decᵀ (TopK: unit rows)
 
 
 class SparseAutoencoder(nn.Module):
@@ -55,7 +61,7 @@ class SparseAutoencoder(nn.Module):
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
         self.layer, self.hook_name = layer, hook_name
         w_dec = torch.randn(d_sae, d_in)
-        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True) * DECODER_INIT_NORM
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True) * (DECODER_INIT_NORM if activation == "relu" else 1.0)
         self.W_dec = nn.Parameter(w_dec)
         self.W_enc = nn.Parameter(w_dec.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -101,26 +107,44 @@ class SparseAutoencoder(nn.Module):
         acts = self.encode(x)
         return self.decode(acts), acts
 
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm (TopK training keeps them there)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
     def freeze(self) -> SparseAutoencoder:
         """Inference-only: no trainable parameters, gradients still flow to the input."""
         self.requires_grad_(False)
         return self.eval()
 
 
-def sae_loss(sae: SparseAutoencoder, x: torch.Tensor, l1_coef: float) -> dict[str, torch.Tensor]:
+def sae_loss(
+    sae: SparseAutoencoder, x: torch.Tensor, l1_coef: float,
+    dead_mask: torch.Tensor | None = None, aux_k: int = 0, aux_coef: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """Training objective on a batch x [.., d_in], measured in the normalised space.
 
     recon    = mean over tokens of Σ_d (ẑ − z)²          (SAELens / SegCompass reduction)
     sparsity = mean over tokens of Σ_j |a_j|·‖W_dec[j]‖₂
-    loss     = recon + l1_coef·sparsity for ReLU; recon alone for TopK.
+    aux      = mean over tokens of Σ_d (ê − e)², e = z − ẑ (detached), ê = the decoder applied to
+               the aux_k largest pre-activations among `dead_mask`'s latents (0 with none dead)
+    loss     = recon + l1_coef·sparsity for ReLU; recon + aux_coef·aux for TopK.
     Also returns the batch's `acts` [tokens, d_sae] so callers can track firing.
     """
     z = sae.scale_in(x).reshape(-1, sae.d_in)
-    acts = sae.encode(x).reshape(-1, sae.d_sae)
-    recon = (sae.decode_scaled(acts) - z).pow(2).sum(-1).mean()
+    pre = sae.pre_activations(x).reshape(-1, sae.d_sae)
+    acts = sae.activate(pre)
+    z_hat = sae.decode_scaled(acts)
+    recon = (z_hat - z).pow(2).sum(-1).mean()
     sparsity = (acts.abs() * sae.W_dec.norm(dim=1)).sum(-1).mean()
-    loss = recon if sae.activation == "topk" else recon + l1_coef * sparsity
-    return {"loss": loss, "recon": recon, "sparsity": sparsity, "acts": acts}
+    aux = torch.zeros((), device=recon.device)
+    n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    if sae.activation == "topk" and aux_k > 0 and n_dead > 0:
+        top = pre.masked_fill(~dead_mask, float("-inf")).topk(min(aux_k, n_dead), dim=-1)
+        aux_acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        aux = (aux_acts @ sae.W_dec - (z - z_hat).detach()).pow(2).sum(-1).mean()
+    loss = recon + aux_coef * aux if sae.activation == "topk" else recon + l1_coef * sparsity
+    return {"loss": loss, "recon": recon, "sparsity": sparsity, "aux": aux, "acts": acts}
 
 
 def top_features(acts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,16 +10,20 @@ between models whose hidden states differ in scale by orders of magnitude, and i
 as `input_scale` in the SAE's config so inference applies the same s. b_dec starts at the
 mean of the scaled training states, so the encoder sees centred inputs from step one.
 
-Decoder rows are not renormalised: the ReLU loss weights each feature's L1 by its
+ReLU decoder rows are not renormalised: the ReLU loss weights each feature's L1 by its
 decoder row norm (see `models/sae.py`), which already removes the shrink-the-codes,
-grow-the-dictionary escape.
+grow-the-dictionary escape. TopK decoder rows are put back to unit norm after every
+step, and latents silent for `dead_window_tokens` get the AuxK term (Gao et al. 2024's
+k_aux = d_in/2 and weight 1/32 by default, though both terms here are unnormalised sums).
 
 Everything here is plain torch on in-memory tensors; collecting the states (Ray Data)
 and choosing the layer live with the caller.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 from models.sae import SparseAutoencoder, sae_loss
 
 WARMUP_FRACTION = 0.05
+AUX_COEF = 1 / 32
 EVAL_CHUNK = 4096
 
 
@@ -100,6 +105,9 @@ def train_sae(
     normalize_input: bool = True,
     apply_b_dec_to_input: bool = True,
     dead_window_tokens: int | None = None,
+    aux_k: int | None = None,
+    aux_coef: float = AUX_COEF,
+    cpu_threads: int | None = 1,
     layer: int | None = None,
     hook_name: str | None = None,
     device: torch.device | str | None = None,
@@ -108,11 +116,16 @@ def train_sae(
 
     States may be any float dtype and stay where they are; batches are cast to fp32 on
     `device` (default: CPU). `warmup_steps=None` means 5% of all steps;
-    `dead_window_tokens=None` means one epoch (dead = never fired during the last epoch).
+    `dead_window_tokens=None` means one epoch (dead = never fired during the last epoch);
+    TopK's AuxK term trains those latents (`aux_k=None`: d_in // 2, weight `aux_coef`).
+    `cpu_threads` caps torch's CPU threads while training (None: as set): a 64-state batch
+    is too small to split, and on busy cores a second thread mostly waits (the tiny
+    config's SAE: 27 s on one thread, 150 s on two under load).
     Returns the SAE frozen (inference-only) and a JSON-safe report:
     {"initial": val metrics before training, "epochs": [per-epoch train loss terms,
-    dead_fraction, val_mse, val_explained_variance, val_l0], "dead_features": ids dead
-    at the end, "input_scale", "steps", "warmup_steps"}.
+    dead_fraction (training window), val_mse, val_explained_variance, val_l0,
+    val_dead_fraction], "dead_features": ids dead at the end, "input_scale", "steps",
+    "warmup_steps", "seconds" (training wall time)}.
     """
     _check_states(train_states, val_states)
     n, d_in = train_states.shape
@@ -137,32 +150,51 @@ def train_sae(
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup(warmup))
     tracker = DeadFeatureTracker(d_sae, dead_window_tokens or n, device)
+    aux_k = d_in // 2 if aux_k is None else aux_k
     shuffle = torch.Generator().manual_seed(seed)
     report = {"input_scale": scale, "steps": total, "warmup_steps": warmup,
               "initial": evaluate_sae(sae, val_states), "epochs": []}
-
-    with tqdm(total=total, desc="sae", unit="step", disable=not progress) as bar:
+    start = time.perf_counter()
+    threads = cpu_threads if device.type == "cpu" else None
+    with _torch_threads(threads), tqdm(total=total, desc="sae", unit="step", disable=not progress) as bar:
         for epoch in range(1, epochs + 1):
-            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            sums = torch.zeros(4, dtype=torch.float64, device=device)
             for idx in torch.randperm(n, generator=shuffle).split(batch_size):
-                out = sae_loss(sae, train_states[idx].to(device, torch.float32), l1_coef)
+                out = sae_loss(sae, train_states[idx].to(device, torch.float32), l1_coef,
+                               tracker.dead_mask(), aux_k, aux_coef)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 optimizer.step()
+                if activation == "topk":
+                    sae.normalize_decoder_()
                 schedule.step()
                 tracker.update(out["acts"].detach())
-                sums += torch.stack([out[key].detach() for key in ("loss", "recon", "sparsity")]) * len(idx)
+                sums += torch.stack([out[key].detach() for key in ("loss", "recon", "sparsity", "aux")]) * len(idx)
                 bar.update()
             val = evaluate_sae(sae, val_states)
-            loss, recon, sparsity = (sums / n).tolist()
+            loss, recon, sparsity, aux = (sums / n).tolist()
             report["epochs"].append({
                 "epoch": epoch, "train_loss": loss, "train_recon": recon, "train_sparsity": sparsity,
-                "dead_fraction": tracker.dead_fraction(), "val_mse": val["mse"],
+                "train_aux": aux, "dead_fraction": tracker.dead_fraction(), "val_mse": val["mse"],
                 "val_explained_variance": val["explained_variance"], "val_l0": val["l0"],
+                "val_dead_fraction": val["dead_fraction"],
             })
             bar.set_postfix(loss=f"{loss:.4g}", val_mse=f"{val['mse']:.4g}", ev=f"{val['explained_variance']:.3f}")
     report["dead_features"] = tracker.dead_mask().nonzero().flatten().tolist()
+    report["seconds"] = time.perf_counter() - start
     return sae.freeze(), report
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's CPU thread count set to n inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _linear_warmup(warmup_steps: int):

@@ -1,6 +1,7 @@
 """SAE checkpoints: our folder format and the SAELens layout.
 
 Ours:    <dir>/config.json (SparseAutoencoder.config()) + <dir>/model.safetensors
+         [+ <dir>/metrics.json: held-out quality, so tools can judge an SAE without rerunning it]
 SAELens: <dir>/cfg.json + <dir>/sae_weights.safetensors, keys W_enc/b_enc/W_dec/b_dec.
 
 SAELens has no input scale, so `save_saelens` folds ours into the weights
@@ -19,17 +20,27 @@ from safetensors.torch import load_file, save_file
 
 from models.sae import SparseAutoencoder
 
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
+CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-def save_sae(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
+def save_sae(sae: SparseAutoencoder, out_dir: str | Path, metrics: dict | None = None) -> Path:
+    """Write config + weights, and `metrics` (JSON-safe) if given; a stale metrics file is removed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps({"format": "segrl-sae", **sae.config()}, indent=2))
     save_file(_weights(sae), out / WEIGHTS)
+    if metrics is None:
+        (out / METRICS).unlink(missing_ok=True)
+    else:
+        (out / METRICS).write_text(json.dumps(metrics, indent=2))
     return out
+
+
+def load_sae_metrics(folder: str | Path) -> dict:
+    """The metrics `save_sae` stored beside the weights."""
+    return _read_json(Path(folder) / METRICS)
 
 
 def load_sae(folder: str | Path) -> SparseAutoencoder:

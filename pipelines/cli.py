@@ -33,6 +33,44 @@ def cmd_config(config: Config, args: argparse.Namespace) -> None:
     print(dump_config(config), end="")
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="SPEC", help="check against nodes described as gpu=16,cpu=96 (totals) or "
+                       "2x(gpu=8,cpu=64)+cpu=16 (per node), or a KubeRay RayCluster YAML file")
+    where.add_argument("--address", help="check against the live Ray cluster at this address (its total resources)")
+
+
+@command("plan", "the actors a GRPO run starts, their GPUs, CPUs, memory estimate and placement groups, and "
+         "whether they fit a cluster", _plan_args)
+def cmd_plan(config: Config, args: argparse.Namespace) -> dict:
+    import json
+
+    import yaml
+
+    from cluster import placement
+
+    p, nodes, where = placement.plan(config), None, args.cluster
+    if args.cluster and Path(args.cluster).is_file():
+        nodes = placement.raycluster_nodes(yaml.safe_load(Path(args.cluster).read_text()))
+    elif args.cluster:
+        nodes = placement.parse_cluster(args.cluster)
+    elif args.address:
+        import ray
+
+        from cluster.local import connect, disconnect
+
+        connect(args.address)
+        nodes, where = placement.nodes_from_ray(ray.nodes()), f"at {args.address}"
+        disconnect()
+    result = None if nodes is None else placement.fit(p, nodes)
+    out = placement.plan_json(p, result)
+    print(json.dumps(out) if args.json else "\n".join(placement.plan_lines(p, result, where)))
+    if result is not None and not result.fits:
+        raise placement.PlacementError(result.error)
+    return out
+
+
 def _force(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date copy exists")
 
@@ -190,7 +228,7 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
     sae_params = step_params(config, "model.sae")
     sae_report = cached_step("sae-train", Path(config.resolve_path(config.model.sae.path)), sae_params,
                              lambda: sae_train.run_sae_train(config), args.force)
-    sft_params = {**step_params(config, "sft", "seg_loss", "model.head", "optim"), "sae": sae_params}
+    sft_params = {**step_params(config, "sft", "eval", "seg_loss", "model.head", "optim"), "sae": sae_params}
     sft_report = cached_step("sft", Path(config.resolve_path(config.sft.output)), sft_params,
                              lambda: sft.run_sft(config), args.force)
     grpo_params = {**step_params(config, "train", "grpo", "rollout", "reward", "cluster"), "sft": sft_params}

@@ -6,6 +6,8 @@ merged, and the mask is compared in the image frame (LISA/GSVA conventions by
 default, `rewards.metrics.SegMetrics`). `mask_reward` is the training mask
 reward of the greedy answers (soft IoU in SAM's low-res frame, as the reward
 workers score it), so a GRPO run's reward can be compared across checkpoints.
+For the READ head, target samples are also scored at each image's best
+threshold (READ A.1): how much a calibrated threshold would buy.
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ from models.generate import generate
 from models.prompt import prompt_ids
 from models.segmenter import Segmenter, slot_probabilities
 from rewards import SegMetrics, mask_score, response_format_score
+from rewards.thresholds import best_threshold_iou, fixed_threshold_iou
+
+THRESHOLD_METRICS = ("fixed_threshold_giou", "best_threshold_giou", "similarity_best_giou")
+"""Means over target samples of ``threshold_search``'s three IoUs."""
 
 
 @dataclass
@@ -41,12 +47,39 @@ def predicted_mask(head_out, item: SegItem, img_size: int, num_slots: int, thres
     return (image > 0).any(0).numpy()
 
 
+def target_pixels(item: SegItem) -> tuple[np.ndarray, np.ndarray]:
+    """(GT union, pixels that count): the metrics' view of a sample."""
+    gt = item.sample.gt_stack.any(0)
+    ignore = item.sample.ignore_mask
+    return gt, np.ones_like(gt) if ignore is None else ~ignore
+
+
+def threshold_search(head_out, item: SegItem, img_size: int) -> tuple[float, float, float]:
+    """IoUs of a target sample under READ's per-image threshold search (READ A.1, step 0.01).
+
+    (mask probabilities at 0.5, the same at the image's best threshold, the <SEG>/image
+    similarity map at its best threshold) in the image frame, on the pixels that count.
+    No reference token (a refusal) predicts nothing: 0 for all three.
+    """
+    if head_out is None:
+        return 0.0, 0.0, 0.0
+    frame = (item.sam_input_size, (item.sample.height, item.sample.width), img_size)
+    logits, heat = (t[:1].detach().float().cpu() for t in (head_out.mask_logits, head_out.heatmaps))
+    probs = torch.sigmoid(lowres_to_image(logits, *frame))[0].numpy()
+    similarity = lowres_to_image(heat, *frame)[0].clamp(0, 1).numpy()
+    gt, valid = target_pixels(item)
+    gt, probs, similarity = gt[valid][None], probs[valid][None], similarity[valid][None]
+    return fixed_threshold_iou(probs, gt), best_threshold_iou(probs, gt)[1], best_threshold_iou(similarity, gt)[1]
+
+
 @torch.no_grad()
 def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, ref_token: str,
              max_new_tokens: int, num_slots: int = 1, conf_threshold: float = 0.5, batch_size: int = 16,
-             preset: str = "paper", progress: bool = True) -> EvalResult:
+             preset: str = "paper", progress: bool = True, threshold_metrics: bool = False) -> EvalResult:
+    """Greedy answers of up to ``max_new_tokens``, scored; ``threshold_metrics`` (READ head,
+    K = 1) adds ``THRESHOLD_METRICS``."""
     model.eval()
-    meter, texts, formats, rewards = SegMetrics(), [], [], []
+    meter, texts, formats, rewards, searched = SegMetrics(), [], [], [], []
     order = range(0, len(dataset), batch_size)
     for start in tqdm(order, desc="eval", unit="batch", disable=not progress):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -63,12 +96,26 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
             probs, conf = slot_probabilities(head, num_slots, lowres_side(item.sam_embedding))
             rewards.append(mask_score(probs, conf, slot_targets(item.gt_lowres, num_slots).numpy(),
                                       conf_threshold, preset))
+            if threshold_metrics and np.logical_and(*target_pixels(item)).any():
+                searched.append(threshold_search(head, item, img_size))
     model.train()
     summary = meter.summary()
+    if threshold_metrics:
+        means = np.mean(searched, axis=0) if searched else [float("nan")] * len(THRESHOLD_METRICS)
+        summary.update({name: float(v) for name, v in zip(THRESHOLD_METRICS, means)})
     summary["format_valid"] = float(np.mean([f > 0 for f in formats])) if formats else float("nan")
     summary["format_score"] = float(np.mean(formats)) if formats else float("nan")
     summary["mask_reward"] = float(np.mean(rewards)) if rewards else float("nan")
     return EvalResult(summary, texts)
+
+
+def evaluate_with_config(config, model: Segmenter, tokenizer, dataset: SegDataset, img_size: int,
+                         progress: bool = True) -> EvalResult:
+    """``evaluate`` under the config's eval, model and reward settings: `segrl eval`, SFT's
+    before/after and the post-GRPO evaluation generate and score alike."""
+    return evaluate(model, tokenizer, dataset, img_size, config.model.ref_token, config.eval_max_new_tokens,
+                    config.model.num_slots, config.reward.confidence_threshold, config.eval.batch_size,
+                    config.reward.preset, progress, threshold_metrics=config.model.head.kind == "read")
 
 
 def run_eval(config, checkpoint: str | None = None, split: str | None = None, limit: int | None = None,
@@ -84,8 +131,7 @@ def run_eval(config, checkpoint: str | None = None, split: str | None = None, li
     model, tokenizer, img_size = build_segmenter(config, checkpoint)
     dataset = SegDataset(Path(config.resolve_path(config.data.root)) / f"{split}.parquet", feature_store(config),
                          img_size, limit=limit)
-    result = evaluate(model, tokenizer, dataset, img_size, config.model.ref_token, config.sft.max_new_tokens,
-                      config.model.num_slots, config.reward.confidence_threshold, preset=config.reward.preset)
+    result = evaluate_with_config(config, model, tokenizer, dataset, img_size)
     path = Path(out) if out else Path(checkpoint) / f"eval-{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "metrics": result.metrics,
@@ -94,9 +140,12 @@ def run_eval(config, checkpoint: str | None = None, split: str | None = None, li
 
 
 def table_lines(rows: dict[str, dict]) -> list[str]:
-    """A fixed-width table of the headline metrics, one row per label."""
+    """A fixed-width table of the headline metrics, one row per label; READ's threshold search
+    (over target samples: at 0.5, at the best threshold, similarity map) when a row has it."""
     cols = [("format", "format_valid"), ("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_acc"),
             ("mask-R", "mask_reward")]
+    if any(THRESHOLD_METRICS[0] in m for m in rows.values()):
+        cols += list(zip(("tgt@.5", "tgt@t*", "sim@t*"), THRESHOLD_METRICS))
     lines = [f"{'':10}" + "".join(f"{name:>8}" for name, _ in cols) + f"{'n':>6}"]
     for label, m in rows.items():
         lines.append(f"{label:10}" + "".join(f"{m.get(key, float('nan')):8.3f}" for _, key in cols) + f"{m['count']:6d}")

@@ -74,7 +74,8 @@ def collect_states(config: Config, split: str) -> torch.Tensor:
 
 
 def run_sae_train(config: Config, progress: bool = True) -> dict:
-    """Collect states, train, save to model.sae.path; returns the training report."""
+    """Collect states, train, save to model.sae.path (weights, held-out metrics.json, report.json);
+    returns the training report."""
     from models.sae_fit import train_sae
     from models.sae_io import save_sae
 
@@ -85,20 +86,31 @@ def run_sae_train(config: Config, progress: bool = True) -> dict:
     val, train = states[perm[:n_val]], states[perm[n_val:]]
     sae, report = train_sae(train, val, d_sae=s.expansion * states.shape[1], l1_coef=s.l1_coef, lr=s.lr,
                             batch_size=s.batch_size, epochs=s.epochs, seed=config.seed, progress=progress,
-                            activation=s.activation, k=s.k,
+                            activation=s.activation, k=s.k, aux_coef=s.aux_coef,
                             layer=s.layer, hook_name=f"hidden_states[{s.layer}]")
-    out = Path(config.resolve_path(s.path))
-    save_sae(sae, out)
     report.update({"train_states": int(train.shape[0]), "val_states": int(val.shape[0])})
+    out = Path(config.resolve_path(s.path))
+    save_sae(sae, out, metrics=held_out_metrics(report))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def held_out_metrics(report: dict) -> dict:
+    """The trained SAE's quality on the held-out states: what the SAE folder's metrics.json keeps."""
+    last = report["epochs"][-1]
+    return {
+        "l0": last["val_l0"], "explained_variance": last["val_explained_variance"],
+        "dead_fraction": last["val_dead_fraction"], "mse": last["val_mse"],
+        "val_states": report["val_states"], "train_seconds": report["seconds"],
+    }
 
 
 def report_lines(report: dict) -> list[str]:
     first, last = report["initial"], report["epochs"][-1]
     return [
-        f"SAE on {report['train_states']} states ({report['val_states']} held out), {report['steps']} steps",
+        f"SAE on {report['train_states']} states ({report['val_states']} held out), "
+        f"{report['steps']} steps in {report['seconds']:.0f}s",
         f"  held-out MSE {first['mse']:.4g} -> {last['val_mse']:.4g}; explained variance "
         f"{first['explained_variance']:.3f} -> {last['val_explained_variance']:.3f}; "
-        f"L0 {last['val_l0']:.1f}; dead features {last['dead_fraction']:.1%}",
+        f"L0 {last['val_l0']:.1f}; dead features {last['val_dead_fraction']:.1%}",
     ]

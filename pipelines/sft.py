@@ -23,7 +23,7 @@ from models.losses import segmentation_loss
 from models.optim import build_optimizer, clip_grad_norm, one_cycle, param_groups
 from models.prompt import prompt_ids
 from models.segmenter import save_segmenter
-from pipelines.evaluate import evaluate, table_lines
+from pipelines.evaluate import evaluate_with_config, table_lines
 
 
 def sft_step(model, tokenizer, items: list[SegItem], config: Config) -> tuple[torch.Tensor, dict]:
@@ -57,9 +57,7 @@ def run_sft(config: Config, progress: bool = True) -> dict:
     (out_dir / "config.yaml").write_text(dump_config(config))
 
     def score(tag: str) -> dict:
-        res = evaluate(model, tokenizer, val, img_size, config.model.ref_token, config.sft.max_new_tokens,
-                       config.model.num_slots, config.reward.confidence_threshold, preset=config.reward.preset,
-                       progress=progress)
+        res = evaluate_with_config(config, model, tokenizer, val, img_size, progress)
         (out_dir / f"samples-{tag}.json").write_text(json.dumps(res.responses[:8], indent=2))
         return res.metrics
 

@@ -14,7 +14,7 @@ def test_every_subcommand_has_help():
 
 def test_main_job_builds_and_reports(tiny_workspace, ray_cluster, capsys):
     config = tiny_workspace["config"]
-    quick = ["model.sae.epochs=2", "sft.epochs=1", "sft.eval_samples=8", "sft.max_new_tokens=16",
+    quick = ["model.sae.epochs=2", "sft.epochs=1", "sft.eval_samples=8", "eval.max_new_tokens=16",
              "train.steps=1", "grpo.prompts_per_step=2", "rollout.group_size=2", "train.groups_per_call=1",
              "train.eval_samples=4", "data.max_response_length=32", "cluster.rollout.num_cpus=0.1",
              "cluster.learner.num_cpus=0.1", "cluster.reference.num_cpus=0.1", "cluster.reward.num_cpus=0.1"]

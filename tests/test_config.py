@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from config import Config, ConfigError, dump_config, load_config
+from config.builders import learner_settings, loss_settings, rollout_settings
 from config.load import parse_override
 from config.schema import TinyConfig, TinyLMConfig, TinySamConfig, TinyVisionConfig
 from models.tiny_specs import TinyLMSpec, TinySamSpec, TinySpec, TinyVisionSpec
@@ -44,6 +45,46 @@ def test_paper_configs_carry_segcompass_a2_settings(name, family, sae_layer, slo
     assert c.model.sam.variant == "vit_h"
 
 
+@pytest.mark.parametrize("name", ["llava15-7b-reasonseg.yaml", "qwen25vl-7b-grefcoco.yaml"])
+def test_paper_configs_show_no_tiny_sft_or_eval_value(name, capsys):
+    def shown(path):
+        assert cli_main(["config", "--config", str(path)]) == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    tiny_file, paper_file = Path("configs/tiny.yaml"), Path("configs") / name
+    tiny, paper, tiny_set = shown(tiny_file), shown(paper_file), yaml.safe_load(tiny_file.read_text())
+    for section in ("sft", "eval"):
+        for key in tiny_set[section]:  # every value tuned for the tiny model is replaced
+            assert paper[section][key] != tiny[section][key], f"{section}.{key}"
+    assert paper["eval"]["max_new_tokens"] == paper["data"]["max_response_length"] == 2000
+    assert load_config("configs/tiny.yaml").eval_max_new_tokens == 96  # null: the rollout's length, as before
+
+
+def test_loss_settings_carry_the_grpo_options():
+    c = load_config("configs/tiny.yaml", ["grpo.policy_loss=grpo_dual_clip", "grpo.dual_clip_c=4",
+                                          "grpo.loss_aggregation=seq_mean_token_sum_norm", "grpo.is_cap=3"])
+    s = loss_settings(c)
+    assert (s.policy_loss, s.dual_clip_c, s.loss_aggregation) == ("grpo_dual_clip", 4.0, "seq_mean_token_sum_norm")
+    assert (s.is_correction, s.is_cap, s.max_response_length) == (False, 3.0, 96)
+    assert loss_settings(load_config("configs/llava15-7b-reasonseg.yaml")).is_correction
+
+
+@pytest.mark.parametrize("name", ["llava15-7b-reasonseg.yaml", "qwen25vl-7b-grefcoco.yaml"])
+def test_paper_configs_carry_a2_gpu_memory_and_engine_settings(name):
+    c = load_config(Path("configs") / name)
+    s = learner_settings(c)
+    assert (s.dtype, s.gradient_checkpointing, s.zero_offload) == ("bfloat16", True, "optimizer")
+    assert c.rollout.tensor_parallel_size == 4
+    assert rollout_settings(c).engine == {"max_num_seqs": 64, "max_num_batched_tokens": 17408}
+
+
+def test_tiny_config_keeps_the_cpu_learner_and_vllm_defaults():
+    c = load_config("configs/tiny.yaml")
+    s = learner_settings(c)
+    assert (s.dtype, s.gradient_checkpointing, s.zero_offload) == ("float32", False, "none")
+    assert rollout_settings(c).engine == {}
+
+
 def test_dotted_override_sets_nested_value():
     c = load_config("configs/tiny.yaml", ["model.tiny.lm.hidden_size=256", "rollout.temperature=0.7"])
     assert c.model.tiny.lm.hidden_size == 256
@@ -74,11 +115,18 @@ def _write(tmp_path, tree) -> Path:
         ({"optimm": {}}, "unknown key 'optimm'"),
         ({"rollout": {"group_size": "eight"}}, "rollout.group_size"),
         ({"grpo": {"clip_ratio": 1.5}}, "grpo.clip_ratio"),
+        ({"optim": {"zero_offload": "params"}}, "optim.zero_offload"),
+        ({"optim": {"gradient_checkpointing": "sometimes"}}, "optim.gradient_checkpointing"),
+        ({"rollout": {"gpu_memory_utilization": 1.5}}, "rollout.gpu_memory_utilization"),
+        ({"rollout": {"max_num_seqs": 0}}, "rollout.max_num_seqs"),
         ({"model": {"family": "gpt"}}, "model.family"),
         ({"model": {"tiny": {"lm": {"hidden_size": 64, "num_heads": 4}}}}, "head dim"),
         ({"data": {"image_min_pixels": 10, "image_max_pixels": 5}}, "image_min_pixels"),
         ({"grpo": {"kl_estimator": "k9"}}, "grpo.kl_estimator: Value error, unknown KL estimator 'k9'"),
         ({"grpo": {"policy_loss": "ppo2"}}, "grpo.policy_loss"),
+        ({"grpo": {"dual_clip_c": 3.0}}, "dual_clip_c is only for policy_loss grpo_dual_clip, not grpo_clip"),
+        ({"grpo": {"policy_loss": "grpo_dual_clip", "dual_clip_c": 0.5}}, "grpo.dual_clip_c"),
+        ({"sft": {"max_new_tokens": 96}}, "unknown key 'sft.max_new_tokens'"),
         ({"reward": {"preset": "nope"}}, "reward.preset: Value error, unknown reward preset 'nope'"),
         ({"model": {"sae": {"activation": "topk"}}}, "k is required for activation topk"),
         ({"data": {"synthetic": {"image_size": 32}}}, "data.synthetic.image_size"),

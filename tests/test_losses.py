@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.losses import (
+    AGGREGATIONS,
     KL_ESTIMATORS,
     dice_loss,
     grpo_loss,
@@ -142,8 +143,56 @@ def test_clip_higher_widens_the_upper_bound_only():
         grpo_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), kl_coef=0.0, clip_ratio_high=0.28)
 
 
+def test_dr_grpo_aggregation_divides_each_response_sum_by_the_max_length():
+    logp, old, ref = _batch()
+    _, metrics = grpo_loss(logp, old, ref, ADV, MASK, kl_coef=0.2, aggregation="seq_mean_token_sum_norm",
+                           max_response_length=4)
+    assert metrics["pg_loss"] == pytest.approx(((-1.1 - 1.2) / 4 + 0.8 / 4) / 2, rel=1e-5)
+    assert metrics["kl"] == pytest.approx(((_k3(1.0) + _k3(2.0)) / 4 + _k3(0.5) / 4) / 2, rel=1e-5)
+    mask = MASK.clone()
+    mask[1] = 0  # a response without tokens is left out of the mean
+    _, metrics = grpo_loss(logp, old, ref, ADV, mask, kl_coef=0.0, aggregation="seq_mean_token_sum_norm",
+                           max_response_length=4)
+    assert metrics["pg_loss"] == pytest.approx((-1.1 - 1.2) / 4, rel=1e-5)
+    with pytest.raises(ValueError, match="max_length"):
+        grpo_loss(logp, old, ref, ADV, MASK, aggregation="seq_mean_token_sum_norm")
+
+
+@pytest.mark.parametrize(
+    "advantage, ratio, loss, clipped",
+    [
+        (-1.0, 4.0, 3.0, True),  # A < 0 and r > c: the loss stops at c·|A|, no gradient
+        (-1.0, 2.5, 2.5, False),  # below c: the plain surrogate −r·A
+        (-1.0, 0.5, 0.8, True),  # the ordinary clip still applies
+        (1.0, 4.0, -1.2, True),  # A > 0: grpo_clip's bound
+        (1.0, 1.1, -1.1, False),
+    ],
+)
+def test_dual_clip_caps_negative_advantage_losses_at_c(advantage, ratio, loss, clipped):
+    logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    old = logp.detach() - math.log(ratio)
+    out, metrics = grpo_loss(logp, old, None, torch.tensor([advantage]), torch.ones(1, 1), kl_coef=0.0,
+                             policy_loss="grpo_dual_clip", dual_clip_c=3.0)
+    out.backward()
+    assert metrics["pg_loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["clip_fraction"] == float(clipped)
+    assert logp.grad.item() == pytest.approx(0.0 if clipped else -ratio * advantage, rel=1e-5, abs=0.0)
+    _, default = grpo_loss(logp, old, None, torch.tensor([advantage]), torch.ones(1, 1), kl_coef=0.0,
+                           policy_loss="grpo_dual_clip")
+    assert default["pg_loss"] == metrics["pg_loss"]  # c defaults to 3
+
+
+def test_dual_clip_options_are_checked():
+    logp, old = torch.zeros(1, 1), torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="grpo_clip has no dual clip"):
+        grpo_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), kl_coef=0.0, dual_clip_c=3.0)
+    with pytest.raises(ValueError, match="dual_clip_c must be > 1"):
+        grpo_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), kl_coef=0.0,
+                  policy_loss="grpo_dual_clip", dual_clip_c=1.0)
+
+
 @pytest.mark.parametrize("pad", [1e30, -1e30, float("inf"), float("nan")])
-@pytest.mark.parametrize("aggregation", ["seq_mean_group_mean", "token_mean"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS.names())
 def test_masked_tokens_contribute_nothing(pad, aggregation):
     gen = torch.Generator().manual_seed(0)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
@@ -157,7 +206,7 @@ def test_masked_tokens_contribute_nothing(pad, aggregation):
             return torch.where(mask.bool(), t, torch.full_like(t, fill))
         logp = dirty(clean).requires_grad_()
         loss, metrics = grpo_loss(logp, dirty(old), dirty(ref), adv, mask, is_weights=dirty(weights),
-                                  aggregation=aggregation)
+                                  aggregation=aggregation, max_response_length=5)
         loss.backward()
         return loss, metrics, logp.grad
 
@@ -205,8 +254,9 @@ def test_is_weights_scale_the_policy_term_only_and_carry_no_gradient():
     "kwargs, message",
     [
         ({"kl_estimator": "k4"}, r"unknown KL estimator 'k4'; known: k1, k2, k3, low_var_kl"),
-        ({"policy_loss": "ppo"}, r"unknown policy loss 'ppo'; known: grpo_clip, grpo_clip_higher"),
-        ({"aggregation": "sum"}, r"unknown loss aggregation 'sum'; known: seq_mean_group_mean, token_mean"),
+        ({"policy_loss": "ppo"}, r"unknown policy loss 'ppo'; known: grpo_clip, grpo_clip_higher, grpo_dual_clip"),
+        ({"aggregation": "sum"},
+         r"unknown loss aggregation 'sum'; known: seq_mean_group_mean, seq_mean_token_sum_norm, token_mean"),
         ({"clip_ratio": 1.5}, r"clip_ratio must lie in \(0, 1\)"),
         ({"old_logprobs": torch.zeros(2, 1)}, "old_logprobs has shape"),
         ({"advantages": torch.zeros(2, 2)}, r"advantages must be \[B\]"),

@@ -9,7 +9,7 @@ import ray
 import torch
 
 from actors.rollout import ACTOR_OPTIONS
-from config.builders import feature_store
+from config.builders import feature_store, rollout_settings
 from data.features import content_hash
 from data.schema import read_samples, resolve_image
 from data.trajectory import ROLLOUT_SCHEMA, make_prompt_batch
@@ -158,6 +158,29 @@ def test_packed_state_round_trips_every_dtype_zero_copy():
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
     packed = pack_state({"a": state["a"]})
     assert unpack_state(packed)["a"].data_ptr() == state["a"].data_ptr()
+
+
+def test_engine_gets_the_config_vllm_settings_only_when_set(tiny_workspace, monkeypatch):
+    """What reaches ``vllm.LLM`` (a stand-in here: a GPU engine cannot start on this machine)."""
+    import vllm
+
+    from models.rollout import ENGINE_KEYS, RolloutCore
+
+    calls = []
+    monkeypatch.setattr(vllm, "LLM", lambda model, **args: calls.append(args))
+    config = tiny_workspace["config"].model_copy(deep=True)
+    RolloutCore(rollout_settings(config), feature_store(config))
+    assert not set(ENGINE_KEYS) & set(calls[-1])  # unset: vLLM's own defaults
+    for key, value in (("max_num_seqs", 64), ("max_num_batched_tokens", 17408), ("gpu_memory_utilization", 0.85),
+                       ("enable_chunked_prefill", False)):
+        setattr(config.rollout, key, value)
+    RolloutCore(rollout_settings(config), feature_store(config),
+                {"tensor_parallel_size": 4, "distributed_executor_backend": "ray"})  # as the placement passes them
+    assert {k: calls[-1][k] for k in ENGINE_KEYS} == {"max_num_seqs": 64, "max_num_batched_tokens": 17408,
+                                                      "gpu_memory_utilization": 0.85, "enable_chunked_prefill": False}
+    assert (calls[-1]["tensor_parallel_size"], calls[-1]["distributed_executor_backend"]) == (4, "ray")
+    assert calls[-1]["enable_prompt_embeds"] and calls[-1]["dtype"] == config.model.dtype
+    vllm.EngineArgs(model="unused", **{k: calls[-1][k] for k in ENGINE_KEYS})  # the installed vLLM's names
 
 
 def test_bad_weight_update_is_refused_whole(tiny_workspace, worker):

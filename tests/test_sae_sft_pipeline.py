@@ -1,13 +1,15 @@
-"""sae-train and sft drivers on the tiny workspace: they run, save, and reload."""
+"""sae-train and sft drivers on the tiny workspace: they run, save, and reload; the tiny config's SAE is sparse."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from config import load_config
 from config.builders import build_segmenter
-from models.sae_io import load_sae
+from models.sae_io import load_sae, load_sae_metrics
 from pipelines.evaluate import run_eval
 from pipelines.sae_train import report_lines as sae_lines
 from pipelines.sft import report_lines as sft_lines
@@ -21,13 +23,45 @@ def test_sae_train_saves_a_frozen_sae_that_beats_its_start(tiny_workspace, tiny_
     assert sae.d_sae == config.model.sae.expansion * sae.d_in and sae.layer == config.model.sae.layer
     first, last = tiny_sae["initial"], tiny_sae["epochs"][-1]
     assert last["val_mse"] < first["mse"] and last["val_explained_variance"] > first["explained_variance"]
-    assert "explained variance" in "\n".join(sae_lines(tiny_sae))
+    metrics = load_sae_metrics(config.resolve_path(config.model.sae.path))
+    assert metrics["l0"] == last["val_l0"] <= config.model.sae.k
+    assert metrics["dead_fraction"] == last["val_dead_fraction"] and metrics["val_states"] == tiny_sae["val_states"]
+    lines = "\n".join(sae_lines(tiny_sae))
+    assert "explained variance" in lines and "L0" in lines and "dead features" in lines
+
+
+@pytest.fixture(scope="module")
+def default_sae(tmp_path_factory, ray_cluster):
+    """configs/tiny.yaml's SAE as the main job trains it (states of the first max_samples training
+    samples, every sae default), in a workspace of its own: about a minute."""
+    from pipelines.build import build_synthetic, build_tiny
+    from pipelines.precompute import precompute
+    from pipelines.sae_train import run_sae_train
+
+    n_train = load_config("configs/tiny.yaml").model.sae.max_samples
+    work = tmp_path_factory.mktemp("sae-defaults")
+    config = load_config("configs/tiny.yaml", [f"paths.work_dir={work}", f"data.synthetic.n_train={n_train}",
+                                               "data.synthetic.n_val=1", "data.synthetic.n_test=1"])
+    build_synthetic(config)
+    build_tiny(config)
+    precompute(config, splits=["train"], batch_size=64)
+    run_sae_train(config, progress=False)
+    return load_sae_metrics(config.resolve_path(config.model.sae.path))
+
+
+def test_tiny_config_sae_is_sparse_faithful_and_alive(default_sae):
+    """Held out: at most 32 active features per state, 80% of the variance kept, at most 10% never firing
+    (ReLU + L1 at A.2's settings gave L0 559 of 1,024)."""
+    assert default_sae["val_states"] > 4000
+    assert default_sae["l0"] <= 32
+    assert default_sae["explained_variance"] >= 0.8
+    assert default_sae["dead_fraction"] <= 0.1
 
 
 def test_sft_runs_saves_and_reloads(tiny_workspace, tiny_sae, tmp_path):
     config = tiny_workspace["config"].model_copy(deep=True)
     config.sft.epochs, config.sft.batch_size, config.sft.eval_samples = 1, 8, 8
-    config.sft.max_new_tokens = 24
+    config.eval.max_new_tokens = 24
     config.sft.output = str(tmp_path / "sft")
     report = run_sft(config, progress=False)
     steps = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]

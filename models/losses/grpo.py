@@ -38,6 +38,8 @@ def grpo_loss(
     is_weights: Tensor | None = None,
     aggregation: str = "seq_mean_group_mean",
     clip_ratio_high: float | None = None,
+    dual_clip_c: float | None = None,
+    max_response_length: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Loss to minimise (the negative of eq. 10) and its metrics.
 
@@ -46,7 +48,9 @@ def grpo_loss(
     0), ``advantages`` [B] one per response, ``response_mask`` [B, T] the response tokens.
     ``is_weights`` [B, T] (see :func:`truncated_is_weights`) scale the policy-gradient
     term only: the KL term is an exact penalty on π_θ, not an estimate under the sampler.
-    Per-token terms are computed in fp32 and aggregated by ``aggregation``.
+    Per-token terms are computed in fp32 and aggregated by ``aggregation`` (which may need
+    ``max_response_length``, its constant). ``clip_ratio_high`` and ``dual_clip_c`` go to
+    the policy loss (see ``models.losses.policy``).
 
     Metrics: ``loss``, ``pg_loss``, ``kl`` (aggregated like the loss), ``clip_fraction``,
     ``ratio_mean``, ``ratio_max`` (π_θ/π_old over valid tokens), ``is_weight_mean``.
@@ -63,11 +67,12 @@ def grpo_loss(
     mask = response_mask.bool()
     logp = _valid(logprobs, mask)
     log_ratio = logp - _valid(old_logprobs, mask)
-    pg_tok, clipped = pg_fn(log_ratio, advantages.float().unsqueeze(-1), clip_ratio, clip_ratio_high)
+    pg_tok, clipped = pg_fn(log_ratio, advantages.float().unsqueeze(-1), clip_ratio, clip_ratio_high, dual_clip_c)
     if is_weights is not None:
         pg_tok = pg_tok * _valid(is_weights, mask).detach()
-    pg = aggregate(pg_tok, mask)
-    kl = aggregate(kl_fn(logp, _valid(ref_logprobs, mask)), mask) if ref_logprobs is not None else pg.new_zeros(())
+    pg = aggregate(pg_tok, mask, max_response_length)
+    kl = (aggregate(kl_fn(logp, _valid(ref_logprobs, mask)), mask, max_response_length)
+          if ref_logprobs is not None else pg.new_zeros(()))
     loss = pg + kl_coef * kl
 
     with torch.no_grad():
