@@ -11,6 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 import ray
 
+from actors.runtime import SINGLE_THREAD_ENV
 from config import Config
 
 WEIGHTS_GROUP = "weights"  # the actor's threads for weight updates (and version queries)
@@ -18,13 +19,7 @@ WEIGHTS_GROUP = "weights"  # the actor's threads for weight updates (and version
 # In-process engine (the actor is the process); a 1 GiB KV cache on CPU holds ~0.5M tiny-model
 # tokens (on GPUs vLLM sizes it by rollout.gpu_memory_utilization); one BLAS / OpenMP thread
 # per actor, since more oversubscribe a shared node.
-ENGINE_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-}
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", **SINGLE_THREAD_ENV}
 
 
 class Rollout:

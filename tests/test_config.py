@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from config import Config, ConfigError, dump_config, load_config
 from config.builders import learner_settings, loss_settings, rollout_settings
 from config.load import parse_override
-from config.schema import TinyConfig, TinyLMConfig, TinySamConfig, TinyVisionConfig
+from config.model import TinyConfig, TinyLMConfig, TinySamConfig, TinyVisionConfig
 from models.tiny_specs import TinyLMSpec, TinySamSpec, TinySpec, TinyVisionSpec
 from pipelines.build import tiny_spec
 from pipelines.cli import main as cli_main
