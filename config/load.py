@@ -78,14 +78,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    applied = []
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(tree, parts, value, f"override '{text}'")
-        try:
-            Config.model_validate(tree)
-        except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, f"{source} + override '{text}'")) from None
-    return Config.model_validate(tree)
+        applied.append((text, parts))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, _blamed(source, applied, exc))) from None
+
+
+def _blamed(source: str, applied: list[tuple[str, list[str]]], exc: ValidationError) -> str:
+    """The file plus the overrides at or under a failing key. All overrides are applied before
+    validating, so keys that must change together (e.g. an activation and its k) can."""
+    locs = [[str(p) for p in err["loc"]] for err in exc.errors()]
+    named = [text for text, parts in applied
+             if any(parts[:len(loc)] == loc or loc[:len(parts)] == parts for loc in locs)]
+    return source + "".join(f" + override '{text}'" for text in named)
 
 
 def dump_config(config: Config) -> str:

@@ -202,3 +202,10 @@ def test_cli_reports_config_error_without_traceback(capsys):
 def test_override_that_is_not_yaml_is_a_string():
     c = load_config("configs/tiny.yaml", ["train.output={runs_dir}/bench-1"])
     assert c.resolve_path(c.train.output) == "work/runs/bench-1"
+
+
+def test_overrides_that_must_change_together_are_validated_together():
+    config = load_config("configs/tiny.yaml", ["model.sae.activation=relu", "model.sae.k=null"])
+    assert (config.model.sae.activation, config.model.sae.k) == ("relu", None)
+    with pytest.raises(ConfigError, match=r"override 'model.sae.activation=relu'.*k is required"):
+        load_config("configs/tiny.yaml", ["model.sae.activation=relu", "rollout.temperature=0.5"])
