@@ -77,7 +77,7 @@ class LearnerRank:
         """Full weights on rank 0, None elsewhere; every rank must enter."""
         return self.core.export_weights()
 
-    def save_checkpoint(self, directory: str, tag: str) -> list[str]:
+    def save_checkpoint(self, directory: str, tag: str) -> dict[str, dict]:
         return self.core.save_checkpoint(directory, tag)
 
     def load_checkpoint(self, directory: str, tag: str) -> int:

@@ -55,9 +55,10 @@ class LearnerGroup:
     def version(self) -> int:
         return ray.get(self.ranks[0].version.remote(), timeout=self.timeout_s)
 
-    def save_checkpoint(self, directory: str, tag: str) -> list[str]:
-        """Every rank saves its shard (and RNG states); the files written, relative to ``directory``."""
-        return sorted({f for files in self._all("save_checkpoint", directory, tag) for f in files})
+    def save_checkpoint(self, directory: str, tag: str) -> dict[str, dict]:
+        """Every rank saves its shard (and RNG states); every file written, relative to ``directory``, with
+        its size and SHA-256 (each rank hashes a share)."""
+        return {f: entry for files in self._all("save_checkpoint", directory, tag) for f, entry in files.items()}
 
     def load_checkpoint(self, directory: str, tag: str) -> int:
         """Restore every rank (weights, optimizer, schedule, RNG); returns the restored version."""

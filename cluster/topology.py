@@ -11,6 +11,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.local import started_here
 from cluster.placement import KindPlan, PlacementError, Plan, fit, nodes_from_ray, plan
 from config import Config
 
@@ -48,9 +49,14 @@ def reserve(config: Config, timeout_s: float | None = None) -> Placement:
     The groups asking for the most GPUs are created first (Ray places groups in order), so the
     learner's ranks get a node to themselves before the engines take theirs. Past the timeout
     the groups are removed again and PlacementError names the kinds still waiting and what the
-    cluster's nodes lack for them.
+    cluster's nodes lack for them. On a local cluster (no autoscaler can add a node) a plan its
+    nodes cannot hold fails at once, naming the actor kind and its shortfall.
     """
     p = plan(config)
+    if started_here():
+        result = fit(p, nodes_from_ray(ray.nodes()))
+        if not result.fits:
+            raise PlacementError(f"the local Ray cluster can never place this run: {result.error}")
     order = sorted(((k, i, g) for k in p.kinds for i, g in enumerate(k.groups())),
                    key=lambda item: -sum(b.get("GPU", 0.0) for b in item[2]))
     created = {(k.kind, i): placement_group(g, strategy=k.strategy) for k, i, g in order}

@@ -13,7 +13,7 @@ from models.learner import LearnerSettings
 from models.policy import load_policy
 from models.rollout import ENGINE_KEYS, RolloutSettings
 from models.sam import load_sam
-from models.segmenter import HeadSpec, Segmenter, load_head_weights
+from models.segmenter import HeadSpec, Segmenter, load_head_weights, verify_model_folder
 
 
 def head_spec(config: Config) -> HeadSpec:
@@ -22,8 +22,10 @@ def head_spec(config: Config) -> HeadSpec:
 
 
 def build_segmenter(config: Config, model_path: str | None = None):
-    """(Segmenter, tokenizer, SAM input size) from `model_path` (default: model.name_or_path)."""
+    """(Segmenter, tokenizer, SAM input size) from `model_path` (default: model.name_or_path), its files
+    checked first (``verify_model_folder``)."""
     path = model_path or config.resolve_path(config.model.name_or_path)
+    verify_model_folder(path)
     m = config.model
     policy, tokenizer = load_policy(m.family, path, m.ref_token, m.sae.layer, m.head.ref_position)
     sam = load_sam(m.sam.variant, sam_checkpoint(m.sam.variant, m.sam.checkpoint, path))

@@ -1,7 +1,8 @@
 """Load a YAML config, apply dotted command-line overrides, validate into `Config`.
 
 Every failure is a `ConfigError` naming the file (or the override) and the
-dotted key, so a typo never becomes a silently ignored setting.
+dotted key, so a typo never becomes a silently ignored setting. A key given twice
+in one mapping is an error too (YAML would keep the last one silently).
 """
 from __future__ import annotations
 
@@ -12,10 +13,49 @@ import yaml
 from pydantic import ValidationError
 
 from config.schema import Config
+from config.section import short_repr
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says where and what."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then own keys: overrides, not repeats
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in first
+            except TypeError:  # an unhashable key: SafeLoader says so itself
+                continue
+            if repeated:
+                problem = f"key {short_repr(key)} given twice (first on line {first[key]})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python objects (safe types only; a repeated key is an error). PyYAML recurses
+    per nesting level: a value nested a few hundred levels deep is a YAMLError here, not a crash."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: plain data only
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: where (line, column) and what, without the source excerpt."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return where + problem + (f" ({context})" if context else "")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -27,9 +67,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if any(not p for p in parts):
         raise ConfigError(f"override '{text}': empty component in key '{key}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not YAML: a plain string such as {runs_dir}/run-1
+    if isinstance(value, dict) and value and all(v is None for v in value.values()):
+        value = raw  # `{runs_dir}` is a path placeholder, not the YAML mapping {runs_dir: null}
     return parts, value
 
 
@@ -52,19 +94,25 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}'")
         else:
-            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            got = f" (got {short_repr(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
             lines.append(f"{source}: {key}: {err['msg']}{got}")
     return "\n".join(lines)
 
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    try:
+        tree = parse_yaml(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
     return tree

@@ -5,8 +5,17 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from config.paths import PathTemplate
 from config.section import Section
-from models.tiny_specs import TinyLMSpec, TinySamSpec, TinySpec, TinyVisionSpec
+from models.tiny_specs import (
+    TinyLMAlignSpec,
+    TinyLMSpec,
+    TinySamPretrainSpec,
+    TinySamSpec,
+    TinySpec,
+    TinyVisionPretrainSpec,
+    TinyVisionSpec,
+)
 
 
 class TinyLMConfig(Section):
@@ -76,6 +85,41 @@ class TinySamConfig(Section):
         return self
 
 
+class TinyVisionPretrainConfig(Section):
+    """Per-patch attribute pretraining of the tiny vision tower (the CLIP stand-in), then frozen."""
+
+    steps: PositiveInt = TinyVisionPretrainSpec.steps
+    batch_size: PositiveInt = TinyVisionPretrainSpec.batch_size
+    lr: float = Field(TinyVisionPretrainSpec.lr, gt=0)
+    eval_scenes: PositiveInt = TinyVisionPretrainSpec.eval_scenes
+
+
+class TinyLMAlignConfig(Section):
+    """Image-text alignment of projector and tiny LM on scene descriptions (LLaVA's pretraining stand-in)."""
+
+    steps: PositiveInt = TinyLMAlignSpec.steps
+    batch_size: PositiveInt = TinyLMAlignSpec.batch_size
+    lr: float = Field(TinyLMAlignSpec.lr, gt=0)
+    eval_scenes: PositiveInt = TinyLMAlignSpec.eval_scenes
+
+
+class TinySamPretrainConfig(Section):
+    """Promptable-segmentation pretraining of the tiny SAM (as the real SAM arrives pretrained), then frozen."""
+
+    steps: PositiveInt = TinySamPretrainSpec.steps
+    batch_images: PositiveInt = Field(TinySamPretrainSpec.batch_images, description="scenes per step; every object is a prompt")
+    lr: float = Field(TinySamPretrainSpec.lr, gt=0)
+    weight_decay: float = Field(TinySamPretrainSpec.weight_decay, ge=0)
+    warmup_steps: int = Field(TinySamPretrainSpec.warmup_steps, ge=0)
+    grad_clip: float = Field(TinySamPretrainSpec.grad_clip, gt=0)
+    refine_fraction: float = Field(TinySamPretrainSpec.refine_fraction, ge=0, le=1,
+                                   description="objects decoded again with their first prediction as mask prompt")
+    mask_prompt_fraction: float = Field(TinySamPretrainSpec.mask_prompt_fraction, ge=0, le=1,
+                                        description="objects decoded from a coarse noisy GT mask prompt alone")
+    seed_offset: int = Field(TinySamPretrainSpec.seed_offset, description="scene streams come from (seed, seed_offset)")
+    eval_scenes: PositiveInt = Field(TinySamPretrainSpec.eval_scenes, description="held-out scenes for the recorded IoUs")
+
+
 class TinyConfig(Section):
     """make-tiny's models. Defaults come from models.tiny_specs, the one place the models set them;
     ``pipelines.build.tiny_spec`` turns this section into a TinySpec."""
@@ -84,6 +128,9 @@ class TinyConfig(Section):
     lm: TinyLMConfig = TinyLMConfig()
     vision: TinyVisionConfig = TinyVisionConfig()
     sam: TinySamConfig = TinySamConfig()
+    vision_pretrain: TinyVisionPretrainConfig = TinyVisionPretrainConfig()
+    lm_align: TinyLMAlignConfig = TinyLMAlignConfig()
+    sam_pretrain: TinySamPretrainConfig = TinySamPretrainConfig()
 
 
 class SamConfig(Section):
@@ -109,7 +156,7 @@ class SaeConfig(Section):
     lr: float = Field(5e-5, gt=0)
     batch_size: PositiveInt = 64
     epochs: PositiveInt = 10
-    path: str = Field("{models_dir}/sae", description="trained SAE folder (segrl sae-train writes it)")
+    path: PathTemplate = Field("{models_dir}/sae", description="trained SAE folder (segrl sae-train writes it)")
     max_samples: PositiveInt = Field(1024, description="training samples whose states are collected")
     tokens_per_sample: PositiveInt = Field(48, description="layer-k states kept per sample (random subset)")
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -138,7 +185,7 @@ class SegHeadConfig(Section):
 
 class ModelConfig(Section):
     family: Literal["tiny", "llava", "qwen2_5_vl"] = "tiny"
-    name_or_path: str = Field("{models_dir}/tiny", description="tiny: make-tiny's folder; else HF id or path")
+    name_or_path: PathTemplate = Field("{models_dir}/tiny", description="tiny: make-tiny's folder; else HF id or path")
     ref_token: str = "<SEG>"
     num_slots: int = Field(1, ge=1, le=64, description="K slot masks (1 = single object)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

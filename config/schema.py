@@ -11,20 +11,32 @@ from typing import Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from config.model import ModelConfig
+from config.paths import FOLDERS, PathTemplate, expand
 from config.section import Section
+from data.rle import MAX_MASK_PIXELS
 
 
 class PathsConfig(Section):
     """Where generated things live; relative paths are relative to the working directory."""
 
-    work_dir: str = Field("work", description="root of models, data, caches and runs (git-ignored)")
-    models_dir: str = "{work_dir}/models"
-    data_dir: str = "{work_dir}/data"
-    cache_dir: str = "{work_dir}/cache"
-    runs_dir: str = "{work_dir}/runs"
+    work_dir: PathTemplate = Field("work", description="root of models, data, caches and runs (git-ignored)")
+    models_dir: PathTemplate = "{work_dir}/models"
+    data_dir: PathTemplate = "{work_dir}/data"
+    cache_dir: PathTemplate = "{work_dir}/cache"
+    runs_dir: PathTemplate = "{work_dir}/runs"
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> "PathsConfig":
+        for name in FOLDERS:
+            self.resolve(name)
+        return self
+
+    def folders(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in FOLDERS}
 
     def resolve(self, name: str) -> str:
-        return getattr(self, name).format(work_dir=self.work_dir)
+        """One folder, its placeholders (other folders) expanded."""
+        return expand(getattr(self, name), self.folders(), (name,))
 
 
 class SyntheticDataConfig(Section):
@@ -39,14 +51,19 @@ class SyntheticDataConfig(Section):
 
 class DataConfig(Section):
     dataset: Literal["synthetic", "reasonseg", "refcoco", "refcoco+", "refcocog", "grefcoco"] = "synthetic"
-    root: str = Field("{data_dir}/synthetic", description="folder holding <split>.parquet files")
+    root: PathTemplate = Field("{data_dir}/synthetic", description="folder holding <split>.parquet files")
     train_split: str = "train"
-    eval_splits: list[str] = ["val"]
+    eval_splits: list[str] = Field(["val"], min_length=1, description="the first is `segrl eval`'s default")
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
     max_prompt_length: PositiveInt = 256
     max_response_length: PositiveInt = 128
     image_min_pixels: PositiveInt | None = Field(None, description="Qwen2.5-VL dynamic resolution bounds")
     image_max_pixels: PositiveInt | None = None
+    max_mask_pixels: int = Field(MAX_MASK_PIXELS, ge=1, le=MAX_MASK_PIXELS, description="convert: the most mask "
+                                 "pixels one sample may hold (height x width x masks); split files are read under "
+                                 "the upper bound")
+    polygon_margin: float = Field(1.0, ge=0, le=10, description="convert: how far a polygon point may lie off its "
+                                  "image, in image widths/heights")
 
     @model_validator(mode="after")
     def _pixels(self) -> "DataConfig":
@@ -58,7 +75,7 @@ class DataConfig(Section):
 
 class RolloutConfig(Section):
     tensor_parallel_size: PositiveInt = Field(1, description="vLLM tensor parallelism per rollout actor (GPU)")
-    group_size: PositiveInt = 8
+    group_size: int = Field(8, ge=2, description="responses per prompt; GRPO's advantages need at least 2")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_num_seqs: PositiveInt | None = Field(None, description="vLLM: sequences per engine step (None: vLLM's default)")
@@ -147,11 +164,20 @@ class SftConfig(Section):
 
     epochs: PositiveInt = 3
     batch_size: PositiveInt = 16
-    lr: float = Field(1e-3, gt=0, lt=1)
-    head_lr: float = Field(1e-3, gt=0, lt=1)
+    lr: float = Field(1e-3, gt=0, lt=1, description="the LM's rate")
+    lr_multipliers: LRMultipliers = Field(LRMultipliers(), description="per-module rates over sft.lr, as "
+                                          "optim.lr_multipliers over optim.lr: SAM's decoder side a fixed share "
+                                          "of the slot mapper's, not a free module")
     seg_coef: float = Field(1.0, ge=0)
     eval_samples: PositiveInt = 64
-    output: str = "{runs_dir}/sft"
+    output: PathTemplate = "{runs_dir}/sft"
+
+    @model_validator(mode="after")
+    def _rates(self) -> "SftConfig":
+        too_high = {role: self.lr * m for role, m in self.lr_multipliers.model_dump().items() if self.lr * m >= 1}
+        if too_high:
+            raise ValueError(f"lr x lr_multipliers gives learning rates >= 1: {too_high}")
+        return self
 
 
 class EvalConfig(Section):
@@ -180,9 +206,13 @@ class TrainConfig(Section):
                                       "learner failure")
     checkpoint_every: PositiveInt = 10
     keep_checkpoints: int = Field(3, ge=2, description="complete checkpoints kept (the newest may be torn by a crash)")
-    init_from: str = Field("{runs_dir}/sft/model", description="model folder GRPO starts from (and its reference)")
-    output: str = "{runs_dir}/grpo"
+    init_from: PathTemplate = Field("{runs_dir}/sft/model",
+                                    description="model folder GRPO starts from (and its reference)")
+    output: PathTemplate = "{runs_dir}/grpo"
     eval_samples: int = Field(64, ge=0, description="val samples evaluated after training (0: skip)")
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        ["jsonl", "tensorboard"], description="per-step metrics backends (pipelines/grpo/metrics_log.py); wandb and "
+        "mlflow need their packages (pip install 'segrl[loggers]'); `segrl plot` reads jsonl")
 
 
 class ActorResources(Section):
@@ -267,5 +297,4 @@ class Config(Section):
 
     def resolve_path(self, template: str) -> str:
         """Expand {work_dir}/{models_dir}/{data_dir}/{cache_dir}/{runs_dir} in a path value."""
-        names = ("work_dir", "models_dir", "data_dir", "cache_dir", "runs_dir")
-        return template.format(**{n: self.paths.resolve(n) for n in names})
+        return expand(template, self.paths.folders())

@@ -14,7 +14,7 @@ import torch
 
 from data.features import FeatureStore, content_hash
 from data.mask_frames import lowres_gt
-from data.schema import Sample, read_samples, resolve_image
+from data.schema import DataError, Sample, read_samples, resolve_image
 
 
 @dataclass
@@ -27,11 +27,16 @@ class SegItem:
 
 
 class SegDataset:
-    """One split of a canonical dataset with features from `store`; items are built lazily."""
+    """One split of a canonical dataset with features from `store`; items are built lazily.
+
+    A split with no samples (or ``limit`` 0) is an error: metrics over nothing are NaN, not a result.
+    """
 
     def __init__(self, split_file: str | Path, store: FeatureStore, sam_img_size: int, limit: int | None = None):
         self.split_file = Path(split_file)
         self.samples = read_samples(self.split_file)[:limit]
+        if not self.samples:
+            raise DataError(self.split_file, None, None, f"no samples{'' if limit is None else f' (limit {limit})'}")
         self.store, self.sam_img_size = store, sam_img_size
         self._item = lru_cache(maxsize=None)(self._build)
 
@@ -47,7 +52,8 @@ class SegDataset:
         try:
             feats = self.store.get(content_hash(image))
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{self.split_file}: sample {sample.sample_id}: {exc}") from None
+            problem = f"image {image} not found" if not image.is_file() else str(exc)
+            raise DataError(self.split_file, sample.sample_id, None, problem) from None
         input_size = tuple(int(v) for v in feats["sam_input_size"])
         return SegItem(sample, feats["vision"], feats["sam"], input_size,
                        lowres_gt(sample.gt_stack, feats, self.sam_img_size))

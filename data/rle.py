@@ -4,7 +4,8 @@ pycocotools trusts its input: a counts string whose runs sum to less than h·w d
 without error into a mask whose tail is uninitialised memory (``""`` at 8×8 came back with
 14 random pixels set). Trajectory batches cross process boundaries and feed the reward, so
 they are decoded here instead: the runs are parsed with numpy, checked to tile the mask
-exactly, and expanded without pycocotools.
+exactly, and expanded without pycocotools. A mask larger than ``MAX_MASK_PIXELS`` is refused
+before anything is allocated: a few bytes of counts can claim a 10^6 x 10^6 mask.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import numpy as np
 # A run needs at most 7 characters of 5 bits (areas below 2**34); longer is malformed.
 _MAX_CHARS_PER_RUN = 7
 _FIRST_CHAR, _LAST_CHAR = 48, 48 + 63
+
+MAX_MASK_PIXELS = 1 << 27
+"""The most pixels (height x width) of any mask decoded from outside data, about 134 million
+(11585 x 11585): far above COCO's 640 x 640 or a photo's 24 MP, far below what exhausts memory.
+The converters take a lower cap from ``data.max_mask_pixels``."""
 
 
 class RLEError(ValueError):
@@ -54,21 +60,24 @@ def rle_runs(counts: str) -> np.ndarray:
     return runs
 
 
-def rle_shape(rle) -> tuple[int, int]:
-    """``(h, w)`` from an RLE's ``size``, or RLEError."""
+def rle_shape(rle, max_pixels: int = MAX_MASK_PIXELS) -> tuple[int, int]:
+    """``(h, w)`` from an RLE's ``size``, or RLEError (also when h x w exceeds ``max_pixels``)."""
     size = rle.get("size") if isinstance(rle, dict) else None
     if (
-        size is None
+        not isinstance(size, (list, tuple))
         or len(size) != 2
-        or any(not isinstance(s, (int, np.integer)) or s < 0 for s in size)
+        or any(not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0 for s in size)
     ):
-        raise RLEError(f"RLE size must be [h, w] with h, w >= 0, got {size!r}")
-    return int(size[0]), int(size[1])
+        raise RLEError(f"RLE size must be [h, w] with h, w >= 0, got {size!r:.60}")
+    height, width = int(size[0]), int(size[1])
+    if height * width > max_pixels:
+        raise RLEError(f"RLE size {height}x{width} exceeds the cap of {max_pixels} pixels")
+    return height, width
 
 
-def decode_rle(rle) -> np.ndarray:
-    """Bool [h, w] mask of a COCO RLE dict with str ``counts``; RLEError if malformed."""
-    height, width = rle_shape(rle)
+def decode_rle(rle, max_pixels: int = MAX_MASK_PIXELS) -> np.ndarray:
+    """Bool [h, w] mask of a COCO RLE dict with str ``counts``; RLEError if malformed or too large."""
+    height, width = rle_shape(rle, max_pixels)
     runs = rle_runs(rle.get("counts"))
     if (runs < 0).any() or int(runs.sum()) != height * width:
         raise RLEError(f"RLE runs do not tile a {height}x{width} mask")

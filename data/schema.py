@@ -25,6 +25,7 @@ Columns (Arrow / Parquet):
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +35,10 @@ import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from data.atomic import atomic_path
-from data.rle import decode_rle
+from data.rle import MAX_MASK_PIXELS, decode_rle
 
 ANSWER_TYPES = ("single", "multi", "no_target")
+NULLABLE = ("ignore_mask", "reasoning")
 
 RLE_TYPE = pa.struct([("counts", pa.string()), ("size", pa.list_(pa.int32()))])
 
@@ -81,7 +83,7 @@ def encode_mask(mask: np.ndarray) -> dict:
     return {"counts": rle["counts"].decode("ascii"), "size": [int(s) for s in rle["size"]]}
 
 
-def decode_mask(rle: dict) -> np.ndarray:
+def decode_mask(rle: dict, max_pixels: int = MAX_MASK_PIXELS) -> np.ndarray:
     """COCO RLE dict (str or bytes `counts`) -> bool [H, W] array.
 
     Strict: pycocotools decodes a truncated string into uninitialised memory,
@@ -90,7 +92,13 @@ def decode_mask(rle: dict) -> np.ndarray:
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
-    return decode_rle({"counts": counts, "size": list(rle["size"])})
+    return decode_rle({"counts": counts, "size": rle["size"]}, max_pixels)
+
+
+def mask_pixels(height: int, width: int, masks: int) -> int:
+    """Pixels one sample's masks hold together (an image's worth at least): what
+    ``max_pixels`` caps, so that no record can make a reader allocate without bound."""
+    return height * width * max(1, masks)
 
 
 @dataclass
@@ -122,11 +130,15 @@ class Sample:
             return "no_target"
         return "multi" if len(self.masks) > 1 else "single"
 
-    def check(self, where: str | Path = "<memory>") -> None:
-        """Raise DataError if the sample breaks the schema's invariants."""
+    def check(self, where: str | Path = "<memory>", max_pixels: int = MAX_MASK_PIXELS) -> None:
+        """Raise DataError if the sample breaks the schema's invariants or its masks exceed ``max_pixels``."""
         hw = (self.height, self.width)
         if self.height <= 0 or self.width <= 0:
             raise DataError(where, self.sample_id, "height/width", f"image size must be positive, got {hw}")
+        masks = len(self.masks) + (self.ignore_mask is not None)
+        if mask_pixels(self.height, self.width, masks) > max_pixels:
+            raise DataError(where, self.sample_id, "height/width", f"{self.height}x{self.width} image with {masks} "
+                            f"mask(s) exceeds the cap of {max_pixels} mask pixels per sample")
         if not self.question.strip():
             raise DataError(where, self.sample_id, "question", "empty question")
         if self.no_target and self.masks:
@@ -160,11 +172,29 @@ class Sample:
 
     @classmethod
     def from_row(cls, row: dict, where: str | Path = "<memory>") -> "Sample":
+        """A row of a split file, checked before any mask is decoded: no nulls outside NULLABLE,
+        the size within MAX_MASK_PIXELS, answer_type one of ANSWER_TYPES and true to the masks."""
+        record = row.get("sample_id")
+        for name in SCHEMA.names:
+            if row.get(name) is None and name not in NULLABLE:
+                raise DataError(where, record, name, "missing (null)")
+        masks = len(row["masks"]) + (row["ignore_mask"] is not None)
+        if row["height"] <= 0 or row["width"] <= 0 or mask_pixels(row["height"], row["width"], masks) > MAX_MASK_PIXELS:
+            raise DataError(where, record, "height/width", f"{row['height']}x{row['width']} with {masks} mask(s) is "
+                            f"not a usable image size (positive, at most {MAX_MASK_PIXELS} mask pixels per sample)")
+        expected = "no_target" if row["no_target"] else "multi" if len(row["masks"]) > 1 else "single"
+        if row["answer_type"] != expected:
+            problem = (f"{row['answer_type']!r} is not one of {', '.join(ANSWER_TYPES)}"
+                       if row["answer_type"] not in ANSWER_TYPES else
+                       f"{row['answer_type']!r} but no_target={row['no_target']} with {len(row['masks'])} mask(s) "
+                       f"makes it {expected!r}")
+            raise DataError(where, record, "answer_type", problem)
+
         def decode(rle: dict, name: str) -> np.ndarray:
             try:
                 return decode_mask(rle)
             except Exception as exc:  # pycocotools raises bare exceptions on garbage
-                raise DataError(where, row.get("sample_id"), name, f"undecodable RLE ({exc})") from exc
+                raise DataError(where, record, name, f"undecodable RLE ({exc})") from exc
 
         return cls(
             sample_id=row["sample_id"],
@@ -183,21 +213,28 @@ class Sample:
         )
 
 
-def samples_to_table(samples: list[Sample], where: str | Path = "<memory>") -> pa.Table:
-    """Validate samples (unique ids, invariants) and build the canonical table."""
+def samples_to_table(samples: Iterable[Sample], where: str | Path = "<memory>",
+                     max_pixels: int = MAX_MASK_PIXELS) -> pa.Table:
+    """Validate samples (unique ids, invariants, ``max_pixels``) and build the canonical table.
+
+    Each sample is encoded as it comes, so a generator of samples (a converter) holds one
+    sample's decoded masks at a time, not a whole split's.
+    """
     seen: set[str] = set()
+    rows = []
     for s in samples:
-        s.check(where)
+        s.check(where, max_pixels)
         if s.sample_id in seen:
             raise DataError(where, s.sample_id, "sample_id", "duplicate sample id")
         seen.add(s.sample_id)
-    return pa.Table.from_pylist([s.to_row() for s in samples], schema=SCHEMA)
+        rows.append(s.to_row())
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def write_samples(samples: list[Sample], path: str | Path) -> Path:
+def write_samples(samples: Iterable[Sample], path: str | Path, max_pixels: int = MAX_MASK_PIXELS) -> Path:
     """Write one split file atomically (a crash leaves no half-written Parquet)."""
     path = Path(path)
-    table = samples_to_table(samples, path)
+    table = samples_to_table(samples, path, max_pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -225,12 +262,28 @@ def read_table(path: str | Path) -> pa.Table:
 
 
 def read_samples(path: str | Path) -> list[Sample]:
-    """Read a split file into decoded Samples, validating each record."""
+    """Read a split file into decoded Samples, validating each record and the ids' uniqueness."""
     path = Path(path)
-    samples = [Sample.from_row(row, path) for row in read_table(path).to_pylist()]
-    for s in samples:
-        s.check(path)
+    samples, seen = [], set()
+    for row in read_table(path).to_pylist():
+        sample = Sample.from_row(row, path)
+        sample.check(path)
+        if sample.sample_id in seen:
+            raise DataError(path, sample.sample_id, "sample_id", "duplicate sample id")
+        seen.add(sample.sample_id)
+        samples.append(sample)
     return samples
+
+
+def split_images(path: str | Path) -> list[Path]:
+    """The image file of every row of a split file, read without decoding any mask."""
+    path = Path(path)
+    table = read_table(path)
+    images = table.column("image_path").to_pylist()
+    for sample_id, image in zip(table.column("sample_id").to_pylist(), images):
+        if not image:
+            raise DataError(path, sample_id, "image_path", "missing (null or empty)")
+    return [resolve_image(path, image) for image in images]
 
 
 def resolve_image(split_file: str | Path, image_path: str) -> Path:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from models.losses import grpo_loss, segmentation_loss, truncated_is_weights
+from models.sae_fit import evaluate_sae
 
 
 def _responses(lengths: Sequence[int]) -> int:
@@ -118,7 +119,10 @@ def learner_loss(
     bounded variance. Without it the clip is anchored to the rollout's logprobs: a token
     whose ratio left the trust region on the favoured side gets no gradient.
     Metrics are micro-batch means plus the counts to weight them by (pg_units, tokens,
-    seg_rows) and ``dropped_rows``.
+    seg_rows, dice_rows) and ``dropped_rows``. For SegCompass C.1's Figure 8 (left) they also
+    hold ``dice``, the Dice loss of the live rows with a target, and ``sae_mse``, the frozen
+    SAE's reconstruction MSE of their layer-k reference states (sae-train's definition; NaN
+    for a head without an SAE), both means over the rows they count.
     """
     live = [True] * len(rows) if live is None else list(live)
     kept = [(r, a) for r, a in zip(rows, live) if usable(r)]
@@ -144,14 +148,20 @@ def learner_loss(
                                s.policy_loss, is_weights, s.loss_aggregation, s.clip_ratio_high, s.dual_clip_c,
                                s.max_response_length)
 
-    seg_terms, seg_live = [], []
-    for row, head, is_live in zip(rows, heads, live):
+    sae = getattr(getattr(getattr(model, "module", model), "head", None), "sae", None)  # SegCompass's frozen SAE
+    seg_terms, seg_live, dice, recon = [], [], [], []
+    for i, (row, head, is_live) in enumerate(zip(rows, heads, live)):
         if head is not None:
             conf = head.conf_logits if s.num_slots > 1 else None
-            term, _ = segmentation_loss(head.mask_logits, gt_masks(row, head.mask_logits.shape[1:]), conf,
-                                        **s.seg_loss)
+            gt = gt_masks(row, head.mask_logits.shape[1:])
+            term, parts = segmentation_loss(head.mask_logits, gt, conf, **s.seg_loss)
             seg_terms.append(term)
             seg_live.append(is_live)
+            if is_live and gt.shape[0]:
+                dice.append(parts["dice"])
+            if is_live and sae is not None:
+                with torch.no_grad():
+                    recon.append(evaluate_sae(sae, out.layer_ref_hidden[i].detach())["mse"])
     seg_weights = torch.tensor(seg_live, dtype=torch.float32)
     seg_sum = (torch.stack(seg_terms) * seg_weights).sum() if seg_terms else pg.new_zeros(())
 
@@ -167,6 +177,7 @@ def learner_loss(
         "loss": loss.item(), "pg_loss": pg_metrics["pg_loss"], "kl": pg_metrics["kl"],
         "clip_fraction": pg_metrics["clip_fraction"], "seg": seg_sum.item() / max(seg_rows, 1),
         "logprob_mismatch": mismatch.item(), "tokens": tokens, "pg_units": pg_units, "seg_rows": seg_rows,
-        "dropped_rows": dropped,
+        "dropped_rows": dropped, "dice": float(np.mean(dice)) if dice else 0.0, "dice_rows": len(dice),
+        "sae_mse": float("nan") if sae is None else float(np.mean(recon)) if recon else 0.0,
     }
     return loss, metrics

@@ -17,7 +17,6 @@ number of rows with and without a reference token.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,11 +26,13 @@ import pyarrow as pa
 import torch
 
 from data.features import FeatureStore
+from data.integrity import describe, files_under
 from data.schema import decode_mask
 from data.trajectory import LEARNER_COLUMNS
 from data.weight_transport import PackedState, pack_state
 from models.grpo_step import LossSettings, LossTotals, learner_loss, usable
 from models.learner_backend import LearnerBackend
+from models.learner_checkpoint import WeightsOnlyEngine
 from models.optim import build_optimizer, one_cycle, param_groups
 from models.segmenter import HeadSpec, Segmenter, save_segmenter
 
@@ -110,13 +111,17 @@ def learner_rows(batches: Sequence[pa.RecordBatch]) -> list[dict]:
 
 
 def rng_states() -> dict:
-    """Python, numpy and torch generator states (a rank's share of an exact resume)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch generator states (a rank's share of an exact resume), as tensors and
+    plain values only: a checkpoint is read weights-only (``models.learner_checkpoint``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     gauss), "torch": torch.get_rng_state()}
 
 
 def restore_rng(states: dict) -> None:
+    name, keys, pos, has_gauss, gauss = states["numpy"]
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
 
 
@@ -158,6 +163,7 @@ class LearnerCore:
         deepspeed.init_distributed(dist_backend=backend.dist_backend, auto_mpi_discovery=False)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                config=self._ds_config(), dist_init_required=False)
+        self.engine.checkpoint_engine = WeightsOnlyEngine(self.engine.checkpoint_engine)  # never unpickle code
         if sae is not None:
             object.__setattr__(model.head, "sae", sae)  # an attribute, not a submodule: ZeRO-3 never sees it
 
@@ -195,7 +201,8 @@ class LearnerCore:
 
         Returns the whole batch's metrics (reduced over ranks): loss, GRPO terms weighted
         like the loss, token-weighted clip fraction and learner-vs-rollout |Δ logprob|, the
-        mean segmentation loss, counts, the gradient norm before clipping, LM lr, version.
+        mean segmentation loss, Dice loss and SAE reconstruction MSE (``learner_loss``; NaN for
+        a step without rows they count), counts, the gradient norm before clipping, LM lr, version.
         """
         kept = [r for r in rows if usable(r)]
         if not kept:
@@ -203,20 +210,22 @@ class LearnerCore:
         totals = LossTotals.of(kept, self.settings.loss.loss_aggregation, self.ref_token_id)
         plan, feats = self._plan(kept)
         self.engine.train()
-        sums = torch.zeros(9, dtype=torch.float64)
+        sums = torch.zeros(12, dtype=torch.float64)
         for idx, live in plan:
             with self._forward_context():
                 loss, m = learner_loss(self.engine, [kept[i] for i in idx], feats, self.settings.loss, totals, live)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)  # ZeRO averages over ranks
-            u, t, s = m["pg_units"], m["tokens"], m["seg_rows"]
+            u, t, s, d = m["pg_units"], m["tokens"], m["seg_rows"], m["dice_rows"]
             sums += torch.tensor([m["loss"], m["pg_loss"] * u, m["kl"] * u, m["clip_fraction"] * t,
-                                  m["logprob_mismatch"] * t, m["seg"] * s, u, t, s], dtype=torch.float64)
+                                  m["logprob_mismatch"] * t, m["seg"] * s, u, t, s, m["dice"] * d,
+                                  m["sae_mse"] * s, d], dtype=torch.float64)
         self.engine.step()
         sums = sums.to(self.backend.device)  # NCCL reduces device tensors only
         torch.distributed.all_reduce(sums)
-        loss, pg, kl, clip, mismatch, seg, u, t, s = sums.tolist()
+        loss, pg, kl, clip, mismatch, seg, u, t, s, dice, sae_mse, d = sums.tolist()
         return {"loss": loss, "pg_loss": pg / max(u, 1), "kl": kl / max(u, 1), "clip_fraction": clip / max(t, 1),
                 "logprob_mismatch": mismatch / max(t, 1), "seg": seg / max(s, 1), "tokens": t, "seg_rows": s,
+                "dice": dice / d if d else float("nan"), "sae_mse": sae_mse / s if s else float("nan"),
                 "rows": len(kept), "dropped_rows": len(rows) - len(kept),
                 "grad_norm": float(self.engine.get_global_grad_norm()), "lr": self.engine.get_lr()[0],
                 "version": self.version()}
@@ -249,16 +258,19 @@ class LearnerCore:
                     state.update((name, t.detach().to("cpu", copy=True)) for name, t in bucket)
         return pack_state(state) if self.rank == 0 else None
 
-    def save_checkpoint(self, directory: str, tag: str) -> list[str]:
+    def save_checkpoint(self, directory: str, tag: str) -> dict[str, dict]:
         """DeepSpeed's checkpoint ``directory/tag`` (this rank's partitions of weights and AdamW state,
-        schedule, step counter) plus this rank's RNG states; the files under it, relative to ``directory``."""
+        schedule, step counter) plus this rank's RNG states.
+
+        DeepSpeed's save ends in a barrier, so every rank's files are written by then; each
+        rank then hashes its share of them. Returns that share, ``data.integrity.describe``d
+        (names relative to ``directory``); the union over ranks covers every file.
+        """
         self.engine.save_checkpoint(directory, tag=tag, client_state={"rng": rng_states()}, save_latest=False)
-        folder = os.path.join(directory, tag)
-        return sorted(os.path.relpath(os.path.join(root, f), directory)
-                      for root, _, files in os.walk(folder) for f in files)
+        return describe(directory, files_under(directory, tag)[self.rank::self.world_size])
 
     def load_checkpoint(self, directory: str, tag: str) -> int:
-        """Restore a ``save_checkpoint``; returns the restored version."""
+        """Restore a ``save_checkpoint`` (its files read weights-only); returns the restored version."""
         path, client = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {directory}")

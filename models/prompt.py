@@ -15,20 +15,28 @@ INSTRUCTION = (
 )
 
 
-def prompt_text(tokenizer, question: str, ref_token: str = "<SEG>") -> str:
-    """The chat-formatted prompt for one image and question (generation prompt appended)."""
-    content = f"{IMAGE_TOKEN}\n" + INSTRUCTION.format(question=question.strip(), ref_token=ref_token)
+def chat_prompt_text(tokenizer, instruction: str) -> str:
+    """One user turn of an image and an instruction, chat-formatted, generation prompt appended."""
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": f"{IMAGE_TOKEN}\n{instruction}"}], add_generation_prompt=True, tokenize=False
     )
 
 
-def prompt_ids(tokenizer, question: str, ref_token: str = "<SEG>") -> list[int]:
-    ids = tokenizer(prompt_text(tokenizer, question, ref_token), add_special_tokens=False)["input_ids"]
+def prompt_text(tokenizer, question: str, ref_token: str = "<SEG>") -> str:
+    """The chat-formatted prompt for one image and a segmentation question."""
+    return chat_prompt_text(tokenizer, INSTRUCTION.format(question=question.strip(), ref_token=ref_token))
+
+
+def chat_prompt_ids(tokenizer, instruction: str) -> list[int]:
+    ids = tokenizer(chat_prompt_text(tokenizer, instruction), add_special_tokens=False)["input_ids"]
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if ids.count(image_id) != 1:
         raise ValueError(f"prompt must hold exactly one {IMAGE_TOKEN} token, found {ids.count(image_id)}")
     return ids
+
+
+def prompt_ids(tokenizer, question: str, ref_token: str = "<SEG>") -> list[int]:
+    return chat_prompt_ids(tokenizer, INSTRUCTION.format(question=question.strip(), ref_token=ref_token))
 
 
 def build_prompt_embeds(

@@ -9,7 +9,11 @@ Per sample (SegCompass A.1 and the released head, research note section 5):
 3. the **slot mapper** prepends K learnable slot queries, mixes them with the
    concept tokens in a small transformer, fuses each slot with the projected
    last-layer reference state, and attends (Q·K) over a 1x1 projection of the
-   cached SAM image embedding -> K heatmaps + K confidences;
+   cached SAM image embedding -> K heatmaps + K confidences. Each input of the
+   fusion is layer-normalised on its own: under one shared LayerNorm the slot
+   path, whose residual stream grew in SFT (norm 8 -> over 1,000) and is alike
+   for every sample, drowned the reference state (norm ~20), and the masks
+   stopped depending on what the answer named;
 4. the heatmaps are SAM **mask prompts** (dense), the projected reference
    state a sparse prompt; the SAM **mask decoder** returns K mask logits.
 
@@ -39,16 +43,21 @@ class SegHeadOutput:
 
 
 class SlotMapper(nn.Module):
-    """Slot queries + concept tokens -> K fused slot vectors -> heatmaps and confidences."""
+    """Slot queries + concept tokens -> K fused slot vectors -> heatmaps and confidences.
+
+    The fusion sees both inputs at unit scale (the mixer's final norm, the reference
+    projection's own norm), so neither can outgrow the other however training scales it.
+    """
 
     def __init__(self, dim: int, lm_dim: int, sam_dim: int, num_slots: int, heads: int = 4, layers: int = 2):
         super().__init__()
         self.slots = nn.Parameter(torch.randn(num_slots, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
-        self.mixer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.ref_proj = nn.Linear(lm_dim, dim)
-        self.fuse = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        # pre-norm layers leave the residual stream unnormalised: the final norm bounds the slot path
+        self.mixer = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.ref_proj = nn.Sequential(nn.Linear(lm_dim, dim), nn.LayerNorm(dim))
+        self.fuse = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim))
         self.query = nn.Linear(dim, sam_dim)
         self.key = nn.Conv2d(sam_dim, sam_dim, 1)
         self.refine = nn.Conv2d(1, 1, 3, padding=1)

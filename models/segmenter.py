@@ -7,12 +7,23 @@ as `model.name_or_path` again (and served by vLLM as is):
     projector/                                   trainable projector
     vision/, sam/                                frozen encoders, copied unchanged (feature-cache identity)
     head/model.safetensors, head/config.json     trainable head weights (no SAE); config.json names the kind
+    manifest.json                                written last: every other file with its size and SHA-256
+
+Loading checks the folder first (``verify_model_folder``): a file missing, damaged, or
+added later (other than `segrl eval`'s ``eval-*.json``) is an error naming it, so a lost
+head or tokenizer never becomes a fresh one and flipped weights never load. Every file
+is hashed on every load (about what reading it costs; the loader then reads it from the
+page cache): the folder is small enough for a tiny model, and for a 7B one the few
+seconds of hashing run on each actor in parallel, while the load itself takes longer.
+A make-tiny folder has no manifest and no head (the head starts fresh); without a
+manifest only the presence of the files a loader needs is checked.
 """
 from __future__ import annotations
 
 import json
 import shutil
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +32,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from data.atomic import atomic_folder
+from data.integrity import IntegrityError, describe, files_under, verify
 from models.policy import Policy, PolicyOutput
 from models.projector import save_projector
 from models.seghead import SegHeadOutput
 
 DEFAULT_KIND = "segcompass"
 """Head kind of a head/config.json without a "kind" key: checkpoints written before READ was a head."""
+MANIFEST = "manifest.json"
+WRITTEN_LATER = ("eval-*.json",)
+"""Files that may join a checkpoint folder after it was written: `segrl eval` saves its metrics there."""
+NEEDED = (("config.json",), ("model.safetensors", "model.safetensors.index.json"), ("tokenizer.json",),
+          ("tokenizer_config.json",), ("projector/config.json",), ("projector/model.safetensors",))
+"""What a segrl folder without a manifest must hold (one of each group) for the loaders not to
+fall back on something else (a missing tokenizer.json gives a wrong tokenizer, not an error)."""
+
+
+class NonFiniteError(IntegrityError):
+    """NaN or inf where a model's numbers must be finite; the message names the sample."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +123,41 @@ def save_segmenter(model: Segmenter, spec: HeadSpec, tokenizer, source: str | Pa
         (tmp / "head").mkdir()
         save_file(head_state(model.head), tmp / "head" / "model.safetensors")
         (tmp / "head" / "config.json").write_text(json.dumps({"kind": model.head.kind, **asdict(spec)}, indent=2))
+        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": describe(tmp, files_under(tmp))}, indent=1))
     return out
+
+
+def verify_model_folder(folder: str | Path) -> None:
+    """Raise IntegrityError naming the first file of a segrl model folder that is missing, damaged or
+    unlisted (see the module doc); a folder that is not a segrl one (an upstream checkpoint) passes."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"{manifest}: unreadable ({type(exc).__name__}: {exc})") from None
+        present = [n for n in files_under(folder)
+                   if n != MANIFEST and not any(fnmatch(n, pattern) for pattern in WRITTEN_LATER)]
+        verify(folder, listed, present, manifest)
+    elif (folder / "projector" / "config.json").is_file():
+        for group in NEEDED:
+            if not any((folder / name).is_file() for name in group):
+                raise IntegrityError(f"{folder / group[0]}: missing (a segrl model folder needs it)")
+        head = [(folder / "head" / name).is_file() for name in ("config.json", "model.safetensors")]
+        if head[0] != head[1]:
+            raise IntegrityError(f"{folder / 'head'}: holds only {'config.json' if head[0] else 'model.safetensors'} "
+                                 "(a checkpoint's head has both; a make-tiny folder has neither)")
+
+
+def require_finite(out: PolicyOutput, heads: list[SegHeadOutput | None], samples: list[str]) -> None:
+    """Raise NonFiniteError naming the first of ``samples`` whose response log-probabilities or mask
+    logits are NaN or inf (damaged weights or features would otherwise score as a plain miss)."""
+    rows = torch.isfinite(out.logprobs.masked_fill(~out.response_mask, 0)).all(dim=1).tolist()
+    for sample, row_ok, head in zip(samples, rows, heads):
+        if not row_ok or (head is not None and not torch.isfinite(head.mask_logits).all()):
+            raise NonFiniteError(f"sample {sample}: the model's logits are not finite (NaN or inf); its weights "
+                                 "or this sample's cached features are damaged")
 
 
 def saved_head_kind(folder: str | Path) -> str:

@@ -52,9 +52,48 @@ class TinySamSpec:
 
 
 @dataclass(frozen=True)
+class TinyVisionPretrainSpec:
+    """Per-patch attribute pretraining of the vision tower (models/vision_pretrain.py)."""
+
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 2e-3
+    eval_scenes: int = 200
+
+
+@dataclass(frozen=True)
+class TinySamPretrainSpec:
+    """Promptable-segmentation pretraining of the tiny SAM (models/sam_pretrain.py)."""
+
+    steps: int = 1200
+    batch_images: int = 8  # scenes per step; every object in them is a prompt
+    lr: float = 5e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    refine_fraction: float = 0.25  # objects decoded again with their first prediction as mask prompt
+    mask_prompt_fraction: float = 0.25  # objects decoded from a coarse noisy GT mask prompt alone
+    seed_offset: int = 1  # scene streams are drawn from (seed, seed_offset)
+    eval_scenes: int = 200  # held-out scenes (their own stream) for the recorded IoUs
+
+
+@dataclass(frozen=True)
+class TinyLMAlignSpec:
+    """Image-text alignment of projector and LM on scene descriptions (models/lm_pretrain.py)."""
+
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    eval_scenes: int = 100
+
+
+@dataclass(frozen=True)
 class TinySpec:
     seed: int = 0
     ref_token: str = "<SEG>"
     lm: TinyLMSpec = TinyLMSpec()
     vision: TinyVisionSpec = TinyVisionSpec()
     sam: TinySamSpec = TinySamSpec()
+    vision_pretrain: TinyVisionPretrainSpec = TinyVisionPretrainSpec()
+    lm_align: TinyLMAlignSpec = TinyLMAlignSpec()
+    sam_pretrain: TinySamPretrainSpec = TinySamPretrainSpec()

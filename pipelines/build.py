@@ -54,7 +54,15 @@ def build_synthetic(config: Config, force: bool = False) -> dict:
 
 
 def tiny_spec(config: Config):
-    from models.tiny_specs import TinyLMSpec, TinySamSpec, TinySpec, TinyVisionSpec
+    from models.tiny_specs import (
+        TinyLMAlignSpec,
+        TinyLMSpec,
+        TinySamPretrainSpec,
+        TinySamSpec,
+        TinySpec,
+        TinyVisionPretrainSpec,
+        TinyVisionSpec,
+    )
 
     t = config.model.tiny
     return TinySpec(
@@ -63,6 +71,9 @@ def tiny_spec(config: Config):
         lm=TinyLMSpec(**t.lm.model_dump()),
         vision=TinyVisionSpec(**t.vision.model_dump()),
         sam=TinySamSpec(**t.sam.model_dump()),
+        vision_pretrain=TinyVisionPretrainSpec(**t.vision_pretrain.model_dump()),
+        lm_align=TinyLMAlignSpec(**t.lm_align.model_dump()),
+        sam_pretrain=TinySamPretrainSpec(**t.sam_pretrain.model_dump()),
     )
 
 
@@ -135,6 +146,9 @@ def report_lines(config: Config, data: dict, tiny: dict, features: dict) -> list
         f"  tokenizer {tiny['vocab_size']} tokens (ref token {config.model.ref_token}); "
         f"LM {params['lm']:,} params; vision encoder {params['vision']:,} params; SAM {params.get('sam', 0):,} params"
     )
+    sam = tiny["sam"]
+    lines.append(f"  SAM pretrained {sam['steps']} steps in {sam['seconds']:.0f} s: held-out mean IoU "
+                 f"{sam['box_iou']:.3f} from a box, {sam['point_iou']:.3f} from one point")
     lines.append(
         f"features  {features['encoded']} encoded, {features['cached']} cached, {features['failed']} failed"
     )

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from config import Config, ConfigError, dump_config, load_config
+from data.integrity import IntegrityError
 from data.schema import DataError
 from pipelines.grpo.ledger import LedgerError
+from pipelines.grpo.run_folder import RunFolderError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
@@ -46,13 +48,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 def cmd_plan(config: Config, args: argparse.Namespace) -> dict:
     import json
 
-    import yaml
-
     from cluster import placement
 
     p, nodes, where = placement.plan(config), None, args.cluster
     if args.cluster and Path(args.cluster).is_file():
-        nodes = placement.raycluster_nodes(yaml.safe_load(Path(args.cluster).read_text()))
+        nodes = placement.raycluster_nodes(_raycluster(Path(args.cluster)))
     elif args.cluster:
         nodes = placement.parse_cluster(args.cluster)
     elif args.address:
@@ -69,6 +69,21 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> dict:
     if result is not None and not result.fits:
         raise placement.PlacementError(result.error)
     return out
+
+
+def _raycluster(path: Path) -> dict:
+    """The manifest at ``path``: one YAML document of kind RayCluster."""
+    import yaml
+
+    from config.load import parse_yaml, yaml_problem
+
+    try:
+        manifest = parse_yaml(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--cluster {path}: not one YAML document ({yaml_problem(exc)})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "RayCluster":
+        raise ConfigError(f"--cluster {path}: not a KubeRay RayCluster manifest")
+    return manifest
 
 
 def _force(p: argparse.ArgumentParser) -> None:
@@ -89,14 +104,25 @@ def cmd_make_tiny(config: Config, args: argparse.Namespace) -> dict:
     return build_tiny(config, force=args.force)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (``--limit -1`` would silently drop a sample)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
 def _address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a new local cluster)")
 
 
 def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", nargs="+", help="split names (default: train + eval splits)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=1, help="encoder actors")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--concurrency", type=positive_int, default=1, help="encoder actors")
     _address(p)
 
 
@@ -123,10 +149,11 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", "convert ReasonSeg / RefCOCO(+/g) / gRefCOCO into the canonical schema", _convert_args)
 def cmd_convert(config: Config, args: argparse.Namespace) -> None:
-    from data.converters import convert
+    from data.converters import Limits, convert
     from data.schema import read_table
 
-    out = convert(args.format, args.src, args.split, args.out, image_root=args.image_root)
+    limits = Limits(config.data.max_mask_pixels, config.data.polygon_margin)
+    out = convert(args.format, args.src, args.split, args.out, image_root=args.image_root, limits=limits)
     print(f"wrote {read_table(out).num_rows} samples to {out}")
 
 
@@ -153,6 +180,8 @@ def cmd_sft(config: Config, args: argparse.Namespace) -> dict:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its newest complete "
                    "checkpoint (its config.yaml, plus any overrides given)")
+    p.add_argument("--overwrite", action="store_true", help="replace the GRPO run already in train.output (without "
+                   "it, a fresh run needs a new or empty folder)")
 
 
 @command("train", "distributed GRPO on Ray (rollout pool, reference actors, reward workers, ZeRO-3 learner), "
@@ -162,7 +191,7 @@ def cmd_train(config: Config, args: argparse.Namespace) -> dict:
     from pipelines.grpo.ledger import format_summary
     from pipelines.train import train
 
-    summary = train(config, resume=bool(args.resume))
+    summary = train(config, resume=bool(args.resume), overwrite=args.overwrite)
     print(format_summary(summary["ledger"]))
     rewards = summary["rewards"]
     if summary["eval"]:
@@ -184,29 +213,96 @@ def cmd_ledger(config: Config, args: argparse.Namespace) -> None:
     from pipelines.grpo.ledger import format_summary
     from pipelines.grpo.run_checkpoints import run_ledger
 
-    ledger, source, eta = run_ledger(Path(args.run))
-    print(f"{source}")
-    print(format_summary(ledger.summary()))
-    ledger.check(1 << 62 if eta is None else eta)
-    bound = "admission-only staleness bound" if eta is None else f"staleness bound eta={eta}"
-    print(f"exactly-once check: passed ({bound})")
+    run = run_ledger(Path(args.run))
+    print(f"{run.source}")
+    print(format_summary(run.ledger.summary()))
+    run.ledger.check(1 << 62 if run.eta is None else run.eta, batch_size=run.batch_size)
+    bound = "admission-only staleness bound" if run.eta is None else f"staleness bound eta={run.eta}"
+    print(f"exactly-once check: passed ({bound}, {run.batch_size} groups every step)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="model folder to evaluate (default: model.name_or_path)")
     p.add_argument("--split", default=None, help="split name (default: the first of data.eval_splits)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N samples")
     p.add_argument("--out", help="JSON file for the metrics (default: <checkpoint>/eval-<split>.json)")
+    p.add_argument("--baselines", action="store_true", help="also score trivial baselines on the same samples: "
+                   "refuse, a random shape, the largest shape, every coloured pixel (synthetic splits)")
 
 
-@command("eval", "generate, segment and score a split: gIoU, cIoU, N-acc, T-acc, format validity", _eval_args)
+@command("eval", "generate, segment and score a split: gIoU, cIoU, N-acc, T-acc, reasoning accuracy, format "
+         "validity", _eval_args)
 def cmd_eval(config: Config, args: argparse.Namespace) -> dict:
     from pipelines.evaluate import run_eval, table_lines
 
-    result = run_eval(config, args.checkpoint, args.split, args.limit, args.out)
-    print("\n".join(table_lines({result["split"]: result["metrics"]})))
+    check_model_folder(config, args.checkpoint)
+    result = run_eval(config, args.checkpoint, args.split, args.limit, args.out, args.baselines)
+    print("\n".join(table_lines({result["split"]: result["metrics"], **result["baselines"]})))
     print(f"saved {result['path']}")
     return result
+
+
+def check_model_folder(config: Config, checkpoint: str | None) -> None:
+    """``--checkpoint`` (default model.name_or_path) names a folder; for the tiny family, a segrl model folder."""
+    folder = Path(checkpoint or config.resolve_path(config.model.name_or_path))
+    if checkpoint is None and config.model.family != "tiny" and not folder.exists():
+        return  # an upstream model named by its hub id
+    if not folder.is_dir():
+        raise DataError(folder, None, "--checkpoint", "no such model folder")
+    if config.model.family == "tiny" and not (folder / "projector" / "config.json").is_file():
+        raise DataError(folder, None, "--checkpoint", "not a segrl model folder (no projector/config.json): give "
+                        "make-tiny's folder or a run's model/")
+
+
+def run_config(config: Config, args: argparse.Namespace) -> Config:
+    """The config of run folder ``args.run`` (its config.yaml plus the overrides) unless --config names one."""
+    saved = Path(args.run) / "config.yaml"
+    return load_config(str(saved), args.overrides) if args.config is None and saved.is_file() else config
+
+
+def _ema_weight(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
+    _ledger_args(p)
+    p.add_argument("--ema", type=_ema_weight, default=0.9, help="EMA weight of the smoothed curves, in [0, 1)")
+    p.add_argument("--samples", type=int, default=6, help="val samples in the sample grids (0: no grids)")
+
+
+@command("plot", "PNGs of a GRPO run in RUN/plots, each with a JSON of its numbers: reward and KL per step, val "
+         "metrics after SFT vs after GRPO, staleness, phase timings, sample grids before and after GRPO", _plot_args)
+def cmd_plot(config: Config, args: argparse.Namespace) -> None:
+    from pipelines.plot import plot_run
+
+    print("\n".join(plot_run(run_config(config, args), args.run, args.ema, args.samples).lines()))
+
+
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    _ledger_args(p)
+    p.add_argument("--split", default="test", help="split the final checkpoint answers (default: test)")
+    p.add_argument("--limit", type=int, default=200, help="its first N samples")
+    p.add_argument("--panels", type=int, default=4, help="samples in the Figure 9 panels")
+    _address(p)
+
+
+@command("analyze", "SegCompass C.1/C.2 on a GRPO run (SegCompass head): SAE MSE vs Dice loss per training step, "
+         "heatmap vs mask cIoU per test instance (OLS, 95% band, Pearson r, p), Figure 9 panels", _analyze_args)
+def cmd_analyze(config: Config, args: argparse.Namespace) -> dict:
+    from cluster.local import connect
+    from pipelines.analyze import analyze_run, check_head, summary_lines
+    from pipelines.precompute import precompute
+
+    config = run_config(config, args)
+    check_head(config, Path(args.run))
+    connect(args.address)
+    precompute(config, [args.split])
+    analysis = analyze_run(config, args.run, args.split, args.limit, args.panels)
+    print("\n".join(summary_lines(analysis)))
+    return analysis
 
 
 def _main_args(p: argparse.ArgumentParser) -> None:
@@ -220,6 +316,8 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
     from pipelines import sae_train, sft
     from pipelines.build import cached_step, report_lines, step_params
     from pipelines.evaluate import table_lines
+    from pipelines.plot import plot_run
+    from pipelines.report import write_main_report
     from pipelines.train import train
 
     data = cmd_make_data(config, args)
@@ -233,7 +331,7 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
                              lambda: sft.run_sft(config), args.force)
     grpo_params = {**step_params(config, "train", "grpo", "rollout", "reward", "cluster"), "sft": sft_params}
     grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params,
-                       lambda: train(config), args.force)
+                       lambda: train(config, overwrite=True), args.force)
     rewards, k = grpo["rewards"], max(1, len(grpo["rewards"]) // 5)
     print("\n".join(
         report_lines(config, data, tiny, feats) + sae_train.report_lines(sae_report)
@@ -241,6 +339,8 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
         + table_lines({"after SFT": sft_report["after"], "after GRPO": grpo["eval"]})
         + [f"reward: first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f}",
            f"GRPO model {grpo['model']}; metrics {config.resolve_path(config.train.output)}/metrics.jsonl"]))
+    print(f"report {write_main_report(config, sft_report['after'], grpo['eval'])}")
+    print("\n".join(plot_run(config, config.resolve_path(config.train.output)).lines()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(*config_source(args))
         COMMANDS[args.command][2](config, args)
-    except (ConfigError, DataError, FileNotFoundError, LedgerError) as exc:
-        print(f"segrl {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError, LedgerError, IntegrityError, RunFolderError,
+            IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        cause = getattr(exc, "cause", exc)  # raised in a Ray task or actor: its own error, not Ray's traceback
+        print(f"segrl {args.command}: error: {cause}", file=sys.stderr)
         return 2
     return 0
 

@@ -6,6 +6,9 @@ merged, and the mask is compared in the image frame (LISA/GSVA conventions by
 default, `rewards.metrics.SegMetrics`). `mask_reward` is the training mask
 reward of the greedy answers (soft IoU in SAM's low-res frame, as the reward
 workers score it), so a GRPO run's reward can be compared across checkpoints.
+On synthetic samples `reasoning_acc` is the share of answers whose reasoning
+settles on exactly the target shapes (a refusal for a false premise), read with
+the generator's own vocabulary (`data.synthetic.answers`).
 For the READ head, target samples are also scored at each image's best
 threshold (READ A.1): how much a calibrated threshold would buy.
 """
@@ -19,9 +22,11 @@ from tqdm import tqdm
 
 from data.loader import SegDataset, SegItem
 from data.mask_frames import lowres_side, lowres_to_image, slot_targets
+from data.synthetic import DATASET as SYNTHETIC
+from data.synthetic.answers import reasoning_correct
 from models.generate import generate
 from models.prompt import prompt_ids
-from models.segmenter import Segmenter, slot_probabilities
+from models.segmenter import Segmenter, require_finite, slot_probabilities
 from rewards import SegMetrics, mask_score, response_format_score
 from rewards.thresholds import best_threshold_iou, fixed_threshold_iou
 
@@ -73,24 +78,34 @@ def threshold_search(head_out, item: SegItem, img_size: int) -> tuple[float, flo
 
 
 @torch.no_grad()
+def answer_batch(model: Segmenter, tokenizer, items: list[SegItem], ref_token: str, max_new_tokens: int):
+    """(greedy response ids, the policy's forward over them, head outputs or None) of a batch of items."""
+    prompts = [prompt_ids(tokenizer, it.sample.question, ref_token) for it in items]
+    embeds = [model.policy.prompt_embeds(p, it.vision) for p, it in zip(prompts, items)]
+    responses = generate(model.policy, tokenizer, embeds, max_new_tokens)
+    out, heads = model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items])
+    require_finite(out, heads, [str(it.sample.sample_id) for it in items])
+    return responses, out, heads
+
+
+@torch.no_grad()
 def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, ref_token: str,
              max_new_tokens: int, num_slots: int = 1, conf_threshold: float = 0.5, batch_size: int = 16,
              preset: str = "paper", progress: bool = True, threshold_metrics: bool = False) -> EvalResult:
     """Greedy answers of up to ``max_new_tokens``, scored; ``threshold_metrics`` (READ head,
     K = 1) adds ``THRESHOLD_METRICS``."""
     model.eval()
-    meter, texts, formats, rewards, searched = SegMetrics(), [], [], [], []
+    meter, texts, formats, rewards, searched, reasoned = SegMetrics(), [], [], [], [], []
     order = range(0, len(dataset), batch_size)
     for start in tqdm(order, desc="eval", unit="batch", disable=not progress):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        prompts = [prompt_ids(tokenizer, it.sample.question, ref_token) for it in items]
-        embeds = [model.policy.prompt_embeds(p, it.vision) for p, it in zip(prompts, items)]
-        responses = generate(model.policy, tokenizer, embeds, max_new_tokens)
-        _, heads = model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items])
+        responses, _, heads = answer_batch(model, tokenizer, items, ref_token, max_new_tokens)
         for item, resp, head in zip(items, responses, heads):
             text = tokenizer.decode(resp, skip_special_tokens=True)
             texts.append(text)
             formats.append(response_format_score(text, ref_token, preset))
+            if item.sample.dataset == SYNTHETIC and item.sample.reasoning is not None:
+                reasoned.append(reasoning_correct(text, item.sample.reasoning, ref_token))
             pred = None if head is None else predicted_mask(head, item, img_size, num_slots, conf_threshold)
             meter.add(pred, item.sample.gt_stack.any(0), item.sample.ignore_mask)
             probs, conf = slot_probabilities(head, num_slots, lowres_side(item.sam_embedding))
@@ -106,6 +121,8 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
     summary["format_valid"] = float(np.mean([f > 0 for f in formats])) if formats else float("nan")
     summary["format_score"] = float(np.mean(formats)) if formats else float("nan")
     summary["mask_reward"] = float(np.mean(rewards)) if rewards else float("nan")
+    if reasoned:
+        summary["reasoning_acc"] = float(np.mean(reasoned))
     return EvalResult(summary, texts)
 
 
@@ -119,31 +136,34 @@ def evaluate_with_config(config, model: Segmenter, tokenizer, dataset: SegDatase
 
 
 def run_eval(config, checkpoint: str | None = None, split: str | None = None, limit: int | None = None,
-             out: str | None = None) -> dict:
-    """`segrl eval`: metrics of a checkpoint on a split, saved as JSON beside it (or at `out`)."""
+             out: str | None = None, baselines: bool = False) -> dict:
+    """`segrl eval`: metrics of a checkpoint on a split, saved as JSON beside it (or at `out`);
+    ``baselines`` adds the trivial baselines' metrics on the same samples (synthetic splits)."""
     import json
     from pathlib import Path
 
     from config.builders import build_segmenter, feature_store
+    from pipelines.baselines import split_baselines
 
     checkpoint = checkpoint or config.resolve_path(config.model.name_or_path)
     split = split or config.data.eval_splits[0]
+    split_file = Path(config.resolve_path(config.data.root)) / f"{split}.parquet"
+    trivial = split_baselines(split_file, limit, config.seed) if baselines else {}
     model, tokenizer, img_size = build_segmenter(config, checkpoint)
-    dataset = SegDataset(Path(config.resolve_path(config.data.root)) / f"{split}.parquet", feature_store(config),
-                         img_size, limit=limit)
+    dataset = SegDataset(split_file, feature_store(config), img_size, limit=limit)
     result = evaluate_with_config(config, model, tokenizer, dataset, img_size)
     path = Path(out) if out else Path(checkpoint) / f"eval-{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "metrics": result.metrics,
-                                "samples": result.responses[:16]}, indent=2))
-    return {"split": split, "metrics": result.metrics, "path": str(path)}
+                                "baselines": trivial, "samples": result.responses[:16]}, indent=2))
+    return {"split": split, "metrics": result.metrics, "baselines": trivial, "path": str(path)}
 
 
 def table_lines(rows: dict[str, dict]) -> list[str]:
     """A fixed-width table of the headline metrics, one row per label; READ's threshold search
     (over target samples: at 0.5, at the best threshold, similarity map) when a row has it."""
     cols = [("format", "format_valid"), ("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_acc"),
-            ("mask-R", "mask_reward")]
+            ("reason", "reasoning_acc"), ("mask-R", "mask_reward")]
     if any(THRESHOLD_METRICS[0] in m for m in rows.values()):
         cols += list(zip(("tgt@.5", "tgt@t*", "sim@t*"), THRESHOLD_METRICS))
     lines = [f"{'':10}" + "".join(f"{name:>8}" for name, _ in cols) + f"{'n':>6}"]

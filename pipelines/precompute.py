@@ -1,8 +1,10 @@
 """`segrl precompute`: run the frozen encoders once per image, with Ray Data.
 
 Images are deduplicated by path, hashed by content, and skipped when their
-shard exists (a rerun only does what is missing). An unreadable image is
-reported and the run goes on; the failures are listed at the end.
+shard is cached and sound (a rerun only does what is missing). A damaged shard
+(truncated, bit-flipped, non-finite: ``FeatureStore.check``) is encoded again
+and listed by name. An unreadable image is reported and the run goes on; the
+failures are listed at the end.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from tqdm import tqdm
 from config import Config
 from config.builders import feature_store
 from data.features import FeatureStore, content_hash
-from data.schema import read_table, resolve_image
+from data.schema import split_images
+
+_LISTED = 20  # rebuilt shards named in the report (a cache written before checksums rebuilds all)
 
 
 @dataclass
@@ -25,12 +29,16 @@ class PrecomputeReport:
     encoded: int = 0
     cached: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    rebuilt: list[tuple[str, str]] = field(default_factory=list)  # (image, what was wrong with its shard)
 
     def lines(self) -> list[str]:
-        out = [
-            f"feature cache {self.store}: {self.images} images, {self.encoded} encoded, "
-            f"{self.cached} already cached, {len(self.failures)} failed"
-        ]
+        head = (f"feature cache {self.store}: {self.images} images, {self.encoded} encoded "
+                f"({len(self.rebuilt)} of them replacing a damaged shard), {self.cached} already cached, "
+                f"{len(self.failures)} failed")
+        out = [head]
+        out += [f"  REBUILT shard of {path}: {why}" for path, why in self.rebuilt[:_LISTED]]
+        if len(self.rebuilt) > _LISTED:
+            out.append(f"  ... and {len(self.rebuilt) - _LISTED} more damaged shards rebuilt")
         out += [f"  FAILED {path}: {why}" for path, why in self.failures]
         return out
 
@@ -40,9 +48,8 @@ def dataset_images(config: Config, splits: list[str]) -> list[str]:
     root = Path(config.resolve_path(config.data.root))
     seen: dict[str, None] = {}
     for split in splits:
-        split_file = root / f"{split}.parquet"
-        for rel in read_table(split_file).column("image_path").to_pylist():
-            seen.setdefault(str(resolve_image(split_file, rel)), None)
+        for image in split_images(root / f"{split}.parquet"):
+            seen.setdefault(str(image), None)
     return list(seen)
 
 
@@ -63,14 +70,19 @@ class EncodeBatch:
         for i, path in enumerate(paths):
             try:
                 digest = content_hash(path)
-                if not self.store.has(digest):
+                if (problem := self.store.check(digest)) is not None:
                     todo.append((i, digest, _read_rgb(path)))
+                    if problem != "missing":
+                        detail[i] = f"{self.store.path(digest)}: {problem}"
             except Exception as exc:  # one bad image must not stop the run
                 status[i], detail[i] = "failed", f"{type(exc).__name__}: {exc}"
         if todo:
             for (i, digest, _), feats in zip(todo, self.encoders([img for _, _, img in todo])):
-                self.store.put(digest, feats)
-                status[i] = "encoded"
+                try:
+                    self.store.put(digest, feats)
+                    status[i] = "encoded"
+                except ValueError as exc:  # non-finite features: reported, never cached
+                    status[i], detail[i] = "failed", str(exc)
         return {"path": np.array(paths), "status": np.array(status), "detail": np.array(detail)}
 
 
@@ -111,6 +123,8 @@ def precompute(config: Config, splits: list[str] | None = None, batch_size: int 
             for path, status, detail in zip(batch["path"], batch["status"], batch["detail"]):
                 if status == "encoded":
                     report.encoded += 1
+                    if detail:
+                        report.rebuilt.append((str(path), str(detail)))
                 elif status == "cached":
                     report.cached += 1
                 else:

@@ -2,8 +2,11 @@
 
 LISA-style: cross-entropy on templated responses (`<think>…</think> <SEG>`,
 or a refusal for false premises) plus the segmentation loss on the decoded
-masks, one backward. Val format validity and gIoU are measured before and
-after; the checkpoint folder is what the GRPO config starts from.
+masks, one backward. Each module trains at `sft.lr` times its multiplier
+(`sft.lr_multipliers`, the roles of `optim.lr_multipliers`), so SAM's prompt
+encoder and mask decoder keep A.2's small share of the head's rate. Val format
+validity and gIoU are measured before and after; the checkpoint folder is what
+the GRPO config starts from.
 """
 from __future__ import annotations
 
@@ -63,10 +66,7 @@ def run_sft(config: Config, progress: bool = True) -> dict:
 
     before = score("before")
     s = config.sft
-    head_mult = s.head_lr / s.lr
-    groups = param_groups(model.param_modules(), s.lr,
-                          {"query_codebook": head_mult, "slot_mapper": head_mult, "mask_decoder": head_mult},
-                          config.optim.weight_decay)
+    groups = param_groups(model.param_modules(), s.lr, s.lr_multipliers.model_dump(), config.optim.weight_decay)
     optimizer = build_optimizer(groups, tuple(config.optim.betas))
     steps_per_epoch = -(-len(train) // s.batch_size)
     schedule = one_cycle(optimizer, s.epochs * steps_per_epoch, config.optim.one_cycle_final_div)

@@ -22,30 +22,43 @@ from config import Config, dump_config, load_config
 from config.builders import feature_store
 from models.encoders import sam_checkpoint
 from models.sam import sam_image_size
+from models.segmenter import verify_model_folder
 from pipelines.grpo.admission import StalenessController
 from pipelines.grpo.ledger import Ledger
+from pipelines.grpo.metrics_log import require_loggers
 from pipelines.grpo.prompts import PromptStream, prompt_rows
 from pipelines.grpo.resume import driver_state, restore
-from pipelines.grpo.run_checkpoints import Checkpointer, latest_checkpoint
+from pipelines.grpo.run_checkpoints import (
+    Checkpointer,
+    RunCheckpoint,
+    latest_checkpoint,
+)
+from pipelines.grpo.run_folder import prepare_run_folder
 from pipelines.grpo.run_log import RunLog
 from pipelines.grpo.scheduler import LearnerFailure, Scheduler
 from pipelines.grpo.stages import ActorStages
 
 
-def train(config: Config, resume: bool = False) -> dict:
-    connect(config.cluster.address)
+def train(config: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """A run into ``train.output``: fresh (into a new or empty folder; ``overwrite`` replaces an
+    earlier run's) or resumed from its newest complete checkpoint. The folder, the checkpoint
+    and the starting model are checked before anything is written (``run_folder``)."""
+    require_loggers(config.train.loggers)
     run_dir = Path(config.resolve_path(config.train.output))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    verify_model_folder(config.resolve_path(config.train.init_from))
+    checkpoint = prepare_run_folder(run_dir, config.resolve_path(config.train.init_from), resume, overwrite)
+    connect(config.cluster.address)
     (run_dir / "config.yaml").write_text(dump_config(config))
     for attempt in range(config.train.max_learner_restarts + 1):
         try:
-            final, log, report, ledger = run_grpo(config, run_dir, resume or attempt > 0)
+            final, log, report, ledger = run_grpo(config, run_dir, checkpoint)
             break
         except LearnerFailure as exc:
             if attempt == config.train.max_learner_restarts:
                 raise
             print(f"[segrl] {exc}; resuming from the last checkpoint "
                   f"(automatic resume {attempt + 1} of {config.train.max_learner_restarts})", flush=True)
+            checkpoint = latest_checkpoint(run_dir / "checkpoints")
     reference = config.cluster.reference  # the actors are gone: evaluation takes the reference's place
     evaluation = ray.get(evaluate_checkpoint.options(num_cpus=reference.num_cpus, num_gpus=reference.num_gpus)
                          .remote(config, final, config.train.eval_samples)) if config.train.eval_samples else None
@@ -55,13 +68,11 @@ def train(config: Config, resume: bool = False) -> dict:
     return summary
 
 
-def run_grpo(config: Config, run_dir: Path, resume: bool):
-    """One attempt: (final model folder, RunLog, RunReport, ledger); LearnerFailure ends it early."""
+def run_grpo(config: Config, run_dir: Path, checkpoint: RunCheckpoint | None):
+    """One attempt from ``checkpoint`` (None: step 0): (final model folder, RunLog, RunReport, ledger);
+    LearnerFailure ends it early."""
     model_path = config.resolve_path(config.train.init_from)
     prompts = PromptStream(load_prompts(config, model_path, config.data.train_split), config.seed)
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if resume and checkpoint is None:
-        print(f"[segrl] no complete checkpoint in {run_dir / 'checkpoints'}: starting from step 0", flush=True)
     actors = start_actors(config, model_path)
     try:
         controller = StalenessController(config.train.staleness, config.grpo.prompts_per_step,
@@ -76,7 +87,8 @@ def run_grpo(config: Config, run_dir: Path, resume: bool):
         snapshot = lambda: (driver_state(prompts, scheduler.faults), ledger)  # noqa: E731
         checkpointer = Checkpointer(run_dir / "checkpoints", config.train.checkpoint_every,
                                     config.train.keep_checkpoints, actors.learner, snapshot)
-        log = RunLog(run_dir, config.train.steps, scheduler.timer, checkpointer, controller.learner_version)
+        log = RunLog(run_dir, config.train.steps, scheduler.timer, checkpointer, controller.learner_version,
+                     config.train.loggers)
         scheduler.on_step = log
         try:
             report = scheduler.run(config.train.steps - controller.learner_version)

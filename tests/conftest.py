@@ -7,7 +7,10 @@ import pytest
 
 from config import load_config
 
-TINY_OVERRIDES = ["data.synthetic.n_train=40", "data.synthetic.n_val=10", "data.synthetic.n_test=10"]
+# Pretraining budgets cut for the suite (the main job runs the defaults; their figures are in its report).
+TINY_OVERRIDES = ["data.synthetic.n_train=40", "data.synthetic.n_val=10", "data.synthetic.n_test=10",
+                  "model.tiny.vision_pretrain.steps=300", "model.tiny.lm_align.steps=60",
+                  "model.tiny.lm_align.eval_scenes=20"]
 
 
 @pytest.fixture(scope="session")

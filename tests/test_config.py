@@ -10,8 +10,23 @@ from hypothesis import strategies as st
 from config import Config, ConfigError, dump_config, load_config
 from config.builders import learner_settings, loss_settings, rollout_settings
 from config.load import parse_override
-from config.model import TinyConfig, TinyLMConfig, TinySamConfig, TinyVisionConfig
-from models.tiny_specs import TinyLMSpec, TinySamSpec, TinySpec, TinyVisionSpec
+from config.paths import FOLDERS, expand
+from config.model import (
+    TinyConfig,
+    TinyLMAlignConfig,
+    TinyLMConfig,
+    TinySamConfig,
+    TinyVisionConfig,
+    TinyVisionPretrainConfig,
+)
+from models.tiny_specs import (
+    TinyLMAlignSpec,
+    TinyLMSpec,
+    TinySamSpec,
+    TinySpec,
+    TinyVisionPretrainSpec,
+    TinyVisionSpec,
+)
 from pipelines.build import tiny_spec
 from pipelines.cli import main as cli_main
 
@@ -92,7 +107,9 @@ def test_dotted_override_sets_nested_value():
 
 
 @pytest.mark.parametrize("section, spec", [(TinyLMConfig, TinyLMSpec), (TinyVisionConfig, TinyVisionSpec),
-                                           (TinySamConfig, TinySamSpec), (TinyConfig, TinySpec)])
+                                           (TinySamConfig, TinySamSpec), (TinyConfig, TinySpec),
+                                           (TinyVisionPretrainConfig, TinyVisionPretrainSpec),
+                                           (TinyLMAlignConfig, TinyLMAlignSpec)])
 def test_tiny_sections_have_the_model_specs_fields(section, spec):
     fields = {f.name for f in dataclasses.fields(spec)} - {"ref_token"}  # TinySpec's is model.ref_token
     assert set(section.model_fields) == fields
@@ -191,6 +208,27 @@ def test_paths_expand_from_work_dir():
 def test_parse_override_splits_key_and_parses_value(key, value):
     parts, parsed = parse_override(f"{'.'.join(key)}={value}")
     assert parts == key and parsed == value
+
+
+FOLDERS_SET = {"work_dir": "/w", "models_dir": "{data_dir}/m", "data_dir": "{work_dir}/d", "cache_dir": "c",
+               "runs_dir": "{work_dir}/{{r}}"}
+
+
+@given(st.lists(st.one_of(st.sampled_from(FOLDERS).map(lambda name: "{" + name + "}"),
+                          st.text(max_size=6).map(lambda t: t.replace("{", "{{").replace("}", "}}"))), max_size=6))
+def test_path_templates_expand_as_str_format_would(parts):
+    template = "".join(parts)
+    resolved = {name: expand(FOLDERS_SET[name], FOLDERS_SET, (name,)) for name in FOLDERS}
+    assert resolved["models_dir"] == "/w/d/m" and resolved["runs_dir"] == "/w/{r}"
+    assert expand(template, FOLDERS_SET) == template.format(**resolved)
+
+
+@given(st.text(alphabet="{}0ab_dirwok.!:", max_size=12))
+def test_a_path_template_expands_or_says_why(template):
+    try:
+        expand(template, FOLDERS_SET)
+    except ValueError as exc:
+        assert repr(template) in str(exc)
 
 
 def test_cli_reports_config_error_without_traceback(capsys):

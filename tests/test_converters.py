@@ -98,7 +98,7 @@ def test_reasonseg_reads_cp1252_json(tmp_path):
 
 
 def test_reasonseg_rejects_image_root(tmp_path):
-    with pytest.raises(ValueError, match="image_root"):
+    with pytest.raises(DataError, match="--image-root"):
         convert("reasonseg", write_reasonseg(tmp_path, reasonseg_ann()), "train", tmp_path / "t.parquet", tmp_path)
 
 
@@ -164,7 +164,7 @@ def test_refer_splits_and_masks(tmp_path, fmt):
 def test_refer_accepts_a_refs_file_and_needs_image_root(tmp_path):
     src, images = write_refer(tmp_path, refer_refs(), instances(), "refs(google).p")
     assert len(read_samples(convert("refcocog", src / "refs(google).p", "val", tmp_path / "v.parquet", images))) == 1
-    with pytest.raises(ValueError, match="image_root"):
+    with pytest.raises(DataError, match="--image-root"):
         convert("refcoco", src, "val", tmp_path / "v.parquet")
 
 
@@ -253,6 +253,9 @@ def test_refer_malformed_files(tmp_path, case):
 
 def test_refer_missing_image_file(tmp_path):
     src, images = write_refer(tmp_path, refer_refs(), instances(), images=False)
+    raises_naming(lambda: convert("refcoco", src, "train", tmp_path / "t.parquet", images), "field '--image-root'",
+                  "not a folder")
+    images.mkdir(parents=True)
     raises_naming(
         lambda: convert("refcoco", src, "train", tmp_path / "t.parquet", images),
         "refs(unc).p: record ref_id=100: field 'image': image file not found",
@@ -304,6 +307,6 @@ def test_grefcoco_truncated_json(tmp_path):
 
 def test_round_trip_preserves_every_field(tmp_path):
     src, images = write_grefcoco(tmp_path, grefs())
-    direct = grefcoco_split(src, "train", tmp_path, images)
+    direct = list(grefcoco_split(src, "train", tmp_path, images))
     back = read_samples(convert("grefcoco", src, "train", tmp_path / "rt.parquet", images))
     assert [a.to_row() for a in direct] == [b.to_row() for b in back]

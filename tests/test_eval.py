@@ -1,12 +1,16 @@
-"""`segrl eval`: generation length from the config, READ's per-image threshold search (no Ray)."""
+"""`segrl eval`: generation length from the config, READ's per-image threshold search, reasoning accuracy,
+the trivial baselines beside the model, and the main job's report.json (no Ray)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from tests_support import overrides_for
 
@@ -15,9 +19,11 @@ from config import load_config
 from config.builders import feature_store
 from data.features import content_hash
 from data.schema import read_samples, resolve_image
-from data.synthetic import sft_target
+from data.synthetic import NO_TARGET_ANSWER, random_scene, sft_target
 from models.encoders import FrozenEncoders
+from pipelines.baselines import BASELINES, baseline_metrics, largest_shape, shapes, split_baselines
 from pipelines.evaluate import THRESHOLD_METRICS, run_eval, table_lines, threshold_search
+from pipelines.report import main_report
 
 N_ITEMS = 6
 
@@ -97,3 +103,90 @@ def test_threshold_search_hand_values():
     ignore[3, 3] = True  # the stray pixel no longer counts
     assert threshold_search(head, _item(gt, ignore), 4) == pytest.approx((0.0, 1.0, 1.0), abs=1e-6)
     assert threshold_search(None, _item(gt), 4) == (0.0, 0.0, 0.0)  # a refusal finds nothing
+
+
+def _val_samples(config):
+    return read_samples(Path(config.resolve_path(config.data.root)) / "val.parquet")[:N_ITEMS]
+
+
+def answer_each(monkeypatch, texts: list[str], tokenizer) -> None:
+    """The i-th prompt of the split gets ``texts[i]`` as its answer (one generate call: N_ITEMS < batch size)."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    monkeypatch.setattr(evaluate_module, "generate", lambda policy, tok, embeds, n: ids[:len(embeds)])
+
+
+def test_reasoning_accuracy_counts_answers_that_settle_on_exactly_the_targets(read_config, monkeypatch, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(read_config.resolve_path(read_config.model.name_or_path))
+    samples, ref = _val_samples(read_config), read_config.model.ref_token
+    answer_each(monkeypatch, [sft_target(s, ref) for s in samples], tokenizer)
+    metrics = run_eval(read_config, split="val", limit=N_ITEMS, out=str(tmp_path / "own.json"))["metrics"]
+    assert metrics["reasoning_acc"] == 1.0
+    refusal = f"<think>The question asks for it. There is no star in the image.</think> {NO_TARGET_ANSWER}"
+    answer_each(monkeypatch, [refusal] * N_ITEMS, tokenizer)
+    metrics = run_eval(read_config, split="val", limit=N_ITEMS, out=str(tmp_path / "refuse.json"))["metrics"]
+    assert metrics["reasoning_acc"] == pytest.approx(np.mean([s.no_target for s in samples]))
+    assert "reason" in table_lines({"val": metrics})[0]
+
+
+def test_eval_prints_the_baselines_beside_the_model(read_config, monkeypatch, tmp_path):
+    spy_generate(monkeypatch, [])  # empty answers: the model refuses everything, as the refuse baseline
+    result = run_eval(read_config, split="val", limit=N_ITEMS, out=str(tmp_path / "b.json"), baselines=True)
+    assert list(result["baselines"]) == list(BASELINES)
+    refuse = result["baselines"]["refuse"]
+    assert {k: refuse[k] for k in ("giou", "ciou", "n_acc", "t_acc")} == {
+        k: result["metrics"][k] for k in ("giou", "ciou", "n_acc", "t_acc")}
+    assert json.loads((tmp_path / "b.json").read_text())["baselines"] == result["baselines"]
+    lines = table_lines({"val": result["metrics"], **result["baselines"]})
+    assert [line.split()[0] for line in lines[1:]] == ["val", "refuse", "rand", "largest", "all"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_shapes_are_read_off_the_pixels_exactly(seed):
+    scene = random_scene(np.random.default_rng(seed), 64)
+    found = shapes(scene.image)
+    truth = {s.mask.tobytes() for s in scene.shapes}
+    assert len(found) == len(scene.shapes) and {m.tobytes() for m in found} == truth
+    assert largest_shape(scene.image, np.random.default_rng(0)).sum() == max(s.mask.sum() for s in scene.shapes)
+
+
+def test_baseline_hand_values():
+    """Two samples on one scene: a false premise and 'every shape'. Refusing is right only on the first;
+    every coloured pixel is exactly right on the second, and on the first adds its pixels to cIoU's union."""
+    from data.schema import Sample
+
+    scene = random_scene(np.random.default_rng(7), 64)
+    common = {"image_id": "i", "image_path": "i.png", "height": 64, "width": 64, "question": "q", "split": "val",
+              "dataset": "synthetic"}
+    samples = [Sample(sample_id="a", no_target=True, **common),
+               Sample(sample_id="b", masks=[s.mask for s in scene.shapes], **common)]
+    out = baseline_metrics(samples, [scene.image, scene.image])
+    assert out["refuse"]["giou"] == 0.5 and out["refuse"]["n_acc"] == 1.0 and out["refuse"]["t_acc"] == 0.0
+    assert out["all colour"]["giou"] == out["all colour"]["ciou"] == 0.5
+    largest = max(s.mask.sum() for s in scene.shapes) / sum(s.mask.sum() for s in scene.shapes)
+    assert out["largest"]["giou"] == pytest.approx(largest / 2) and out["largest"]["t_acc"] == 1.0
+
+
+def test_baselines_need_a_synthetic_split(tmp_path):
+    from data.schema import DataError, Sample, write_samples
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "i.png")
+    write_samples([Sample(sample_id="r0", image_id="i", image_path="i.png", height=8, width=8, question="q",
+                          split="val", dataset="refcoco", no_target=True)], tmp_path / "val.parquet")
+    with pytest.raises(DataError, match="r0.*dataset.*synthetic"):
+        split_baselines(tmp_path / "val.parquet")
+
+
+def test_main_report_reads_the_model_and_sae_folders_and_nulls_what_is_missing(tmp_path):
+    model, sae = tmp_path / "model", tmp_path / "sae"
+    model.mkdir(), sae.mkdir()
+    (model / "tiny.json").write_text(json.dumps({"spec": {}}))  # a make-tiny folder from before SAM pretraining
+    report = main_report({"giou": 0.5, "reasoning_acc": 0.7}, {"giou": 0.6}, model, sae)
+    assert report == {"sft": {"giou": 0.5, "reasoning_acc": 0.7}, "grpo": {"giou": 0.6}, "sam_box_iou": None,
+                      "sae": {"l0": None, "explained_variance": None}}
+    (model / "tiny.json").write_text(json.dumps({"sam": {"box_iou": 0.91, "point_iou": 0.8}}))
+    (sae / "metrics.json").write_text(json.dumps({"l0": 32.0, "explained_variance": 0.96, "mse": 1e-3}))
+    report = main_report({}, {}, model, sae)
+    assert report["sam_box_iou"] == 0.91 and report["sae"] == {"l0": 32.0, "explained_variance": 0.96}

@@ -193,11 +193,12 @@ def torn_resumed(driver_killed, driver_resumed):
     config, out = driver_killed
     newest = out / "checkpoints" / "step6"
     victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    torn = victim.read_bytes()[: victim.stat().st_size // 2]
+    victim.write_bytes(torn)
     config = config.model_copy(deep=True)
     config.train.steps = 8
     printed, versions = resume(config, out)
-    return out, printed, versions, f"skipping checkpoint {newest}: {victim.relative_to(newest.parent)} has"
+    return out, printed, versions, f"skipping checkpoint {newest}: {victim}: {len(torn)} bytes, step6.manifest"
 
 
 def test_a_torn_newest_checkpoint_is_skipped_for_the_previous_one(torn_resumed):

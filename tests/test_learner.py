@@ -18,6 +18,7 @@ import torch
 
 from config.builders import build_segmenter, feature_store, loss_settings
 from data.features import content_hash
+from data.integrity import describe, files_under
 from data.loader import SegDataset
 from data.schema import encode_mask, resolve_image
 from data.synthetic import sft_target
@@ -26,6 +27,7 @@ from data.weight_transport import unpack_state
 from models.grpo_step import LossTotals, learner_loss
 from models.learner import learner_rows, lockstep_plan
 from models.learner_backend import choose_backend
+from models.learner_checkpoint import check_globals
 from models.prompt import prompt_ids
 
 LEARNER_SCHEMA = pa.schema(list(ROLLOUT_SCHEMA) + [REF_LOGPROBS_FIELD, pa.field("advantage", pa.float32()),
@@ -277,7 +279,11 @@ def test_checkpoint_restores_weights_and_step_in_a_new_group(trained, tmp_path):
 
     saved = trained.groups[2]  # other tests may have stepped it further
     version, weights = saved.version(), export(saved)
-    saved.save_checkpoint(str(tmp_path), f"step{version}")
+    files = saved.save_checkpoint(str(tmp_path), f"step{version}")
+    assert sorted(files) == files_under(tmp_path, f"step{version}") and len(files) == 4  # 2 ranks x model, optim
+    assert describe(tmp_path, files) == files
+    for name in files:  # DeepSpeed's state holds only tensors, plain data and the allowed classes
+        check_globals(tmp_path / name)
     fresh = LearnerGroup(trained.config, 2, num_cpus=0.25, extensions_dir=EXTENSIONS, zero=ZERO)
     try:
         assert fresh.version() == 0 < version

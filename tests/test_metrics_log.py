@@ -14,7 +14,7 @@ def test_jsonl_and_tensorboard(tmp_path):
     log.close()
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["reward/total"] == 0.5 and rows[0]["note"] == "warmup"
-    again = MetricsLog(tmp_path, tensorboard=False)  # resume appends
+    again = MetricsLog(tmp_path, ["jsonl"])  # resume appends
     again.log(3, {"reward": {"total": 0.75}})
     again.close()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]

@@ -20,7 +20,8 @@ from pipelines.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["configs/llava15-7b-reasonseg.yaml", "configs/qwen25vl-7b-grefcoco.yaml"]
-MANIFESTS = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
+MANIFESTS = [p for p in sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
+             if next(yaml.safe_load_all(p.read_text()))["kind"] == "RayCluster"]
 PODS = "2x(gpu=8,cpu=64)+cpu=16"  # the manifest's worker pods
 
 

@@ -1,4 +1,5 @@
-"""SegCompass head: shapes, and gradients into every trainable part and none into frozen ones."""
+"""SegCompass head: shapes, gradients into every trainable part and none into frozen ones, and
+heatmaps that keep following the <SEG> state and the SAE concepts whatever scale training gives either path."""
 from __future__ import annotations
 
 import pytest
@@ -101,3 +102,45 @@ def test_batch_decode_equals_one_sample_at_a_time(num_slots):
         for field in ("mask_logits", "conf_logits", "heatmaps", "iou_pred", "sae_acts"):
             assert torch.allclose(getattr(out, field), getattr(alone, field), atol=1e-5), field
         assert torch.equal(out.sae_ids, alone.sae_ids)
+
+
+def _rotated_change(head, rotate_ref: bool, rotate_layer: bool, field: str = "heatmaps") -> float:
+    """How much ``field`` moves when four samples' reference states are rotated among them (each keeps its
+    image): mean |change| over the mean spread of the field within a sample."""
+    torch.manual_seed(3)
+    refs = [torch.randn(1, LM_DIM) for _ in range(4)]
+    layers = [torch.randn(1, LM_DIM) * 5 for _ in range(4)]  # strong enough to pass the SAE
+    embs = [torch.randn(32, 8, 8) for _ in range(4)]
+    turn = [1, 2, 3, 0]
+    with torch.no_grad():
+        own = head.decode_batch(refs, layers, embs)
+        moved = head.decode_batch([refs[j] for j in turn] if rotate_ref else refs,
+                                  [layers[j] for j in turn] if rotate_layer else layers, embs)
+    change = sum((getattr(a, field) - getattr(b, field)).abs().mean() for a, b in zip(own, moved))
+    return float(change / sum(getattr(a, field).std() for a in own))
+
+
+def _grow(module: torch.nn.Module, factor: float) -> None:
+    """Scale the first linear map in ``module`` (weight and bias): its output grows ``factor``-fold."""
+    linear = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        linear.weight.mul_(factor)
+        linear.bias.mul_(factor)
+
+
+@pytest.mark.parametrize("grown, signal", [("slot path", "seg state"), ("seg state", "concepts")])
+def test_neither_fusion_input_drowns_the_other_however_large_it_grows(grown, signal):
+    """SFT grew the slot mapper's output from norm 8 to ~1,700 while the projected <SEG> state stayed
+    near 17; under one LayerNorm shared by both, swapping <SEG> states between samples then moved the
+    mask logits by 0.004 and GRPO's mask reward could not reward naming the right object. Here one
+    path is grown 1,000-fold (the slot path through the mixer's last output layer, the <SEG> state
+    through its projection): the other must keep at least half its pull on the heatmaps. A drowned
+    path keeps under 1% of it (shared LayerNorm: 0.7% and 0.2%); a path the fusion sees at unit scale
+    keeps all of it, give or take what the grown layer changes."""
+    head, _ = _head(1)
+    mapper = head.slot_mapper
+    rotation = {"seg state": (True, False), "concepts": (False, True)}[signal]
+    before = _rotated_change(head, *rotation)
+    assert before > 0.1  # both paths steer the heatmaps of a fresh head
+    _grow(mapper.mixer.layers[-1].linear2 if grown == "slot path" else mapper.ref_proj, 1000.0)
+    assert _rotated_change(head, *rotation) >= 0.5 * before

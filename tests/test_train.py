@@ -14,6 +14,7 @@ import torch
 from tests_support import tiny_grpo_config
 
 from data.weight_transport import PackedState
+from models.segmenter import verify_model_folder
 from pipelines.grpo.metrics_log import read_metrics
 from pipelines.train import train
 
@@ -59,6 +60,11 @@ def test_model_checkpoint_and_eval(run):
     state = json.loads((out / "checkpoints" / "step2.state.json").read_text())
     assert state["step"] == 2 and state["prompts"]["epoch"] == 0
     assert (out / "checkpoints" / "step2.manifest.json").is_file() and (out / "ledger.json").is_file()
+    listed = json.loads((out / "checkpoints" / "step2.manifest.json").read_text())["files"]
+    assert sum(n.startswith("step2/") for n in listed) == 4 and all(len(e["sha256"]) == 64 for e in listed.values())
+    assert json.loads((out / "run.json").read_text()) == {"kind": "segrl-grpo-run"}
+    assert (model / "manifest.json").is_file()
+    verify_model_folder(model)  # the final model with its eval-*.json beside the files its manifest lists
     assert summary["ledger"]["trained_samples"] == 3 * config.grpo.prompts_per_step
     assert summary["eval"]["count"] == 4 and 0.0 <= summary["eval"]["giou"] <= 1.0
     from safetensors.torch import load_file

@@ -3,10 +3,12 @@ from config import Config
 
 
 def overrides_for(config: Config) -> list[str]:
-    """Command-line overrides that reproduce a test config's work dir and data sizes."""
-    s = config.data.synthetic
+    """Command-line overrides that reproduce a test config's work dir, data sizes and pretraining budgets."""
+    s, t = config.data.synthetic, config.model.tiny
     return [f"paths.work_dir={config.paths.work_dir}", f"data.synthetic.n_train={s.n_train}",
-            f"data.synthetic.n_val={s.n_val}", f"data.synthetic.n_test={s.n_test}"]
+            f"data.synthetic.n_val={s.n_val}", f"data.synthetic.n_test={s.n_test}",
+            *(f"model.tiny.{stage}.{key}={value}" for stage in ("vision_pretrain", "lm_align", "sam_pretrain")
+              if hasattr(t, stage) for key, value in getattr(t, stage).model_dump().items())]
 
 
 def tiny_grpo_config(workspace: dict, out, steps: int, checkpoint_every: int) -> Config:

@@ -2,7 +2,9 @@
 
 Shared by the REFER and gRefCOCO converters. Masks are decoded the way LISA's
 ValDataset does: polygon parts rasterised by pycocotools and merged; crowd
-annotations (RLE, compressed or not) decoded as they are.
+annotations (RLE, compressed or not) decoded as they are. Image sizes and polygon
+points are checked against `Limits` first: pycocotools crashed (exit 139) on a
+10^6 x 10^6 image and grew to tens of GB on a polygon with coordinates of 4e8.
 """
 from __future__ import annotations
 
@@ -11,15 +13,15 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from data.converters.sources import get, polygon, read_json
+from data.converters.sources import DEFAULT_LIMITS, Limits, get, polygon, read_json
 from data.schema import DataError
 
 
 class CocoInstances:
     """Index of one instances.json; lookups name the referring file on a miss."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, limits: Limits = DEFAULT_LIMITS):
+        self.path, self.limits = path, limits
         data = read_json(path)
         self.images = self._index(get(data, "images", path, None, list), "images")
         self.anns = self._index(get(data, "annotations", path, None, list), "annotations")
@@ -35,8 +37,9 @@ class CocoInstances:
         rec = f"image {image_id}"
         get(image, "file_name", self.path, rec, str)
         for key in ("height", "width"):
-            if get(image, key, self.path, rec, int) <= 0:
-                raise DataError(self.path, rec, key, f"must be positive, got {image[key]}")
+            if isinstance(get(image, key, self.path, rec, int), bool) or image[key] <= 0:
+                raise DataError(self.path, rec, key, f"must be a positive integer, got {image[key]!r}")
+        self.limits.check_size(image["height"], image["width"], 1, self.path, rec, "height/width")
         return image
 
     def mask(self, ann_id: int, image: dict, where: Path, record_name: str) -> np.ndarray:
@@ -64,9 +67,11 @@ class CocoInstances:
             field = f"segmentation[{i}]"
             if not isinstance(flat, list) or len(flat) % 2:
                 raise DataError(self.path, rec, field, "expected a flat [x1, y1, x2, y2, ...] list of even length")
-            points = polygon([flat[j : j + 2] for j in range(0, len(flat), 2)], self.path, rec, field)
+            points = polygon([flat[j : j + 2] for j in range(0, len(flat), 2)], self.path, rec, field, (h, w),
+                             self.limits)
             parts.append(points.ravel().tolist())
-        return mask_utils.decode(mask_utils.frPyObjects(parts, h, w)).any(axis=2)
+        # merged as RLE, so decoding allocates one image, not one per part
+        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(parts, h, w))).astype(bool)
 
     def _rle(self, seg: dict, h: int, w: int, rec: str) -> np.ndarray:
         size = get(seg, "size", self.path, rec, list, "segmentation.size")

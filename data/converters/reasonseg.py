@@ -10,31 +10,35 @@ and test keep only `text[0]`, the one LISA-style evaluation scores.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.converters.sources import get, image_ref, polygon, read_json
+from data.converters.sources import DEFAULT_LIMITS, Limits, get, image_ref, image_size, polygon, read_json
 from data.schema import DataError, Sample
 
 TARGET, IGNORE = 1, 255
 
 
-def convert_split(src: Path, split: str, out_dir: Path, image_root: Path | None = None) -> list[Sample]:
+def convert_split(src: Path, split: str, out_dir: Path, image_root: Path | None = None,
+                  limits: Limits = DEFAULT_LIMITS) -> Iterator[Sample]:
     """`src` is the ReasonSeg folder holding `train/`, `val/`, `test/`."""
     if image_root is not None:
-        raise ValueError("reasonseg images sit beside their JSON files; image_root is not used")
+        raise DataError(image_root, None, "--image-root", "not used by reasonseg: its images sit beside their JSON "
+                        "files; drop --image-root")
     folder = src / split
     if not folder.is_dir():
         raise DataError(folder, None, None, "split folder not found")
     files = sorted(folder.glob("*.json"))
     if not files:
         raise DataError(folder, None, None, "no .json annotation files")
-    return [s for f in files for s in _samples(f, split, out_dir)]
+    for f in files:
+        yield from _samples(f, split, out_dir, limits)
 
 
-def _samples(path: Path, split: str, out_dir: Path) -> list[Sample]:
+def _samples(path: Path, split: str, out_dir: Path, limits: Limits) -> list[Sample]:
     name = path.stem
     ann = read_json(path)
     texts = get(ann, "text", path, name, list)
@@ -45,8 +49,8 @@ def _samples(path: Path, split: str, out_dir: Path) -> list[Sample]:
             raise DataError(path, name, f"text[{i}]", f"expected a non-empty string, got {t!r:.60}")
     is_sentence = get(ann, "is_sentence", path, name, bool)
     image = path.with_suffix(".jpg")
-    width, height = _image_size(image, path, name)
-    target, ignore = rasterize(get(ann, "shapes", path, name, list), height, width, path, name)
+    height, width = image_size(image, path, name, limits, masks=2)  # target and ignore
+    target, ignore = rasterize(get(ann, "shapes", path, name, list), height, width, path, name, limits)
     if not target.any():
         raise DataError(path, name, "shapes", "no target pixels (only flag/ignore shapes, or all covered by ignore)")
     image_path = image_ref(image, out_dir, path, name)
@@ -68,18 +72,8 @@ def _samples(path: Path, split: str, out_dir: Path) -> list[Sample]:
     ]
 
 
-def _image_size(image: Path, path: Path, name: str) -> tuple[int, int]:
-    """(width, height) from the image header alone."""
-    try:
-        with Image.open(image) as im:
-            return im.size
-    except FileNotFoundError as exc:
-        raise DataError(path, name, "image", f"{image.name} not found beside the JSON") from exc
-    except OSError as exc:
-        raise DataError(path, name, "image", f"unreadable image {image.name} ({exc})") from exc
-
-
-def rasterize(shapes: list, height: int, width: int, path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+def rasterize(shapes: list, height: int, width: int, path: Path, name: str,
+              limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
     """LabelMe shapes -> (target, ignore) bool [H, W] masks, LISA's painting order."""
     painted = []
     for i, shape in enumerate(shapes):
@@ -88,7 +82,8 @@ def rasterize(shapes: list, height: int, width: int, path: Path, name: str) -> t
             continue
         field = f"shapes[{i}].points"
         # int() truncates toward zero, like LISA's np.int32 cast before cv2.fillPoly.
-        xy = [(int(x), int(y)) for x, y in polygon(get(shape, "points", path, name, list, field), path, name, field)]
+        points = polygon(get(shape, "points", path, name, list, field), path, name, field, (height, width), limits)
+        xy = [(int(x), int(y)) for x, y in points]
         painted.append((_area(xy, height, width), xy, IGNORE if "ignore" in label else TARGET))
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)

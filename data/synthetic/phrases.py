@@ -46,13 +46,13 @@ def unique_descriptions(shape: Shape, shapes: tuple[Shape, ...]) -> list[Descrip
     return [d for d in own if sum(matches(d, s) for s in shapes) == 1]
 
 
-def _grid(shape: Shape, image_size: int) -> tuple[int, int]:
+def grid_cell(shape: Shape, image_size: int) -> tuple[int, int]:
     """(row, column) of the shape's centre on a 3x3 grid over the image."""
     return min(int(3 * shape.cy / image_size), 2), min(int(3 * shape.cx / image_size), 2)
 
 
 def position(shape: Shape, image_size: int) -> str:
-    row, col = _grid(shape, image_size)
+    row, col = grid_cell(shape, image_size)
     return T.POSITIONS[row][col]
 
 
@@ -63,7 +63,7 @@ def name(shape: Shape, image_size: int) -> str:
 
 def reading_order(scene: Scene, indices: list[int]) -> list[int]:
     """Grid row by grid row, left to right: the order answers are named and masks listed."""
-    return sorted(indices, key=lambda i: (_grid(scene.shapes[i], scene.size)[0], scene.shapes[i].cx))
+    return sorted(indices, key=lambda i: (grid_cell(scene.shapes[i], scene.size)[0], scene.shapes[i].cx))
 
 
 def names(scene: Scene, indices: list[int]) -> str:

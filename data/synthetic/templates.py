@@ -56,5 +56,9 @@ ANCHOR_AT = "The {anchor} is at the {position}."
 NEAREST = "The nearest {thing} {direction} it is {name}."
 NONE_BEYOND = "There is no {thing} {direction} it."
 
+# Alignment instructions (make-tiny's LM pretraining): what a scene holds, whole or by group.
+DESCRIBE_Q = "Describe the image."
+LIST_Q = "List {what}."
+
 # The answer after </think> when there is nothing to segment.
 NO_TARGET_ANSWER = "No such object."

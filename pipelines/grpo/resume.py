@@ -1,10 +1,12 @@
 """Continue a GRPO run from a checkpoint: learner, data cursor, controller, ledger, rollout weights.
 
-``run_checkpoints`` finds a complete checkpoint; this module puts it back into a fresh
-run, and defines the driver state a checkpoint keeps for it (``driver_state``). Work that
-was in flight when the checkpoint was taken (admitted, not yet trained) is re-admitted
-first, under new group ids: the ledger marks the old groups requeued, so every sample is
-still trained exactly once or dropped with a reason.
+``run_checkpoints`` finds a complete checkpoint (its files checked against their SHA-256
+and for pickled code before any learner reads them, which the learner then does
+weights-only); this module puts it back into a fresh run, and defines the driver state a
+checkpoint keeps for it (``driver_state``). Work that was in flight when the checkpoint
+was taken (admitted, not yet trained) is re-admitted first, under new group ids: the
+ledger marks the old groups requeued, so every sample is still trained exactly once or
+dropped with a reason.
 """
 from __future__ import annotations
 

@@ -5,12 +5,12 @@ after logging a step, so a checkpoint never precedes the metrics of its step.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
-from pipelines.grpo.metrics_log import MetricsLog
+from pipelines.grpo.metrics_log import DEFAULT_LOGGERS, MetricsLog
 from pipelines.grpo.scheduler import StepRecord
 
 
@@ -24,7 +24,8 @@ def step_metrics(record: StepRecord, phases: dict) -> dict:
         "reward": {"total": mean("reward"), "format": mean("format"), "mask": mean("mask")},
         "zero_variance_groups": sum(r["zero_variance_groups"] for r in record.rewards) / groups,
         "error_rows": sum(r["errors"] for r in record.rewards),
-        "loss": {k: learner[k] for k in ("loss", "pg_loss", "kl", "seg") if k in learner},
+        "loss": {k: learner[k] for k in ("loss", "pg_loss", "kl", "seg", "dice") if k in learner},
+        "sae_mse": learner.get("sae_mse"),
         "clip_fraction": learner.get("clip_fraction"),
         "logprob_mismatch": learner.get("logprob_mismatch"),
         "grad_norm": learner.get("grad_norm"),
@@ -42,12 +43,12 @@ class RunLog:
     """The scheduler's `on_step`: log, show progress, then ``checkpoint(steps trained)``.
 
     ``checkpoint``: a ``run_checkpoints.Checkpointer``. ``start_step``: the steps a resumed
-    run had already trained.
+    run had already trained. ``loggers``: the metrics backends (``train.loggers``).
     """
 
     def __init__(self, run_dir: Path, total_steps: int, timer, checkpoint: Callable[[int], None],
-                 start_step: int = 0):
-        self.metrics = MetricsLog(run_dir, resume_after=start_step if start_step else None)
+                 start_step: int = 0, loggers: Iterable[str] = DEFAULT_LOGGERS):
+        self.metrics = MetricsLog(run_dir, loggers, resume_after=start_step if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step")
         self.timer, self.checkpoint = timer, checkpoint
         self.rewards: list[float] = []

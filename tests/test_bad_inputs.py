@@ -1,0 +1,425 @@
+"""A corpus of careless and hostile inputs: each is refused with exit status 2 and one line naming
+the file, the record or the field, nothing is written half-way, and nothing crashes or runs code."""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from upstream_fixtures import (
+    H,
+    W,
+    grefs,
+    instances,
+    reasonseg_ann,
+    refer_refs,
+    write_grefcoco,
+    write_reasonseg,
+    write_refer,
+)
+
+from config import load_config
+from pipelines.cli import main
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixels follow)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def refuse(argv: list[str], capsys, *fragments: str) -> str:
+    """Run the CLI; expect exit 2 and one error line (no traceback) holding every fragment."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"segrl {argv[0]}: error: "), err
+    assert all(f in err for f in fragments), err
+    return err
+
+
+def nothing_written(folder: Path, *names: str) -> None:
+    """No output under these names and no temporary file left in ``folder``."""
+    assert not [n for n in names if (folder / n).exists()]
+    assert not list(folder.glob(".*.tmp")) if folder.exists() else True
+
+
+# ---------------------------------------------------------------- config files and overrides
+
+BAD_OVERRIDES = {
+    "group of one": ("rollout.group_size=1", "rollout.group_size", "greater than or equal to 2"),
+    "group as boolean": ("rollout.group_size=true", "rollout.group_size", "not a boolean"),
+    "staleness as boolean": ("train.staleness=true", "train.staleness", "not a boolean"),
+    "temperature inf": ("rollout.temperature=.inf", "rollout.temperature", "must be finite"),
+    "temperature 'inf' string": ("rollout.temperature=inf", "rollout.temperature", "must be finite"),
+    "weight nan": ("reward.weights=[-5,.nan]", "reward.weights", "must be finite"),
+    "beta boolean": ("optim.betas=[true,0.5]", "optim.betas", "not a boolean"),
+    "query weight inf": ("data.synthetic.query_weights={colour_word: .inf}", "data.synthetic.query_weights",
+                         "must be finite"),
+    "no eval split": ("data.eval_splits=[]", "data.eval_splits", "at least 1 item"),
+    "unknown placeholder": ("data.root={nope}/x", "data.root", "unknown placeholder {nope}"),
+    "positional placeholder": ("train.output={0}/x", "train.output", "unknown placeholder {0}"),
+    "attribute placeholder": ("sft.output={runs_dir.x}", "sft.output", "unknown placeholder {runs_dir.x}"),
+    "lone brace": ("model.name_or_path=a{b", "model.name_or_path", "not a path template"),
+    "lone closing brace": ("paths.cache_dir=a}b", "paths.cache_dir", "not a path template"),
+    "folder through itself": ("paths.work_dir={runs_dir}", "paths.work_dir -> paths.runs_dir -> paths.work_dir"),
+    "a value is not a section": ("seed.x=1", "'seed' is a value"),
+    "number beyond float": ("train.steps=1.0e+400", "train.steps", "finite"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OVERRIDES)
+def test_bad_override(case, capsys):
+    override, *fragments = BAD_OVERRIDES[case]
+    refuse(["config", override], capsys, f"override '{override}'", *fragments)
+
+
+def test_a_folder_may_be_defined_through_another(capsys):
+    assert main(["config", "paths.models_dir={data_dir}/models", "paths.work_dir=/w"]) == 0
+    capsys.readouterr()
+    config = load_config("configs/tiny.yaml", ["paths.models_dir={data_dir}/models", "paths.work_dir=/w",
+                                               "model.name_or_path={models_dir}/{{x}}"])
+    assert config.resolve_path(config.model.name_or_path) == "/w/data/models/{x}"
+
+
+TINY_FILE = Path("configs/tiny.yaml").resolve()
+TINY = TINY_FILE.read_text()
+
+
+def alias_bomb(levels: int = 8, width: int = 9) -> str:
+    """A YAML list of nested aliases: width**levels leaves if expanded, a few hundred bytes as written."""
+    lines, previous = [], "x"
+    for i in range(levels):
+        lines.append(f"  - &l{i} [{', '.join([previous] * width)}]\n")
+        previous = f"*l{i}"
+    return "".join(lines)
+
+
+BAD_FILES = {
+    "duplicate key": (TINY + "seed: 3\nseed: 4\n", "line", "key 'seed' given twice"),
+    "duplicate nested key": ("rollout:\n  group_size: 4\n  temperature: 1.0\n  group_size: 2\n",
+                             "line 4, column 3: key 'group_size' given twice (first on line 2)"),
+    "duplicate key in a flow mapping": ("rollout: {group_size: 4, group_size: 2}\n", "key 'group_size' given twice"),
+    "malformed": ("model: [unclosed\n", "not valid YAML: line 2, column 1"),
+    "tab indent": ("rollout:\n\tgroup_size: 4\n", "not valid YAML: line 2"),
+    "truncated": (TINY[: len(TINY) // 2] + "\n  oops: [", "not valid YAML"),
+    "not a mapping": ("- 1\n- 2\n", "top level must be a mapping"),
+    "python object tag": ("seed: !!python/object/apply:os.system ['touch pwned']\n",
+                          "could not determine a constructor"),
+    "nested 2000 deep": ("seed: " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
+    "alias bomb in an unknown key": ("bomb:\n" + alias_bomb(), "unknown key 'bomb'"),
+    "alias bomb as a number": ("seed:\n" + alias_bomb(), "seed: Input should be a valid integer"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_config_file(case, tmp_path, capsys, monkeypatch):
+    text, *fragments = BAD_FILES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    monkeypatch.chdir(tmp_path)  # a payload that ran would leave its file here
+    refuse(["config", "--config", str(path)], capsys, str(path), *fragments)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("damage", ["non-utf8", "bit flip", "folder", "missing"])
+def test_unreadable_config_file(damage, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    raw = bytearray(Path("configs/tiny.yaml").read_bytes())
+    if damage == "non-utf8":
+        path.write_bytes(b"seed: 1\nrollout: {group_size: \xff\xfe}\n")
+        refuse(["config", "--config", str(path)], capsys, str(path), "not UTF-8", "0xff")
+    elif damage == "bit flip":
+        raw[raw.index(b"group_size")] ^= 0x01  # g -> f: the key becomes "froup_size"
+        path.write_bytes(bytes(raw))
+        refuse(["config", "--config", str(path)], capsys, str(path), "unknown key 'rollout.froup_size'")
+    elif damage == "folder":
+        path.mkdir()
+        refuse(["config", "--config", str(path)], capsys, str(path))
+    else:
+        refuse(["config", "--config", str(path)], capsys, str(path), "not found")
+
+
+# ---------------------------------------------------------------- convert
+
+
+def _convert(fmt, src, out, image_root=None, *extra):
+    argv = ["convert", fmt, str(src), *extra, "--split", "train", "--out", str(out), "--config", str(TINY_FILE)]
+    return argv + (["--image-root", str(image_root)] if image_root is not None else [])
+
+
+def test_convert_reasonseg_with_an_image_root(tmp_path, capsys):
+    src = write_reasonseg(tmp_path, reasonseg_ann())
+    refuse(_convert("reasonseg", src, tmp_path / "o.parquet", tmp_path), capsys, "--image-root", "not used")
+    nothing_written(tmp_path, "o.parquet")
+
+
+def test_convert_refcoco_without_an_image_root(tmp_path, capsys):
+    src, _ = write_refer(tmp_path, refer_refs(), instances())
+    refuse(_convert("refcoco", src, tmp_path / "o.parquet"), capsys, "--image-root", "required")
+    nothing_written(tmp_path, "o.parquet")
+
+
+def test_convert_out_is_a_folder(tmp_path, capsys):
+    src = write_reasonseg(tmp_path, reasonseg_ann())
+    (tmp_path / "out").mkdir()
+    refuse(_convert("reasonseg", src, tmp_path / "out"), capsys, "out", "--out", "is a folder")
+    (tmp_path / "file").write_text("x")
+    refuse(_convert("reasonseg", src, tmp_path / "file" / "o.parquet"), capsys, "--out", "is a file, not a folder")
+
+
+@pytest.mark.parametrize("width, height, fragment", [(30000, 30000, "DecompressionBombError"),
+                                                     (12000, 12000, "exceeds the cap")])
+def test_convert_an_image_header_claiming_a_huge_size(tmp_path, capsys, width, height, fragment):
+    src = write_reasonseg(tmp_path, reasonseg_ann(), split="train")
+    (src / "train" / "img1.jpg").write_bytes(png_header(width, height))
+    refuse(_convert("reasonseg", src, tmp_path / "o.parquet"), capsys, "img1.json", "record img1", "image", fragment)
+    nothing_written(tmp_path, "o.parquet")
+
+
+def test_the_pixel_cap_is_configurable(tmp_path, capsys):
+    src = write_reasonseg(tmp_path, reasonseg_ann())
+    refuse(_convert("reasonseg", src, tmp_path / "o.parquet", None, f"data.max_mask_pixels={H * W}"), capsys,
+           "img1.json", f"exceeds the cap of {H * W}", "data.max_mask_pixels")
+    assert main(_convert("reasonseg", src, tmp_path / "o.parquet", None, f"data.max_mask_pixels={2 * H * W}")) == 0
+
+
+def _instances(mutate) -> dict:
+    inst = instances()
+    mutate(inst)
+    return inst
+
+
+def _image(i, **fields):
+    return lambda inst: inst["images"][i].update(fields)
+
+
+def _polygon(i, flat):
+    return lambda inst: inst["annotations"][i].update(segmentation=[flat])
+
+
+BAD_INSTANCES = {
+    "10^6 x 10^6 image": (_image(0, height=10**6, width=10**6), "record image 1", "height/width", "exceeds the cap"),
+    "size disagrees with the image": (_image(0, height=H + 1), "record image 1", "height/width",
+                                      f"is {H}x{W} (height x width) but instances.json says {H + 1}x{W}"),
+    "boolean height": (_image(0, height=True), "record image 1", "field 'height'"),
+    "coordinates 4e8": (_polygon(0, [10, 5, 4e8, 5, 30, 20, 10, 20]), "record annotation 10", "segmentation[0]",
+                        "point 1 (4e+08, 5) lies off the 64x48 image"),
+    "negative coordinates": (_polygon(0, [10, 5, -1e6, 5, 30, 20]), "record annotation 10", "point 1"),
+    "nan as string": (_polygon(0, [10, 5, "nan", 5, 30, 20]), "record annotation 10", "expected two finite numbers"),
+    "file name out of the image root": (_image(0, file_name="../../../etc/hostname"), "record image 1",
+                                         "field 'file_name'", "not a path inside --image-root"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INSTANCES)
+def test_convert_hostile_instances(case, tmp_path, capsys):
+    mutate, *fragments = BAD_INSTANCES[case]
+    src, images = write_refer(tmp_path, refer_refs(), _instances(mutate))
+    refuse(_convert("refcoco", src, tmp_path / "o.parquet", images), capsys, "instances.json", *fragments)
+    nothing_written(tmp_path, "o.parquet")
+
+
+def test_convert_duplicate_grefcoco_annotations(tmp_path, capsys):
+    refs = grefs()
+    refs[1]["ann_id"] = [11, 12, 11]
+    src, images = write_grefcoco(tmp_path, refs)
+    refuse(_convert("grefcoco", src, tmp_path / "o.parquet", images), capsys, "grefs(unc).json", "record ref_id=201",
+           "field 'ann_id'", "[11] listed more than once")
+    nothing_written(tmp_path, "o.parquet")
+
+
+@pytest.mark.parametrize("repeat", ["ref_id", "sent_id"])
+def test_convert_repeated_ids(repeat, tmp_path, capsys):
+    refs = refer_refs()
+    if repeat == "ref_id":
+        refs[3]["ref_id"] = 100
+        fragments = ("record refs[3]", "field 'ref_id'", "100 is also refs[0]'s")
+    else:
+        refs[0]["sentences"][1]["sent_id"] = 1000
+        fragments = ("record ref_id=100", "field 'sentences[1].sent_id'", "1000 is also sentences[0]'s")
+    src, images = write_refer(tmp_path, refs, instances())
+    refuse(_convert("refcoco", src, tmp_path / "o.parquet", images), capsys, "refs(unc).p", *fragments)
+    nothing_written(tmp_path, "o.parquet")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flip", "code", "not a list"])
+def test_convert_damaged_refs_pickle(damage, tmp_path, capsys, monkeypatch):
+    raw = pickle.dumps(refer_refs(), protocol=2)
+    payload = {"truncated": raw[: len(raw) // 2],
+               "bit flip": raw[:2] + bytes([raw[2] ^ 0xFF]) + raw[3:],
+               "code": b"cos\nsystem\n(S'touch pwned'\ntR.",
+               "not a list": pickle.dumps({"refs": 1})}[damage]
+    src, images = write_refer(tmp_path, payload, instances())
+    monkeypatch.chdir(tmp_path)
+    refuse(_convert("refcoco", src, tmp_path / "o.parquet", images), capsys, "refs(unc).p")
+    assert not (tmp_path / "pwned").exists()
+    nothing_written(tmp_path, "o.parquet")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nested 10^5 deep"])
+def test_convert_unparseable_instances(damage, tmp_path, capsys):
+    text = json.dumps(instances())
+    text = text[: len(text) // 2] if damage == "truncated" else "[" * 10**5 + "]" * 10**5
+    src, images = write_refer(tmp_path, refer_refs(), text)
+    refuse(_convert("refcoco", src, tmp_path / "o.parquet", images), capsys, "instances.json", "invalid JSON")
+
+
+def test_convert_keeps_an_existing_output_when_it_fails(tmp_path, capsys):
+    src = write_reasonseg(tmp_path, reasonseg_ann())
+    out = tmp_path / "o.parquet"
+    assert main(_convert("reasonseg", src, out)) == 0
+    before = out.read_bytes()
+    (src / "train" / "img2.json").write_text("{ truncated")
+    capsys.readouterr()
+    refuse(_convert("reasonseg", src, out), capsys, "img2.json", "invalid JSON")
+    assert out.read_bytes() == before
+    nothing_written(tmp_path, "unused")
+
+
+# ---------------------------------------------------------------- split files, eval and run folders
+
+
+@pytest.fixture(scope="module")
+def split_root(tmp_path_factory) -> Path:
+    """A small synthetic val split (no models: the split is what is under test)."""
+    from data.synthetic.generate import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, n_train=0, n_val=6, n_test=0, progress=False)
+    return root
+
+
+@pytest.fixture
+def eval_argv(split_root, tmp_path, monkeypatch):
+    """`segrl eval` on a copy of the split at ``tmp_path``, with a model folder that is never loaded:
+    the model builder is replaced, so what fails is the split (read before any sample is scored)."""
+    import config.builders
+
+    model = tmp_path / "model"
+    (model / "projector").mkdir(parents=True)
+    (model / "projector" / "config.json").write_text("{}")
+    monkeypatch.setattr(config.builders, "build_segmenter", lambda config, path: (None, None, 64))
+    (tmp_path / "images").symlink_to(split_root / "images")
+    return ["eval", f"paths.work_dir={tmp_path / 'work'}", f"data.root={tmp_path}", "--split", "val",
+            "--checkpoint", str(model), "--out", str(tmp_path / "metrics.json")]
+
+
+def _set(table: pa.Table, name: str, row: int, value) -> pa.Table:
+    column = table.column(name).to_pylist()
+    column[row] = value
+    return table.set_column(table.schema.get_field_index(name), name, pa.array(column, table.schema.field(name).type))
+
+
+OTHER_TYPE = {"single": "no_target", "multi": "single", "no_target": "single"}
+BAD_SPLITS = {
+    "null height": (lambda t: _set(t, "height", 1, None), "record {id1}", "field 'height'", "missing (null)"),
+    "null question": (lambda t: _set(t, "question", 0, None), "record {id0}", "field 'question'", "missing (null)"),
+    "duplicate sample_id": (lambda t: _set(t, "sample_id", 2, t.column("sample_id")[0].as_py()),
+                            "record {id0}", "field 'sample_id'", "duplicate sample id"),
+    "bogus answer_type": (lambda t: _set(t, "answer_type", 0, "several"), "record {id0}", "field 'answer_type'",
+                          "'several' is not one of single, multi, no_target"),
+    "answer_type against masks": (lambda t: _set(t, "answer_type", 0, OTHER_TYPE[t.column("answer_type")[0].as_py()]),
+                                  "record {id0}", "field 'answer_type'", "makes it"),
+    "huge image": (lambda t: _set(_set(t, "height", 0, 10**6), "width", 0, 10**6), "record {id0}", "height/width"),
+    "negative size": (lambda t: _set(t, "width", 0, -5), "record {id0}", "height/width"),
+    "garbage mask": (lambda t: _set(t, "masks", 0, [{"counts": "0000", "size": [64, 64]}]), "record {id0}",
+                     "field 'masks'", "undecodable RLE"),
+    "mask claiming 10^12 pixels": (lambda t: _set(t, "masks", 0, [{"counts": "0", "size": [10**6, 10**6]}]),
+                                   "record {id0}", "field 'masks'", "exceeds the cap"),
+    "empty split": (lambda t: t.slice(0, 0), "val.parquet", "no samples"),
+    "missing column": (lambda t: t.drop_columns(["question"]), "field 'question'", "missing column"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SPLITS)
+def test_eval_on_a_bad_split(case, split_root, eval_argv, tmp_path, capsys):
+    mutate, *fragments = BAD_SPLITS[case]
+    table = pq.read_table(split_root / "val.parquet")
+    ids = {f"id{i}": table.column("sample_id")[i].as_py() for i in range(3)}
+    pq.write_table(mutate(table), tmp_path / "val.parquet")
+    refuse(eval_argv, capsys, str(tmp_path / "val.parquet"), *(f.format(**ids) for f in fragments))
+    nothing_written(tmp_path, "metrics.json")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flip", "not parquet"])
+def test_eval_on_a_damaged_split_file(damage, split_root, eval_argv, tmp_path, capsys):
+    raw = bytearray((split_root / "val.parquet").read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif damage == "bit flip":
+        raw[-7] ^= 0xFF  # the footer's length
+    else:
+        raw = b"PAR1 this is not a parquet file"
+    (tmp_path / "val.parquet").write_bytes(bytes(raw))
+    refuse(eval_argv, capsys, "val.parquet", "not a readable Parquet file")
+    nothing_written(tmp_path, "metrics.json")
+
+
+def test_eval_checkpoint_that_is_missing_or_not_a_model(tmp_path, capsys):
+    work = f"paths.work_dir={tmp_path}"
+    refuse(["eval", work, "--checkpoint", str(tmp_path / "nope")], capsys, "nope", "--checkpoint",
+           "no such model folder")
+    refuse(["eval", work, "--checkpoint", str(tmp_path)], capsys, str(tmp_path), "not a segrl model folder")
+    refuse(["eval", work], capsys, "models/tiny", "--checkpoint", "no such model folder")  # before make-tiny
+    nothing_written(tmp_path, "eval-val.json")
+
+
+@pytest.mark.parametrize("damage", ["null image_path", "missing split", "truncated"])
+def test_precompute_on_a_bad_split(damage, split_root, tmp_path, capsys, ray_cluster):
+    table = pq.read_table(split_root / "val.parquet")
+    if damage == "null image_path":
+        pq.write_table(_set(table, "image_path", 3, None), tmp_path / "val.parquet")
+        fragments = (f"record {table.column('sample_id')[3].as_py()}", "field 'image_path'", "missing")
+    elif damage == "truncated":
+        (tmp_path / "val.parquet").write_bytes((split_root / "val.parquet").read_bytes()[:100])
+        fragments = ("not a readable Parquet file",)
+    else:
+        fragments = ("file not found",)
+    refuse(["precompute", f"paths.work_dir={tmp_path / 'work'}", f"data.root={tmp_path}", "--splits", "val"],
+           capsys, str(tmp_path / "val.parquet"), *fragments)
+    assert not (tmp_path / "work" / "cache").exists()
+
+
+@pytest.mark.parametrize("argv", [["eval", "--limit", "-1"], ["eval", "--limit", "0"],
+                                  ["precompute", "--batch-size", "0"], ["precompute", "--concurrency", "x"]])
+def test_bad_numbers_on_the_command_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {argv[1]}" in err and "Traceback" not in err
+
+
+def test_plan_on_a_manifest_that_is_not_a_raycluster(capsys):
+    refuse(["plan", "--cluster", "cluster/kuberay/networkpolicy.yaml"], capsys, "networkpolicy.yaml",
+           "not one YAML document")
+
+
+def test_ledger_of_a_run_with_a_bad_config(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("train: {staleness: true}\n")
+    refuse(["ledger", str(tmp_path)], capsys, str(tmp_path / "config.yaml"), "train.staleness")
+    (tmp_path / "config.yaml").write_text("train: {staleness: 1\n")
+    refuse(["ledger", str(tmp_path)], capsys, "config.yaml", "not valid YAML")
+
+
+def test_an_actor_that_can_never_be_placed_fails_at_once_naming_it(ray_cluster):
+    import time
+
+    from cluster.placement import PlacementError
+    from cluster.topology import reserve
+
+    config = load_config("configs/tiny.yaml", ["cluster.rollout.num_cpus=1000"])
+    start = time.monotonic()
+    with pytest.raises(PlacementError, match=r"rollout does not fit: a rollout engine needs 1000 CPUs"):
+        reserve(config)
+    assert time.monotonic() - start < 10  # not the 300 s placement timeout
