@@ -35,7 +35,9 @@ from models.sam import sam_preprocess
 from models.tiny_specs import TinySamPretrainSpec
 
 FOCAL_WEIGHT, DICE_WEIGHT = 20.0, 1.0  # SAM's 20:1
-FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
+# Focal alpha weighs the object's pixels: 0.75 here (SAM 2's code has 0.25). With 0.25 the tiny SAM sat longer
+# predicting empty masks (seed 1: held-out box IoU 0.09 after 200 steps, 0.91 after 1,100; with 0.75: 0.28, 0.95).
+FOCAL_ALPHA, FOCAL_GAMMA = 0.75, 2.0
 BOX_JITTER_FRAC, BOX_JITTER_MAX_PX = 0.1, 20.0  # SAM: std 10% of the side, at most 20 px (of 1024)
 MASK_THRESHOLD = 0.0  # SAM's: a pixel is in the mask where the logit is positive
 SINGLE, MULTI = [0], [1, 2, 3]  # mask-token outputs: single-mask, and the three ambiguity-aware ones
@@ -217,28 +219,30 @@ def train_step(sam: torch.nn.Module, scenes: list[Scene], rng: np.random.Generat
                settings: TinySamPretrainSpec) -> torch.Tensor:
     """Mean loss per object: its box/point prompt, then for a random part of the objects the same
     prompt with the first prediction as mask prompt, and for another a coarse noisy GT mask alone."""
-    encoder, decoder = sam.prompt_encoder, sam.mask_decoder
-    grid, side, size = encoder.image_embedding_size[0], encoder.mask_input_size[0], sam.image_encoder.img_size
+    prompt_encoder, decoder = sam.prompt_encoder, sam.mask_decoder
+    grid, side = prompt_encoder.image_embedding_size[0], prompt_encoder.mask_input_size[0]
+    size = sam.image_encoder.img_size
     objs = draw_objects(scenes, rng)
     n = len(objs)
     embeddings = encode_images(sam, scenes)[objs.image]
-    image_pe = encoder.get_dense_pe()
+    image_pe = prompt_encoder.get_dense_pe()
     everyone = torch.arange(n)
-    masks, iou_pred = decode_all(decoder, embeddings, image_pe, *embed_prompts(encoder, objs, everyone))
+    masks, iou_pred = decode_all(decoder, embeddings, image_pe, *embed_prompts(prompt_encoder, objs, everyone))
     outputs = objs.outputs()
     total = prompt_losses(masks, iou_pred, objs.target, outputs, size).sum()
 
-    single = outputs[:, :1] * 0
+    single = torch.full((n, 1), SINGLE[0])
     refine = _subset(rng, n, settings.refine_fraction)
     if len(refine):
         chosen = outputs.gather(1, iou_pred.detach().gather(1, outputs).argmax(1, keepdim=True))  # as the predictor
         previous = masks.detach().gather(1, chosen[..., None, None].expand(-1, -1, side, side))[refine, 0]
-        low, iou = decode_all(decoder, embeddings[refine], image_pe, *embed_prompts(encoder, objs, refine, previous))
+        prompts = embed_prompts(prompt_encoder, objs, refine, previous)
+        low, iou = decode_all(decoder, embeddings[refine], image_pe, *prompts)
         total = total + prompt_losses(low, iou, objs.target[refine], single[refine], size).sum()
     alone = _subset(rng, n, settings.mask_prompt_fraction)
     if len(alone):
         noisy = noisy_mask_prompts(objs.target[alone], rng, grid, side)
-        sparse, dense = encoder(points=None, boxes=None, masks=noisy[:, None])
+        sparse, dense = prompt_encoder(points=None, boxes=None, masks=noisy[:, None])
         low, iou = decode_all(decoder, embeddings[alone], image_pe, sparse, dense)
         total = total + prompt_losses(low, iou, objs.target[alone], single[alone], size).sum()
     return total / n

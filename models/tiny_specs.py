@@ -65,7 +65,7 @@ class TinyVisionPretrainSpec:
 class TinySamPretrainSpec:
     """Promptable-segmentation pretraining of the tiny SAM (models/sam_pretrain.py)."""
 
-    steps: int = 1200
+    steps: int = 1000
     batch_images: int = 8  # scenes per step; every object in them is a prompt
     lr: float = 5e-3
     weight_decay: float = 0.1

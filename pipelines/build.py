@@ -147,8 +147,8 @@ def report_lines(config: Config, data: dict, tiny: dict, features: dict) -> list
         f"LM {params['lm']:,} params; vision encoder {params['vision']:,} params; SAM {params.get('sam', 0):,} params"
     )
     sam = tiny["sam"]
-    lines.append(f"  SAM pretrained {sam['steps']} steps in {sam['seconds']:.0f} s: held-out mean IoU "
-                 f"{sam['box_iou']:.3f} from a box, {sam['point_iou']:.3f} from one point")
+    lines.append(f"  SAM pretrained {sam['steps']} steps in {sam['seconds']:.0f} s ({sam['cpu_seconds']:.0f} s CPU): "
+                 f"held-out mean IoU {sam['box_iou']:.3f} from a box, {sam['point_iou']:.3f} from one point")
     lines.append(
         f"features  {features['encoded']} encoded, {features['cached']} cached, {features['failed']} failed"
     )
