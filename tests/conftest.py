@@ -50,6 +50,25 @@ def tiny_features(tiny_workspace, ray_cluster):
 
 
 @pytest.fixture(scope="session")
+def default_world(tmp_path_factory, ray_cluster):
+    """configs/tiny.yaml as the main job runs it (2,000 training samples, every pretraining budget and SAE
+    default) with a smaller val/test, built, featurised and with its SAE trained once for the modules that
+    check the quality of those defaults (minutes)."""
+    from pipelines.build import build_synthetic, build_tiny
+    from pipelines.precompute import precompute
+    from pipelines.sae_train import run_sae_train
+
+    work = tmp_path_factory.mktemp("default-world")
+    config = load_config("configs/tiny.yaml", [f"paths.work_dir={work}", "data.synthetic.n_val=64",
+                                               "data.synthetic.n_test=4", "sft.eval_samples=64"])
+    build_synthetic(config)
+    build_tiny(config)
+    precompute(config, splits=["train", "val"], batch_size=64)
+    run_sae_train(config, progress=False)
+    return config
+
+
+@pytest.fixture(scope="session")
 def tiny_sae(tiny_workspace, tiny_features):
     """A quickly trained SAE on the tiny policy's layer-k states (a few epochs)."""
     from pipelines.sae_train import run_sae_train

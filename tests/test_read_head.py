@@ -205,7 +205,8 @@ def test_loading_a_head_of_the_other_kind_is_a_clear_error(read_config, tmp_path
     with pytest.raises(ValueError, match=r"holds a 'segcompass' head, but model.head.kind is 'read'"):
         build_segmenter(read_config, str(ckpt))
     config = json.loads((ckpt / "head" / "config.json").read_text())
-    del config["kind"]  # written before READ was a head: a SegCompass checkpoint
+    del config["kind"]  # written before READ was a head (and before manifests): a SegCompass checkpoint
     (ckpt / "head" / "config.json").write_text(json.dumps(config))
+    (ckpt / "manifest.json").unlink()
     with pytest.raises(ValueError, match="holds a 'segcompass' head"):
         build_segmenter(read_config, str(ckpt))

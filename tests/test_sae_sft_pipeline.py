@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import load_config
 from config.builders import build_segmenter
 from models.sae_io import load_sae, load_sae_metrics
 from pipelines.evaluate import run_eval
@@ -31,22 +30,10 @@ def test_sae_train_saves_a_frozen_sae_that_beats_its_start(tiny_workspace, tiny_
 
 
 @pytest.fixture(scope="module")
-def default_sae(tmp_path_factory, ray_cluster):
-    """configs/tiny.yaml's SAE as the main job trains it (states of the first max_samples training
-    samples, every sae default), in a workspace of its own: about a minute."""
-    from pipelines.build import build_synthetic, build_tiny
-    from pipelines.precompute import precompute
-    from pipelines.sae_train import run_sae_train
-
-    n_train = load_config("configs/tiny.yaml").model.sae.max_samples
-    work = tmp_path_factory.mktemp("sae-defaults")
-    config = load_config("configs/tiny.yaml", [f"paths.work_dir={work}", f"data.synthetic.n_train={n_train}",
-                                               "data.synthetic.n_val=1", "data.synthetic.n_test=1"])
-    build_synthetic(config)
-    build_tiny(config)
-    precompute(config, splits=["train"], batch_size=64)
-    run_sae_train(config, progress=False)
-    return load_sae_metrics(config.resolve_path(config.model.sae.path))
+def default_sae(default_world):
+    """configs/tiny.yaml's SAE as the main job trains it (states of the first max_samples training samples,
+    every sae default)."""
+    return load_sae_metrics(default_world.resolve_path(default_world.model.sae.path))
 
 
 def test_tiny_config_sae_is_sparse_faithful_and_alive(default_sae):

@@ -17,25 +17,15 @@ import torch
 
 from config import load_config
 
-OVERRIDES = ["data.synthetic.n_val=64", "data.synthetic.n_test=4", "model.sae.epochs=4", "sft.eval_samples=64"]
 SEG_STATES = ("ref_hidden", "layer_ref_hidden")
 """PolicyOutput fields taken at the <SEG> token (READ's image states belong to the image, not the answer)."""
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, ray_cluster):
-    from pipelines.build import build_synthetic, build_tiny
-    from pipelines.precompute import precompute
-    from pipelines.sae_train import run_sae_train
+def sft_run(default_world):
     from pipelines.sft import run_sft
 
-    work = tmp_path_factory.mktemp("sft-work")
-    config = load_config("configs/tiny.yaml", [f"paths.work_dir={work}", *OVERRIDES])
-    build_synthetic(config)
-    build_tiny(config)
-    precompute(config, splits=["train", "val"], batch_size=64)
-    run_sae_train(config, progress=False)
-    return config, run_sft(config, progress=False)
+    return default_world, run_sft(default_world, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,11 @@ from data.mask_frames import lowres_side
 from models.projector import load_projector
 from models.sam import load_sam
 from models.tiny import TinySpec, make_tiny
+from models.tiny_specs import (
+    TinyLMAlignSpec,
+    TinySamPretrainSpec,
+    TinyVisionPretrainSpec,
+)
 from models.vision import load_tiny_vision
 
 
@@ -28,13 +33,21 @@ def test_folder_has_real_formats(tiny_workspace):
 
 
 def test_build_is_deterministic_by_seed(tmp_path):
+    """Pretraining at token budgets: determinism, not quality, is under test (test_tiny_pretrain has that)."""
     corpus = ["<think>the red circle is round</think> <SEG>", "every blue square left of the triangle"] * 20
-    a, b, c = (make_tiny(TinySpec(seed=s), corpus, tmp_path / n) for s, n in [(3, "a"), (3, "b"), (4, "c")])
+    budgets = {"vision_pretrain": TinyVisionPretrainSpec(steps=3, batch_size=4, eval_scenes=4),
+               "lm_align": TinyLMAlignSpec(steps=3, batch_size=4, eval_scenes=2),
+               "sam_pretrain": TinySamPretrainSpec(steps=3, batch_images=2, warmup_steps=1, eval_scenes=2)}
+    a, b, c = (make_tiny(TinySpec(seed=s, **budgets), corpus, tmp_path / n, progress=False)
+               for s, n in [(3, "a"), (3, "b"), (4, "c")])
     wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
-    assert torch.equal(load_file(a / "vision/model.safetensors")["pos"], load_file(b / "vision/model.safetensors")["pos"])
+    for part in ("vision", "projector"):
+        va, vb = (load_file(p / part / "model.safetensors") for p in (a, b))
+        assert all(torch.equal(va[k], vb[k]) for k in va), part
+    assert (a / "sam/sam.pt").read_bytes() == (b / "sam/sam.pt").read_bytes()
 
 
 def test_tokenizer_keeps_markers_as_single_visible_tokens(tiny_workspace):
