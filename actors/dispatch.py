@@ -80,6 +80,11 @@ class LeastLoaded:
             getattr(self.actors[slot], method).remote(*args)
         return True
 
+    def in_flight(self) -> int:
+        """Calls submitted and not yet finished, over all actors (read-only: safe beside ``dispatch``)."""
+        return sum(len(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[1])
+                   for refs in list(self._unfinished) if refs)
+
     def _start(self, number: int):
         """A fresh actor for slot ``number`` (its number in the names, kept when other slots are dropped)."""
         return self.factory(**(self.slot_options[number] if self.slot_options is not None else {}))
@@ -122,6 +127,10 @@ class SupervisedPool:
 
     def owns(self, worker: str) -> bool:
         return self._dispatch.owns(worker)
+
+    def in_flight(self) -> int:
+        """The pool's calls not finished yet."""
+        return self._dispatch.in_flight()
 
     def replace(self, worker: str) -> bool:
         """Start a fresh actor in place of ``worker`` (dead or stalled); False if already replaced."""

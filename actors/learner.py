@@ -3,7 +3,9 @@
 The shell gives the core what Ray knows: the rendezvous (this node's address, a free
 port), the GPU Ray assigned (``models.learner_backend`` turns it into device, process
 group and precision), the rank's environment for DeepSpeed, and the rows of a step's
-batches fetched by ObjectRef (zero-copy Arrow). ``actors.learner_group`` drives the ranks together.
+batches fetched by ObjectRef (zero-copy Arrow). Rank 0 also keeps the run's record of the
+groups each step trained (``models.learner_audit``), from the rows it was given.
+``actors.learner_group`` drives the ranks together.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from config import Config
 from data.weight_transport import PackedState
 from models.learner import LearnerCore, learner_rows
+from models.learner_audit import record_step
 from models.learner_backend import LearnerBackend, choose_backend
 
 BATCH_FETCH_TIMEOUT_S = 600.0
@@ -33,12 +36,15 @@ def free_port() -> int:
 class LearnerRank:
     """Rank ``rank`` of ``world_size``: builds its Segmenter copy and joins the ZeRO-3 group in ``setup``.
 
-    ``backend`` replaces the one chosen from Ray's GPUs (tests: the bf16 path on CPU).
+    ``backend`` replaces the one chosen from Ray's GPUs (tests: the bf16 path on CPU); ``inputs_log``:
+    the file rank 0 records each step's groups in (none: no record).
     """
 
     def __init__(self, config: Config, rank: int, world_size: int, model_path: str | None = None,
-                 extensions_dir: str | None = None, zero: dict | None = None, backend: LearnerBackend | None = None):
+                 extensions_dir: str | None = None, zero: dict | None = None, backend: LearnerBackend | None = None,
+                 inputs_log: str | None = None):
         self.config, self.rank, self.world_size, self.zero, self.backend = config, rank, world_size, zero, backend
+        self.inputs_log = inputs_log if rank == 0 else None
         self.model_path = model_path or config.resolve_path(config.model.name_or_path)
         self.extensions_dir = extensions_dir or os.path.join(config.resolve_path(config.paths.cache_dir),
                                                              "torch_extensions")
@@ -68,7 +74,11 @@ class LearnerRank:
 
     def train_step(self, batch_refs: Sequence[ray.ObjectRef]) -> dict[str, float]:
         """One optimiser step on all rows of ``batch_refs`` (every rank gets the same refs); whole-batch metrics."""
-        return self.core.train_step(learner_rows(ray.get(list(batch_refs), timeout=BATCH_FETCH_TIMEOUT_S)))
+        rows = learner_rows(ray.get(list(batch_refs), timeout=BATCH_FETCH_TIMEOUT_S))
+        metrics = self.core.train_step(rows)
+        if self.inputs_log is not None:
+            record_step(self.inputs_log, metrics["version"], (r["group_id"] for r in rows), len(rows))
+        return metrics
 
     def version(self) -> int:
         return self.core.version()

@@ -20,15 +20,17 @@ class LearnerGroup:
 
     def __init__(self, config: Config, world_size: int = 2, model_path: str | None = None,
                  num_cpus: float = 1.0, extensions_dir: str | None = None, zero: dict | None = None,
-                 timeout_s: float | None = None, num_gpus: float = 0.0, rank_options: list[dict] | None = None):
+                 timeout_s: float | None = None, num_gpus: float = 0.0, rank_options: list[dict] | None = None,
+                 inputs_log: str | None = None):
         """``extensions_dir``: where DeepSpeed's JIT-compiled CPU ops are cached (default:
         <cache_dir>/torch_extensions); ``zero``: overrides of the zero_optimization section;
         ``timeout_s`` bounds every blocking call (setup, checkpoints): GetTimeoutError past it;
-        ``rank_options``: each rank's placement (its bundle of the group's placement group)."""
+        ``rank_options``: each rank's placement (its bundle of the group's placement group);
+        ``inputs_log``: where rank 0 records the groups of each step (``models.learner_audit``)."""
         self.timeout_s = timeout_s
         self.ranks = [LearnerRank.options(num_cpus=num_cpus, num_gpus=num_gpus,
                                           **(rank_options[rank] if rank_options else {})).remote(
-                          config, rank, world_size, model_path, extensions_dir, zero)
+                          config, rank, world_size, model_path, extensions_dir, zero, inputs_log=inputs_log)
                       for rank in range(world_size)]
         master_addr, master_port = ray.get(self.ranks[0].endpoint.remote(), timeout=timeout_s)
         ray.get([r.setup.remote(master_addr, master_port) for r in self.ranks], timeout=timeout_s)

@@ -6,6 +6,7 @@ so a config the cluster cannot hold stops before any actor starts, naming the ki
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -14,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.local import started_here
 from cluster.placement import KindPlan, PlacementError, Plan, fit, nodes_from_ray, plan
 from config import Config
+from models.learner_audit import FILE as LEARNER_INPUTS
 
 
 @dataclass
@@ -124,7 +126,8 @@ def start_actors(config: Config, model_path: str) -> Topology:
                             max_restarts=c.max_actor_restarts, slot_options=placement.slot_options("reward"))
         learner = LearnerGroup(config, c.learner_world_size, model_path, num_cpus=c.learner.num_cpus,
                                num_gpus=c.learner.num_gpus, timeout_s=c.start_timeout_s,
-                               rank_options=placement.slot_options("learner"))
+                               rank_options=placement.slot_options("learner"),
+                               inputs_log=str(Path(config.resolve_path(config.train.output)) / LEARNER_INPUTS))
         rollout.ready(c.start_timeout_s)
         reference.ready(c.start_timeout_s)
     except BaseException:

@@ -107,8 +107,8 @@ ROLLOUT_SCHEMA = pa.schema(PROMPT_FIELDS + ROLLOUT_FIELDS)  # rollout -> referen
 REFERENCE_SCHEMA = pa.schema(KEY_FIELDS + REFERENCE_FIELDS)  # reference -> reward
 REWARD_SCHEMA = pa.schema(KEY_FIELDS + REWARD_FIELDS)  # reward -> learner (joined by attach_rewards)
 LEARNER_DROPS = ("mask_probs", "confidences", "text")  # bulk the learner does not need
-LEARNER_COLUMNS = ("image_hash", "prompt_ids", "response_ids", "rollout_logprobs", "ref_logprobs", "gt_masks",
-                   "advantage", "error")  # what a learner rank reads of each row
+LEARNER_COLUMNS = ("group_id", "image_hash", "prompt_ids", "response_ids", "rollout_logprobs", "ref_logprobs",
+                   "gt_masks", "advantage", "error")  # what a learner rank reads of each row
 
 # Row error codes: why a row could not be scored (the first failing check wins).
 NULL_FIELD = "null_field"  # a required cell is null

@@ -34,6 +34,7 @@ from models.grpo_step import LossSettings, LossTotals, learner_loss, usable
 from models.learner_backend import LearnerBackend
 from models.learner_checkpoint import WeightsOnlyEngine
 from models.optim import build_optimizer, one_cycle, param_groups
+from models.process_group import join_process_group
 from models.segmenter import HeadSpec, Segmenter, save_segmenter
 
 ZERO_DEFAULTS = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True, "stage3_max_reuse_distance": 0}
@@ -160,7 +161,9 @@ class LearnerCore:
         if sae is not None:
             del model.head.sae
             sae.to(backend.device, self.dtype)  # the head feeds it states of the engine's dtype
-        deepspeed.init_distributed(dist_backend=backend.dist_backend, auto_mpi_discovery=False)
+        if not torch.distributed.is_initialized():
+            join_process_group(backend.dist_backend)
+        deepspeed.init_distributed(dist_backend=backend.dist_backend, auto_mpi_discovery=False)  # adopts the group
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                config=self._ds_config(), dist_init_required=False)
         self.engine.checkpoint_engine = WeightsOnlyEngine(self.engine.checkpoint_engine)  # never unpickle code

@@ -2,10 +2,23 @@
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 
 from config import load_config
+
+FAULT_SEED = int(os.environ.get("SEGRL_FAULT_SEED") or random.SystemRandom().randrange(2**31))
+"""Where the fault-injection tests kill: new each session, printed in the header, repeated when given."""
+
+
+def pytest_report_header(config) -> str:
+    return f"fault injection seed: {FAULT_SEED} (SEGRL_FAULT_SEED={FAULT_SEED} repeats its kill points)"
+
+
+@pytest.fixture(scope="session")
+def fault_seed() -> int:
+    return FAULT_SEED
 
 # Pretraining budgets cut for the suite (the main job runs the defaults; their figures are in its report).
 TINY_OVERRIDES = ["data.synthetic.n_train=40", "data.synthetic.n_val=10", "data.synthetic.n_test=10",

@@ -1,6 +1,8 @@
 """Supervised least-loaded dispatch: names, replacement with the latest broadcast, bounded restarts."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import ray
 
@@ -18,6 +20,9 @@ class Holder:
 
     def read(self):
         return self.value
+
+    def wait_for(self, gate):
+        return ray.get(gate.wait.remote())
 
 
 def test_calls_name_their_actor_and_a_replacement_gets_the_latest_broadcast(ray_cluster):
@@ -44,3 +49,31 @@ def test_past_the_budget_slots_are_dropped_then_the_pool_gives_up(ray_cluster):
             pool.replace("holder-0.0")
     finally:
         pool.shutdown()
+
+
+
+@ray.remote(num_cpus=0)
+class Gate:
+    def __init__(self):
+        self.opened = asyncio.Event()
+
+    async def wait(self):
+        await self.opened.wait()
+
+    async def open(self):
+        self.opened.set()
+
+
+def test_in_flight_counts_the_calls_not_yet_finished(ray_cluster):
+    pool, gate = LeastLoaded(Holder.remote, 2, "holder"), Gate.remote()
+    try:
+        ray.get(pool.dispatch("read")[0], timeout=30)
+        assert pool.in_flight() == 0
+        blocked = [pool.dispatch("wait_for", gate)[0] for _ in range(3)]
+        assert pool.in_flight() == 3
+        ray.get(gate.open.remote(), timeout=30)
+        ray.get(blocked, timeout=30)
+        assert pool.in_flight() == 0
+    finally:
+        pool.shutdown()
+        ray.kill(gate)

@@ -3,7 +3,10 @@
 Each scenario ends with the ledger's exactly-once check (every admitted sample trained
 once, re-queued, or dropped with a reason; no step beyond the staleness bound; every step
 a full batch), the metrics numbered 1..N once each, and the same weights version in the
-rollout pool, the scorer and the learner. Kills land at seeded random points.
+rollout pool, the scorer and the learner. Beside the ledger, the learner's own record of
+the groups each surviving step trained (``learner_inputs.jsonl``) is counted against the
+prompts admitted. Kill points are drawn from the session's fault seed (printed in the test
+header; SEGRL_FAULT_SEED=N repeats them).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from tests_support import tiny_grpo_config
 
 import pipelines.train as train_module
 from config import dump_config
-from pipelines.grpo.ledger import Ledger
+from models.learner_audit import trained_groups
+from pipelines.grpo.ledger import TRAINED, Ledger
 from pipelines.grpo.metrics_log import read_metrics
 from pipelines.train import train
 
@@ -67,12 +71,23 @@ def faulty_run(workspace: dict, out: Path, steps: int, checkpoint_every: int, in
     """A tiny GRPO run into ``out`` while ``inject(injector)`` runs beside it in a thread."""
     config = tiny_grpo_config(workspace, out, steps=steps, checkpoint_every=checkpoint_every)
     config.train.eval_samples = 0
+    failures: list[BaseException] = []
+
+    def guarded(injector: Injector) -> None:
+        try:
+            inject(injector)
+        except BaseException as exc:  # re-raised in the test's thread below
+            failures.append(exc)
+
     with pytest.MonkeyPatch.context() as patch:
         injector = Injector(patch)
-        thread = threading.Thread(target=inject, args=(injector,), daemon=True)
+        thread = threading.Thread(target=guarded, args=(injector,), daemon=True)
         thread.start()
         summary = train(config)
         thread.join(timeout=5)
+    if failures:
+        raise failures[0]
+    assert not thread.is_alive(), "the run ended before the injector reached its kill points"
     return summary, injector
 
 
@@ -96,7 +111,22 @@ def assert_exactly_once(out: Path, steps: int, eta: int = 1) -> Ledger:
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(int(k.split("/")[1]) <= eta for r in rows for k in r if k.startswith("staleness/"))
+    assert_learner_consumed_each_admitted_group_once(out, steps, ledger)
     return ledger
+
+
+def assert_learner_consumed_each_admitted_group_once(out: Path, steps: int, ledger: Ledger) -> None:
+    """Not trusting the ledger: the learner's record of its surviving steps' inputs holds a full batch
+    per step, no group twice, and every group among those the scheduler admitted and said trained."""
+    consumed = trained_groups(out / "learner_inputs.jsonl")
+    assert sorted(consumed) == list(range(1, steps + 1)), sorted(consumed)
+    groups = [g for step_groups in consumed.values() for g in step_groups]
+    assert all(len(step_groups) == BATCH for step_groups in consumed.values()), consumed
+    assert len(set(groups)) == len(groups) == steps * BATCH, consumed
+    entries = {group: (state, step) for group, _, state, _, step, _ in ledger.to_dict()["entries"]}
+    assert set(groups) <= set(entries), "the learner trained groups the scheduler never admitted"
+    assert set(groups) == {g for g, (state, _) in entries.items() if state == TRAINED}
+    assert all(entries[g][1] == step for step, step_groups in consumed.items() for g in step_groups)
 
 
 def assert_versions_agree(versions: dict, steps: int) -> None:
@@ -105,19 +135,23 @@ def assert_versions_agree(versions: dict, steps: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def actor_kills(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
-    """Kill the rollout engine, the reference scorer and a reward worker at random points of one run."""
+def actor_kills(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory, fault_seed):
+    """Kill the rollout engine while it generates, the reference scorer and a reward worker, each after a
+    step drawn from the fault seed, in one run."""
     out = tmp_path_factory.mktemp("faults-actors")
-    rng = random.Random(6)
+    rng = random.Random(f"{fault_seed}:actors")
     kills = sorted(zip(rng.sample([1, 2, 3, 4], 3), ["rollout", "reference", "reward"]))
 
     def inject(injector):
         wait_for(lambda: injector.topologies, "the actors")
         topology = injector.topologies[0]
         for step, kind in kills:
-            wait_for(lambda: steps_logged(out) >= step, f"step {step}")
-            time.sleep(rng.uniform(0.0, 1.0))
             pool = {"rollout": topology.rollout, "reference": topology.reference, "reward": topology.reward}[kind]
+            wait_for(lambda: steps_logged(out) >= step, f"step {step}")
+            if kind == "rollout":  # mid-call, so that its lost work must be re-queued
+                wait_for(lambda pool=pool: pool.in_flight() > 0, "a rollout call in flight")
+            else:
+                time.sleep(rng.uniform(0.0, 1.0))
             ray.kill(pool.workers[0])
 
     summary, injector = faulty_run(tiny_workspace, out, 6, 3, inject)
@@ -133,11 +167,15 @@ def test_killed_actors_are_replaced_and_no_sample_is_lost_or_trained_twice(actor
     requeued = ledger.summary()["requeued_by_reason"]
     assert sum(requeued.values()) == faults["faults/retries"] >= 1
     assert all(reason.split(":")[0] in ("rollout", "reference", "reward") for reason in requeued)
+    assert any(reason.startswith("rollout") for reason in requeued), (kills, requeued)  # killed mid-generation
 
 
 @pytest.fixture(scope="module")
-def driver_killed(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
-    """`segrl train` in a subprocess on this cluster, SIGKILLed after its step-4 checkpoint."""
+def driver_killed(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory, fault_seed):
+    """`segrl train` in a subprocess on this cluster, SIGKILLed after its step-2 or step-4 checkpoint
+    (drawn from the fault seed): (config, run folder, the checkpoint's step)."""
+    rng = random.Random(f"{fault_seed}:driver")
+    killed_after = rng.choice([2, 4])
     out = tmp_path_factory.mktemp("faults-driver")
     config = tiny_grpo_config(tiny_workspace, out, steps=6, checkpoint_every=2)
     config.train.eval_samples = 0
@@ -148,16 +186,16 @@ def driver_killed(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
     driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--config", str(config_file)],
                               stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
     try:
-        wait_for(lambda: (out / "checkpoints" / "step4.manifest.json").is_file() or driver.poll() is not None,
-                 "the step-4 checkpoint")
-        time.sleep(random.Random(4).uniform(0.0, 0.5))
+        wait_for(lambda: (out / "checkpoints" / f"step{killed_after}.manifest.json").is_file()
+                 or driver.poll() is not None, f"the step-{killed_after} checkpoint")
+        time.sleep(rng.uniform(0.0, 0.5))
         assert driver.poll() is None, (out.parent / f"{out.name}.log").read_text()[-3000:]
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
         driver.kill()
         log.close()
-    return config, out
+    return config, out, killed_after
 
 
 def resume(config, out: Path) -> tuple[str, dict]:
@@ -172,15 +210,15 @@ def resume(config, out: Path) -> tuple[str, dict]:
 
 @pytest.fixture(scope="module")
 def driver_resumed(driver_killed):
-    config, out = driver_killed
-    assert steps_logged(out) >= 4 and not (out / "ledger.json").exists()
+    config, out, killed_after = driver_killed
+    assert steps_logged(out) >= killed_after and not (out / "ledger.json").exists()
     printed, versions = resume(config, out)
-    return out, printed, versions, Ledger.load(out / "ledger.json")
+    return out, printed, versions, Ledger.load(out / "ledger.json"), killed_after
 
 
 def test_a_killed_driver_resumes_from_its_newest_checkpoint(driver_resumed):
-    out, printed, versions, ledger = driver_resumed
-    assert "checkpoints/step4: 4 steps done" in printed and "skipping" not in printed
+    out, printed, versions, ledger, killed_after = driver_resumed
+    assert f"checkpoints/step{killed_after}: {killed_after} steps done" in printed and "skipping" not in printed
     assert_exactly_once(out, 6)
     assert_versions_agree(versions, 6)
     assert read_metrics(out)[-1]["faults/resumes"] == 1
@@ -188,17 +226,25 @@ def test_a_killed_driver_resumes_from_its_newest_checkpoint(driver_resumed):
 
 
 @pytest.fixture(scope="module")
-def torn_resumed(driver_killed, driver_resumed):
-    """The finished run's newest checkpoint (step 6) half written, then the run extended to 8 steps."""
-    config, out = driver_killed
+def torn_resumed(driver_killed, driver_resumed, fault_seed):
+    """The finished run's newest checkpoint (step 6) half written or with one bit flipped (drawn from the
+    fault seed), then the run extended to 8 steps."""
+    config, out, _ = driver_killed
+    rng = random.Random(f"{fault_seed}:torn")
     newest = out / "checkpoints" / "step6"
     victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    torn = victim.read_bytes()[: victim.stat().st_size // 2]
-    victim.write_bytes(torn)
+    data = bytearray(victim.read_bytes())
+    if rng.random() < 0.5:
+        data = data[: len(data) // 2]
+        reason = f"{len(data)} bytes, step6.manifest"
+    else:
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        reason = "damaged (its SHA-256 differs"
+    victim.write_bytes(bytes(data))
     config = config.model_copy(deep=True)
     config.train.steps = 8
     printed, versions = resume(config, out)
-    return out, printed, versions, f"skipping checkpoint {newest}: {victim}: {len(torn)} bytes, step6.manifest"
+    return out, printed, versions, f"skipping checkpoint {newest}: {victim}: {reason}"
 
 
 def test_a_torn_newest_checkpoint_is_skipped_for_the_previous_one(torn_resumed):
@@ -209,10 +255,10 @@ def test_a_torn_newest_checkpoint_is_skipped_for_the_previous_one(torn_resumed):
 
 
 @pytest.fixture(scope="module")
-def learner_killed(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory):
+def learner_killed(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory, fault_seed):
     """A learner rank killed after the step-2 checkpoint: the run resumes by itself."""
     out = tmp_path_factory.mktemp("faults-learner")
-    rng = random.Random(2)
+    rng = random.Random(f"{fault_seed}:learner")
 
     def inject(injector):
         wait_for(lambda: (out / "checkpoints" / "step2.manifest.json").is_file(), "the step-2 checkpoint")

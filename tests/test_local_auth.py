@@ -65,3 +65,30 @@ def test_the_token_is_private_to_this_user(ray_cluster):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert len(path.read_text()) == 64  # 256 bits, hex
+
+
+
+def test_a_learner_groups_rendezvous_listens_on_loopback_only(ray_cluster):
+    """torch's TCPStore alone would listen on every interface ('::'); rank 0 binds it to the node's address."""
+    from actors.learner import free_port
+
+    @ray.remote(num_cpus=0, max_calls=1)  # a process of its own, gone after
+    def sockets_of_a_one_rank_group(port: int) -> list[tuple[str, int]]:
+        import psutil
+        import torch
+        import torch.distributed as dist
+
+        from models.process_group import join_process_group
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR=ray.util.get_node_ip_address(), MASTER_PORT=str(port))
+        join_process_group("gloo")
+        tensor = torch.ones(2)
+        dist.all_reduce(tensor)
+        assert tensor.tolist() == [1.0, 1.0]
+        conns = psutil.Process().net_connections(kind="inet")
+        dist.destroy_process_group()
+        return [(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+
+    sockets = ray.get(sockets_of_a_one_rank_group.remote(port := free_port()), timeout=120)
+    assert any(p == port for _, p in sockets), sockets
+    assert all(_loopback(ip) for ip, _ in sockets), sockets

@@ -47,8 +47,11 @@ def test_steps_are_logged_with_rewards_and_staleness(run):
     for r in rows:
         assert 0.0 <= r["reward/total"] <= 1.0 and 0.0 <= r["reward/mask"] <= 1.0
         assert all(int(k) <= config.train.staleness for k in (key.split("/")[1] for key in r if key.startswith("staleness/")))
-        assert r["loss/kl"] >= 0 and r["grad_norm"] > 0
+        assert r["loss/kl"] >= 0 and r["grad_norm"] >= 0
         assert 0 <= r["rollout/interrupted_updates"] <= config.cluster.rollout_actors
+    # The tiny policy before SFT never writes the format: every reward is 0 and step 1, still at the
+    # reference's weights, has no gradient; the KL term gives the later steps one.
+    assert rows[-1]["grad_norm"] > 0 and rows[-1]["loss/kl"] > 0
     assert len(summary["rewards"]) == 3
     assert summary["admission"]["trained"] == 3 * config.grpo.prompts_per_step
 
