@@ -12,8 +12,17 @@ FAULT_SEED = int(os.environ.get("SEGRL_FAULT_SEED") or random.SystemRandom().ran
 """Where the fault-injection tests kill: new each session, printed in the header, repeated when given."""
 
 
-def pytest_report_header(config) -> str:
+def _fault_seed_line() -> str:
     return f"fault injection seed: {FAULT_SEED} (SEGRL_FAULT_SEED={FAULT_SEED} repeats its kill points)"
+
+
+def pytest_report_header(config) -> str:
+    return _fault_seed_line()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Also at the end, where `pytest -q` (which drops the header) still prints it."""
+    terminalreporter.write_line(_fault_seed_line())
 
 
 @pytest.fixture(scope="session")

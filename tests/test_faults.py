@@ -126,7 +126,8 @@ def assert_learner_consumed_each_admitted_group_once(out: Path, steps: int, ledg
     entries = {group: (state, step) for group, _, state, _, step, _ in ledger.to_dict()["entries"]}
     assert set(groups) <= set(entries), "the learner trained groups the scheduler never admitted"
     assert set(groups) == {g for g, (state, _) in entries.items() if state == TRAINED}
-    assert all(entries[g][1] == step for step, step_groups in consumed.items() for g in step_groups)
+    # the ledger numbers steps from 0; the step that trained a group made weights version step + 1
+    assert all(entries[g][1] + 1 == version for version, step_groups in consumed.items() for g in step_groups)
 
 
 def assert_versions_agree(versions: dict, steps: int) -> None:

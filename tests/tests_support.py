@@ -8,7 +8,7 @@ def overrides_for(config: Config) -> list[str]:
     return [f"paths.work_dir={config.paths.work_dir}", f"data.synthetic.n_train={s.n_train}",
             f"data.synthetic.n_val={s.n_val}", f"data.synthetic.n_test={s.n_test}",
             *(f"model.tiny.{stage}.{key}={value}" for stage in ("vision_pretrain", "lm_align", "sam_pretrain")
-              if hasattr(t, stage) for key, value in getattr(t, stage).model_dump().items())]
+              for key, value in getattr(t, stage).model_dump().items())]
 
 
 def tiny_grpo_config(workspace: dict, out, steps: int, checkpoint_every: int) -> Config:
