@@ -22,6 +22,20 @@ def _listening(process: psutil.Process) -> list[tuple[str, str, int]]:
     return [(process.name(), c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
 
 
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
+
+
+def _environ(process: psutil.Process) -> dict[str, str]:
+    try:
+        return process.environ()
+    except psutil.Error:  # gone, or another user's
+        return {}
+
+
 def _loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     mapped = getattr(address, "ipv4_mapped", None)
@@ -34,8 +48,14 @@ def test_every_ray_process_of_the_local_cluster_listens_on_loopback_only(ray_clu
         return os.getpid()
 
     me = psutil.Process()
-    ray_processes = [me, *me.children(recursive=True)]  # the driver, GCS, raylet, agents, workers
-    assert ray.get(worker_pid.remote()) in {p.pid for p in ray_processes}
+    ray_processes = {p.pid: p for p in [me, *me.children(recursive=True)]}  # the driver, GCS, raylet, agents
+    raylets = {str(pid) for pid, p in ray_processes.items() if _name(p) == "raylet"}
+    for p in psutil.process_iter():  # workers by their raylet, wherever they hang in the process tree
+        if _environ(p).get("RAY_RAYLET_PID") in raylets:
+            ray_processes.setdefault(p.pid, p)
+    pid = ray.get(worker_pid.remote())
+    assert pid in ray_processes, (pid, raylets, [(q.pid, _name(q)) for q in psutil.Process(pid).parents()])
+    ray_processes = list(ray_processes.values())
     sockets = [s for p in ray_processes for s in _listening(p)]
     names = {name for name, _, _ in sockets}
     assert {"gcs_server", "raylet"} <= names and len(sockets) >= 5, sockets

@@ -10,6 +10,7 @@ import ray
 import torch
 
 from config.builders import build_segmenter, feature_store
+from data.mask_frames import lowres_side
 from data.synthetic import sft_target
 from data.trajectory import ROLLOUT_SCHEMA
 from models.reference import ReferenceCore
@@ -47,13 +48,16 @@ def test_scored_columns_equal_direct_model_outputs(setup):
             out, heads = model([row["prompt_ids"]], [f["vision"]], [row["response_ids"]], [f["sam"]])
         got_lp = np.asarray(scored.column("ref_logprobs")[i].as_py())
         np.testing.assert_allclose(got_lp, out.logprobs[0, : len(row["response_ids"])].numpy(), atol=1e-5)
-        probs = np.asarray(scored.column("mask_probs")[i].as_py()).reshape(1, 32, 32)
+        side = lowres_side(f["sam"])  # 4x the SAM embedding grid: 64 for configs/tiny.yaml's 16x16
+        assert (scored.column("mask_height")[i].as_py(), scored.column("mask_width")[i].as_py()) == (side, side)
+        probs = np.asarray(scored.column("mask_probs")[i].as_py()).reshape(1, side, side)
         if heads[0] is None:
             assert not probs.any() and scored.column("confidences")[i].as_py() == [0.0]
         else:
             np.testing.assert_allclose(probs, torch.sigmoid(heads[0].mask_logits).numpy(), atol=1e-6)
             assert scored.column("confidences")[i].as_py() == [1.0]
-    assert scored.column("mask_height").to_pylist() == [32] * batch.num_rows
+    sam = config.model.tiny.sam
+    assert scored.column("mask_height").to_pylist() == [4 * (sam.image_size // sam.patch_size)] * batch.num_rows
 
 
 def test_each_row_uses_its_own_version(setup):
