@@ -91,12 +91,12 @@ def faulty_run(workspace: dict, out: Path, steps: int, checkpoint_every: int, in
     return summary, injector
 
 
-def wait_for(condition, what: str, timeout_s: float = STEP_TIMEOUT_S) -> None:
+def wait_for(condition, what: str, timeout_s: float = STEP_TIMEOUT_S, interval_s: float = 0.1) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(interval_s)
 
 
 def steps_logged(out: Path) -> int:
@@ -137,8 +137,8 @@ def assert_versions_agree(versions: dict, steps: int) -> None:
 
 @pytest.fixture(scope="module")
 def actor_kills(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory, fault_seed):
-    """Kill the rollout engine while it generates, the reference scorer and a reward worker, each after a
-    step drawn from the fault seed, in one run."""
+    """Kill the rollout engine, the reference scorer and a reward worker, each in the middle of a call
+    after a step drawn from the fault seed, in one run."""
     out = tmp_path_factory.mktemp("faults-actors")
     rng = random.Random(f"{fault_seed}:actors")
     kills = sorted(zip(rng.sample([1, 2, 3, 4], 3), ["rollout", "reference", "reward"]))
@@ -149,10 +149,10 @@ def actor_kills(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory, fault_s
         for step, kind in kills:
             pool = {"rollout": topology.rollout, "reference": topology.reference, "reward": topology.reward}[kind]
             wait_for(lambda: steps_logged(out) >= step, f"step {step}")
-            if kind == "rollout":  # mid-call, so that its lost work must be re-queued
-                wait_for(lambda pool=pool: pool.in_flight() > 0, "a rollout call in flight")
-            else:
-                time.sleep(rng.uniform(0.0, 1.0))
+            time.sleep(rng.uniform(0.0, 0.5))
+            # mid-call, so that work is lost and must be re-queued (an idle actor killed after its
+            # last call of the run would never be noticed)
+            wait_for(lambda pool=pool: pool.in_flight() > 0, f"a {kind} call in flight", interval_s=0.005)
             ray.kill(pool.workers[0])
 
     summary, injector = faulty_run(tiny_workspace, out, 6, 3, inject)

@@ -47,13 +47,13 @@ def test_every_ray_process_of_the_local_cluster_listens_on_loopback_only(ray_clu
     def worker_pid() -> int:
         return os.getpid()
 
+    pid = ray.get(worker_pid.remote())  # first: the call may start a worker the listing below must see
     me = psutil.Process()
     ray_processes = {p.pid: p for p in [me, *me.children(recursive=True)]}  # the driver, GCS, raylet, agents
-    raylets = {str(pid) for pid, p in ray_processes.items() if _name(p) == "raylet"}
+    raylets = {str(q) for q, p in ray_processes.items() if _name(p) == "raylet"}
     for p in psutil.process_iter():  # workers by their raylet, wherever they hang in the process tree
         if _environ(p).get("RAY_RAYLET_PID") in raylets:
             ray_processes.setdefault(p.pid, p)
-    pid = ray.get(worker_pid.remote())
     assert pid in ray_processes, (pid, raylets, [(q.pid, _name(q)) for q in psutil.Process(pid).parents()])
     ray_processes = list(ray_processes.values())
     sockets = [s for p in ray_processes for s in _listening(p)]
