@@ -1,8 +1,9 @@
 """The supervised warm start does its job: the policy emits the format, segments better than at the start,
 and its masks depend on what the answer says.
 
-The main job's SFT stage as it is (2000 synthetic training samples, 3 epochs) in a
-workspace of its own, val measured on 64 samples before and after (greedy decoding).
+The main job's SFT stage as it is (2000 synthetic training samples, 3 epochs) on the
+session's `default_world` (configs/tiny.yaml's models, features and SAE, shared with the
+SAE check), val measured on 64 samples before and after (greedy decoding).
 The untrained policy never emits `<SEG>`, so its gIoU is the share of false premises
 (each scored 1 for "no mask"): beating it takes real masks on the samples that have
 an object. The slowest test of the suite (minutes), an end-to-end check of `segrl sft`.
