@@ -134,6 +134,17 @@ def step_params(config: Config, *sections: str) -> dict:
     return params
 
 
+def sft_params(config: Config, sae_from: Config) -> dict:
+    """What an SFT run depends on; the SAE is ``sae_from``'s (a frozen part, trained once)."""
+    return {**step_params(config, "sft", "eval", "seg_loss", "model.head", "optim"),
+            "sae": step_params(sae_from, "model.sae")}
+
+
+def grpo_params(config: Config, sft: dict) -> dict:
+    """What a GRPO run depends on: its sections and the SFT start's parameters."""
+    return {**step_params(config, "train", "grpo", "rollout", "reward", "cluster"), "sft": sft}
+
+
 def report_lines(config: Config, data: dict, tiny: dict, features: dict) -> list[str]:
     """The main job's closing report: what was built and where."""
     lines = [f"dataset   {data['root']}"]

@@ -305,6 +305,28 @@ def cmd_analyze(config: Config, args: argparse.Namespace) -> dict:
     return analysis
 
 
+def _ablate_args(p: argparse.ArgumentParser) -> None:
+    from pipelines.ablate import ABLATIONS
+
+    p.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="NAME",
+                   help=f"which variants (default: all): {', '.join(ABLATIONS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the config's seed)")
+    _force(p)
+
+
+@command("ablate", "GRPO variants (no segmentation loss, no format score, staleness 0, READ head) beside the "
+         "default, from SFT starts of the same seeds, same steps; prints a table", _ablate_args)
+def cmd_ablate(config: Config, args: argparse.Namespace) -> dict:
+    from pipelines.ablate import markdown_table, run_ablations
+
+    check_model_folder(config, None)
+    out = run_ablations(args.config or DEFAULT_CONFIG, args.overrides, args.variants,
+                        args.seeds or [config.seed], args.force)
+    print("\n".join(markdown_table(out["results"])))
+    print(f"saved {out['path']}")
+    return out
+
+
 def _main_args(p: argparse.ArgumentParser) -> None:
     _force(p)
     _precompute_args(p)
@@ -314,7 +336,7 @@ def _main_args(p: argparse.ArgumentParser) -> None:
          _main_args)
 def cmd_main(config: Config, args: argparse.Namespace) -> None:
     from pipelines import sae_train, sft
-    from pipelines.build import cached_step, report_lines, step_params
+    from pipelines.build import cached_step, grpo_params, report_lines, sft_params, step_params
     from pipelines.evaluate import table_lines
     from pipelines.plot import plot_run
     from pipelines.report import write_main_report
@@ -323,14 +345,12 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
     data = cmd_make_data(config, args)
     tiny = cmd_make_tiny(config, args)
     feats = cmd_precompute(config, args)
-    sae_params = step_params(config, "model.sae")
-    sae_report = cached_step("sae-train", Path(config.resolve_path(config.model.sae.path)), sae_params,
-                             lambda: sae_train.run_sae_train(config), args.force)
-    sft_params = {**step_params(config, "sft", "eval", "seg_loss", "model.head", "optim"), "sae": sae_params}
-    sft_report = cached_step("sft", Path(config.resolve_path(config.sft.output)), sft_params,
+    sae_report = cached_step("sae-train", Path(config.resolve_path(config.model.sae.path)),
+                             step_params(config, "model.sae"), lambda: sae_train.run_sae_train(config), args.force)
+    sft_step = sft_params(config, config)
+    sft_report = cached_step("sft", Path(config.resolve_path(config.sft.output)), sft_step,
                              lambda: sft.run_sft(config), args.force)
-    grpo_params = {**step_params(config, "train", "grpo", "rollout", "reward", "cluster"), "sft": sft_params}
-    grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params,
+    grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params(config, sft_step),
                        lambda: train(config, overwrite=True), args.force)
     rewards, k = grpo["rewards"], max(1, len(grpo["rewards"]) // 5)
     print("\n".join(

@@ -1,0 +1,114 @@
+"""`segrl ablate`: GRPO variants from the same kind of SFT start, same seeds, same steps.
+
+Each variant is a set of config overrides in a registry (``ABLATIONS``); one that changes
+the segmentation head needs an SFT start of its own, trained with the same overrides.
+Every stage is cached like the main job's (``cached_step``): the default variant at the
+config's own seed *is* the main job's SFT and GRPO runs, so after `segrl main` it costs
+nothing, and a rerun only reads the reports. Other runs go to ``{runs_dir}/ablate/``.
+The table compares each variant's val metrics after GRPO and its mean training reward
+(first fifth of the steps vs last fifth) with the default's at the same seed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from config import Config, load_config
+from data.atomic import write_atomic
+from pipelines.build import cached_step, grpo_params, sft_params
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    overrides: tuple[str, ...]
+    description: str
+    own_sft: bool = False  # the overrides change what SFT trains
+
+
+ABLATIONS: dict[str, Ablation] = {}
+
+
+def register_ablation(ablation: Ablation) -> Ablation:
+    if ablation.name in ABLATIONS:
+        raise ValueError(f"ablation {ablation.name!r} is already registered")
+    ABLATIONS[ablation.name] = ablation
+    return ablation
+
+
+register_ablation(Ablation("default", (), "the config as it is"))
+register_ablation(Ablation("no-seg-loss", ("seg_loss.seg_coef=0",),
+                           "GRPO without the segmentation loss (SegCompass trains both jointly)"))
+register_ablation(Ablation("no-format-score", ("reward.weights=[0.0, 1.0]",), "reward = mask score only"))
+register_ablation(Ablation("staleness-0", ("train.staleness=0",),
+                           "eta = 0: every response trains the step of the weights that sampled it"))
+register_ablation(Ablation("read-head", ("model.head.kind=read",),
+                           "READ's similarity-as-points head instead of SegCompass's slot head", own_sft=True))
+
+
+def variant_config(config_path: str | None, base_overrides: list[str], ablation: Ablation, seed: int,
+                   base_seed: int) -> Config:
+    """The variant's config: the base plus its overrides, its seed, and its own folders unless it is
+    the main job's own run (the default variant at the config's seed)."""
+    extra = [*ablation.overrides, f"seed={seed}"]
+    if ablation.own_sft or seed != base_seed:
+        head = "read" if ablation.own_sft else "default"
+        extra += [f"sft.output={{runs_dir}}/ablate/sft-{head}-s{seed}",
+                  f"train.init_from={{runs_dir}}/ablate/sft-{head}-s{seed}/model"]
+    if ablation.name != "default" or seed != base_seed:
+        extra.append(f"train.output={{runs_dir}}/ablate/{ablation.name}-s{seed}")
+    return load_config(config_path, [*base_overrides, *extra])
+
+
+def run_variant(config: Config, base: Config, force: bool) -> dict:
+    """SFT (cached) then GRPO (cached) for one variant; the SAE is the base config's, a frozen part."""
+    from pipelines import sft
+    from pipelines.train import train
+
+    sft_step = sft_params(config, base)
+    sft_report = cached_step("sft", Path(config.resolve_path(config.sft.output)), sft_step,
+                             lambda: sft.run_sft(config), force)
+    grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params(config, sft_step),
+                       lambda: train(config, overwrite=True), force)
+    rewards = grpo["rewards"]
+    k = max(1, len(rewards) // 5)
+    return {"sft": sft_report["after"], "grpo": grpo["eval"], "reward_first": sum(rewards[:k]) / k,
+            "reward_last": sum(rewards[-k:]) / k, "steps": len(rewards), "wall_s": grpo.get("wall_s"),
+            "run": config.resolve_path(config.train.output)}
+
+
+def run_ablations(config_path: str | None, base_overrides: list[str], names: list[str], seeds: list[int],
+                  force: bool = False) -> dict:
+    """Every (variant, seed) result, written to ``{runs_dir}/ablate/ablations.json``."""
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; known: {', '.join(ABLATIONS)}")
+    base = load_config(config_path, base_overrides)
+    results: dict[str, dict[str, dict]] = {}
+    for seed in seeds:
+        for name in names:
+            config = variant_config(config_path, base_overrides, ABLATIONS[name], seed, base.seed)
+            print(f"ablate: {name}, seed {seed}", flush=True)
+            results.setdefault(name, {})[str(seed)] = run_variant(config, base, force)
+    path = Path(base.resolve_path("{runs_dir}")) / "ablate" / "ablations.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(results, indent=2, default=float))
+    return {"results": results, "path": str(path)}
+
+
+COLUMNS = (("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_acc"), ("reason", "reasoning_acc"))
+
+
+def markdown_table(results: dict[str, dict[str, dict]]) -> list[str]:
+    """One row per (variant, seed): val after GRPO, its gIoU change over its own SFT start, and the
+    training reward's first-fifth and last-fifth means."""
+    head = "| variant | seed | " + " | ".join(c for c, _ in COLUMNS) + " | gIoU vs SFT | reward first → last |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
+    for name, by_seed in results.items():
+        for seed, r in by_seed.items():
+            cells = " | ".join(f"{r['grpo'].get(key, float('nan')):.3f}" for _, key in COLUMNS)
+            gain = r["grpo"]["giou"] - r["sft"]["giou"]
+            lines.append(f"| {name} | {seed} | {cells} | {gain:+.3f} | "
+                         f"{r['reward_first']:.3f} → {r['reward_last']:.3f} |")
+    return lines

@@ -1,0 +1,59 @@
+"""`segrl ablate`'s variants: valid configs, the right folders, the main job's runs reused, a table of real numbers."""
+import pytest
+
+from config import dump_config, load_config
+from pipelines.ablate import ABLATIONS, Ablation, markdown_table, register_ablation, variant_config
+from pipelines.build import grpo_params, sft_params
+
+CONFIG = "configs/tiny.yaml"
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_variant_is_a_valid_config_in_its_own_folders(name, seed):
+    base = load_config(CONFIG)
+    config = variant_config(CONFIG, [], ABLATIONS[name], seed, base.seed)
+    assert config.seed == seed
+    out = config.resolve_path(config.train.output)
+    if name == "default" and seed == base.seed:
+        assert out == base.resolve_path(base.train.output)
+    else:
+        assert out.endswith(f"ablate/{name}-s{seed}")
+        assert out != base.resolve_path(base.train.output)
+    if ABLATIONS[name].own_sft or seed != base.seed:
+        assert config.resolve_path(config.train.init_from) == config.resolve_path(config.sft.output) + "/model"
+        assert "/ablate/sft-" in config.resolve_path(config.sft.output)
+
+
+def test_each_variant_changes_what_it_names():
+    base = load_config(CONFIG)
+    get = {name: variant_config(CONFIG, [], ABLATIONS[name], 0, base.seed) for name in ABLATIONS}
+    assert get["no-seg-loss"].seg_loss.seg_coef == 0 != base.seg_loss.seg_coef
+    assert get["no-format-score"].reward.weights == (0.0, 1.0) != base.reward.weights
+    assert get["staleness-0"].train.staleness == 0 != base.train.staleness
+    assert get["read-head"].model.head.kind == "read" != base.model.head.kind
+
+
+def test_the_default_at_the_configs_seed_is_the_main_jobs_run():
+    """Same config, same cache parameters: `ablate` after `main` reuses main's SFT and GRPO runs."""
+    base = load_config(CONFIG, ["model.tiny.seed=0"])
+    config = variant_config(CONFIG, ["model.tiny.seed=0"], ABLATIONS["default"], base.seed, base.seed)
+    assert dump_config(config) == dump_config(base)
+    assert grpo_params(config, sft_params(config, base)) == grpo_params(base, sft_params(base, base))
+    other = variant_config(CONFIG, [], ABLATIONS["default"], base.seed + 1, base.seed)
+    assert sft_params(other, base)["sae"] == sft_params(base, base)["sae"]  # one frozen SAE for every seed
+    assert sft_params(other, base)["seed"] != sft_params(base, base)["seed"]
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(ValueError, match="already registered"):
+        register_ablation(Ablation("default", (), "again"))
+
+
+def test_table_rows_show_the_gain_over_sft_and_the_reward_trend():
+    metrics = {"giou": 0.5, "ciou": 0.4, "n_acc": 0.9, "t_acc": 0.95, "reasoning_acc": 0.25}
+    results = {"default": {"0": {"sft": {**metrics, "giou": 0.42}, "grpo": metrics,
+                                 "reward_first": 0.31, "reward_last": 0.47}}}
+    lines = markdown_table(results)
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+    assert lines[2] == "| default | 0 | 0.500 | 0.400 | 0.900 | 0.950 | 0.250 | +0.080 | 0.310 → 0.470 |"
