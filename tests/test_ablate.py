@@ -2,7 +2,13 @@
 import pytest
 
 from config import dump_config, load_config
-from pipelines.ablate import ABLATIONS, Ablation, markdown_table, register_ablation, variant_config
+from pipelines.ablate import (
+    ABLATIONS,
+    Ablation,
+    markdown_table,
+    register_ablation,
+    variant_config,
+)
 from pipelines.build import grpo_params, sft_params
 
 CONFIG = "configs/tiny.yaml"
