@@ -1,7 +1,8 @@
 """`segrl ablate`: GRPO variants from the same kind of SFT start, same seeds, same steps.
 
-Each variant is a set of config overrides in a registry (``ABLATIONS``); one that changes
-the segmentation head needs an SFT start of its own, trained with the same overrides.
+Each variant is a set of config overrides in a registry (``ABLATIONS``) applied to GRPO;
+its SFT start is the default's at the same seed, except for a variant that changes the
+segmentation head, which needs an SFT start of its own, trained with the same overrides.
 Every stage is cached like the main job's (``cached_step``): the default variant at the
 config's own seed *is* the main job's SFT and GRPO runs, so after `segrl main` it costs
 nothing, and a rerun only reads the reports. Other runs go to ``{runs_dir}/ablate/``.
@@ -61,14 +62,22 @@ def variant_config(config_path: str | None, base_overrides: list[str], ablation:
     return load_config(config_path, [*base_overrides, *extra])
 
 
-def run_variant(config: Config, base: Config, force: bool) -> dict:
-    """SFT (cached) then GRPO (cached) for one variant; the SAE is the base config's, a frozen part."""
+def sft_start_config(config_path: str | None, base_overrides: list[str], ablation: Ablation, seed: int,
+                     base_seed: int) -> Config:
+    """The config SFT runs with for ``ablation``: its own where it changes the head, else the default's."""
+    own = ablation if ablation.own_sft else ABLATIONS["default"]
+    return variant_config(config_path, base_overrides, own, seed, base_seed)
+
+
+def run_variant(config: Config, sft_config: Config, base: Config, force: bool) -> dict:
+    """SFT (cached, from ``sft_config``) then GRPO (cached) for one variant; the SAE is the base
+    config's, a frozen part."""
     from pipelines import sft
     from pipelines.train import train
 
-    sft_step = sft_params(config, base)
-    sft_report = cached_step("sft", Path(config.resolve_path(config.sft.output)), sft_step,
-                             lambda: sft.run_sft(config), force)
+    sft_step = sft_params(sft_config, base)
+    sft_report = cached_step("sft", Path(sft_config.resolve_path(sft_config.sft.output)), sft_step,
+                             lambda: sft.run_sft(sft_config), force)
     grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params(config, sft_step),
                        lambda: train(config, overwrite=True), force)
     rewards = grpo["rewards"]
@@ -88,9 +97,11 @@ def run_ablations(config_path: str | None, base_overrides: list[str], names: lis
     results: dict[str, dict[str, dict]] = {}
     for seed in seeds:
         for name in names:
-            config = variant_config(config_path, base_overrides, ABLATIONS[name], seed, base.seed)
+            ablation = ABLATIONS[name]
+            config = variant_config(config_path, base_overrides, ablation, seed, base.seed)
+            sft_config = sft_start_config(config_path, base_overrides, ablation, seed, base.seed)
             print(f"ablate: {name}, seed {seed}", flush=True)
-            results.setdefault(name, {})[str(seed)] = run_variant(config, base, force)
+            results.setdefault(name, {})[str(seed)] = run_variant(config, sft_config, base, force)
     path = Path(base.resolve_path("{runs_dir}")) / "ablate" / "ablations.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(results, indent=2, default=float))

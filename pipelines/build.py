@@ -134,15 +134,21 @@ def step_params(config: Config, *sections: str) -> dict:
     return params
 
 
+SFT_OPTIM_KEYS = ("weight_decay", "betas", "grad_clip", "one_cycle_final_div")
+"""The `optim` settings SFT uses (its rates are `sft.lr` and `sft.lr_multipliers`)."""
+
+
 def sft_params(config: Config, sae_from: Config) -> dict:
-    """What an SFT run depends on; the SAE is ``sae_from``'s (a frozen part, trained once)."""
-    return {**step_params(config, "sft", "eval", "seg_loss", "model.head", "optim"),
-            "sae": step_params(sae_from, "model.sae")}
+    """What an SFT run depends on (a GRPO rate change keeps it); the SAE is ``sae_from``'s (a frozen
+    part, trained once)."""
+    optim = config.optim.model_dump(mode="json")
+    return {**step_params(config, "sft", "eval", "seg_loss", "model.head"),
+            "optim": {key: optim[key] for key in SFT_OPTIM_KEYS}, "sae": step_params(sae_from, "model.sae")}
 
 
 def grpo_params(config: Config, sft: dict) -> dict:
     """What a GRPO run depends on: its sections and the SFT start's parameters."""
-    return {**step_params(config, "train", "grpo", "rollout", "reward", "cluster"), "sft": sft}
+    return {**step_params(config, "train", "grpo", "rollout", "reward", "cluster", "optim", "seg_loss"), "sft": sft}
 
 
 def report_lines(config: Config, data: dict, tiny: dict, features: dict) -> list[str]:

@@ -7,6 +7,7 @@ from pipelines.ablate import (
     Ablation,
     markdown_table,
     register_ablation,
+    sft_start_config,
     variant_config,
 )
 from pipelines.build import grpo_params, sft_params
@@ -63,3 +64,22 @@ def test_table_rows_show_the_gain_over_sft_and_the_reward_trend():
     lines = markdown_table(results)
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
     assert lines[2] == "| default | 0 | 0.500 | 0.400 | 0.900 | 0.950 | 0.250 | +0.080 | 0.310 → 0.470 |"
+
+
+def test_a_grpo_rate_change_keeps_the_sft_start():
+    """SFT trains at sft.lr: changing GRPO's optim.lr must not retrain it, changing what SFT uses must."""
+    base = load_config(CONFIG)
+    assert sft_params(load_config(CONFIG, ["optim.lr=3e-5"]), base) == sft_params(base, base)
+    assert sft_params(load_config(CONFIG, ["optim.weight_decay=0.5"]), base) != sft_params(base, base)
+    assert grpo_params(load_config(CONFIG, ["optim.lr=3e-5"]), {}) != grpo_params(base, {})
+
+
+@pytest.mark.parametrize("name", [n for n in ABLATIONS if not ABLATIONS[n].own_sft])
+def test_a_grpo_variant_starts_from_the_defaults_sft(name):
+    base = load_config(CONFIG)
+    start = sft_start_config(CONFIG, [], ABLATIONS[name], 1, base.seed)
+    default = variant_config(CONFIG, [], ABLATIONS["default"], 1, base.seed)
+    assert start.resolve_path(start.sft.output) == default.resolve_path(default.sft.output)
+    assert sft_params(start, base) == sft_params(default, base)
+    read = sft_start_config(CONFIG, [], ABLATIONS["read-head"], 1, base.seed)
+    assert read.model.head.kind == "read" and read.sft.output != start.sft.output
