@@ -308,19 +308,20 @@ def cmd_analyze(config: Config, args: argparse.Namespace) -> dict:
 def _ablate_args(p: argparse.ArgumentParser) -> None:
     from pipelines.ablate import ABLATIONS
 
-    p.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS), metavar="NAME",
-                   help=f"which variants (default: all): {', '.join(ABLATIONS)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the config's seed)")
+    p.add_argument("--variant", action="append", choices=list(ABLATIONS), metavar="NAME", dest="variants",
+                   help=f"run this variant (repeatable; default: all): {', '.join(ABLATIONS)}")
+    p.add_argument("--seed", action="append", type=int, dest="seeds", metavar="N",
+                   help="run at this seed (repeatable; default: the config's seed)")
     _force(p)
 
 
 @command("ablate", "GRPO variants (no segmentation loss, no format score, staleness 0, READ head) beside the "
          "default, from SFT starts of the same seeds, same steps; prints a table", _ablate_args)
 def cmd_ablate(config: Config, args: argparse.Namespace) -> dict:
-    from pipelines.ablate import markdown_table, run_ablations
+    from pipelines.ablate import ABLATIONS, markdown_table, run_ablations
 
     check_model_folder(config, None)
-    out = run_ablations(args.config or DEFAULT_CONFIG, args.overrides, args.variants,
+    out = run_ablations(args.config or DEFAULT_CONFIG, args.overrides, args.variants or list(ABLATIONS),
                         args.seeds or [config.seed], args.force)
     print("\n".join(markdown_table(out["results"])))
     print(f"saved {out['path']}")
