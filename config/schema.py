@@ -205,6 +205,10 @@ class TrainConfig(Section):
     max_learner_restarts: int = Field(2, ge=0, description="automatic resumes from the last checkpoint after a "
                                       "learner failure")
     checkpoint_every: PositiveInt = 10
+    resume: bool | Literal["auto"] = Field(
+        False, description="continue the run in train.output from its newest complete checkpoint: true (as "
+        "`segrl train --resume`), false (a fresh run), auto (continue the GRPO run there, or start one in a new "
+        "or empty folder: a retried job reruns the same command)")
     keep_checkpoints: int = Field(3, ge=2, description="complete checkpoints kept (the newest may be torn by a crash)")
     init_from: PathTemplate = Field("{runs_dir}/sft/model",
                                     description="model folder GRPO starts from (and its reference)")
@@ -213,6 +217,13 @@ class TrainConfig(Section):
     loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
         ["jsonl", "tensorboard"], description="per-step metrics backends (pipelines/grpo/metrics_log.py); wandb and "
         "mlflow need their packages (pip install 'segrl[loggers]'); `segrl plot` reads jsonl")
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume(cls, value):
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError("expected true, false or auto")
+        return value
 
 
 class ActorResources(Section):

@@ -184,7 +184,8 @@ def cmd_sft(config: Config, args: argparse.Namespace) -> dict:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its newest complete "
-                   "checkpoint (its config.yaml, plus any overrides given)")
+                   "checkpoint (its config.yaml, plus any overrides given); train.resume=auto in the config "
+                   "continues the run in train.output if there is one and starts it otherwise")
     p.add_argument("--overwrite", action="store_true", help="replace the GRPO run already in train.output (without "
                    "it, a fresh run needs a new or empty folder)")
 
@@ -196,7 +197,7 @@ def cmd_train(config: Config, args: argparse.Namespace) -> dict:
     from pipelines.grpo.ledger import format_summary
     from pipelines.train import train
 
-    summary = train(config, resume=bool(args.resume), overwrite=args.overwrite)
+    summary = train(config, resume=True if args.resume else config.train.resume, overwrite=args.overwrite)
     print(format_summary(summary["ledger"]))
     rewards = summary["rewards"]
     if summary["eval"]:
