@@ -41,21 +41,33 @@ def _raycluster() -> dict:
     return cluster
 
 
-def _containers(cluster: dict) -> list[dict]:
-    spec = cluster["spec"]
+def _containers(doc: dict) -> list[dict]:
+    """The Ray containers of a manifest's cluster (head and every worker group)."""
+    spec = raycluster_spec(doc)
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
 
 
 def test_every_ray_container_takes_token_auth_from_the_secret():
+    """The RayCluster's containers and its autoscaler take the token from the Secret segrl-ray-auth."""
     secrets = set()
-    for container in _containers(_raycluster()):
+    cluster = _raycluster()
+    for container in [*_containers(cluster), cluster["spec"]["autoscalerOptions"]]:
         env = {e["name"]: e for e in container.get("env", [])}
-        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container.get("name", "autoscaler")
         ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
         assert "value" not in env["RAY_AUTH_TOKEN"]  # never a literal token in the manifest
         secrets.add((ref["name"], ref["key"]))
     assert secrets == {("segrl-ray-auth", "auth_token")}
+
+
+def test_a_rayjobs_cluster_has_token_auth_from_kuberay():
+    """A RayJob's cluster asks KubeRay for token mode, which makes a Secret per cluster and hands the
+    token to every Ray container, the autoscaler and the submitter; no container sets its own."""
+    for job in _jobs():
+        assert raycluster_spec(job)["authOptions"] == {"mode": "token"}
+        for container in _containers(job):
+            assert not {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
 
 
 def test_network_policies_admit_only_the_cluster_and_submitters():
@@ -125,7 +137,7 @@ def problems(schema: dict, doc: dict) -> list[str]:
 
 
 def test_every_kuberay_kind_is_shipped():
-    assert sorted({d["kind"] for d in _ray_documents()}) == ["RayCluster"]
+    assert sorted({d["kind"] for d in _ray_documents()}) == ["RayCluster", "RayJob"]  # RayService: with Serve
     assert all(d["apiVersion"] == "ray.io/v1" for d in _ray_documents())
 
 
@@ -185,11 +197,70 @@ def entrypoint_args(job: dict):
     return build_parser().parse_args(words[1:])
 
 
-@pytest.mark.parametrize("job", _jobs(), ids=_ids)
-def test_the_entrypoint_is_segrl_train_on_a_paper_config_that_loads(job):
+def image_workdir() -> str:
+    """The image's working folder, where the repository sits (cluster/kuberay/Dockerfile)."""
+    (line,) = [w for w in (KUBERAY / "Dockerfile").read_text().splitlines() if w.startswith("WORKDIR ")]
+    return line.split()[1]
+
+
+def test_the_image_is_rays_of_the_installed_version_and_python():
+    dockerfile = (KUBERAY / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu\n" in dockerfile
+    assert 'pip install --no-cache-dir ".[gpu]"' in dockerfile
+
+
+def job_config(job: dict):
+    """(the repository's config file the entrypoint names in the image, the config it loads)."""
     args = entrypoint_args(job)
-    assert args.command == "train" and args.config in PAPER
-    load_config(*config_source(args))  # every override names a field and a valid value
+    in_image = Path(args.config)
+    assert in_image.is_relative_to(image_workdir()), f"{in_image} is not in the image's repository"
+    args.config = str(in_image.relative_to(image_workdir()))
+    return args.config, load_config(*config_source(args))  # every override names a field and a valid value
+
+
+@pytest.mark.parametrize("job", _jobs(), ids=_ids)
+def test_the_entrypoint_is_segrl_train_resuming_by_itself_on_a_paper_config(job):
+    args = entrypoint_args(job)
+    path, config = job_config(job)
+    assert args.command == "train" and path in PAPER and not args.resume and not args.overwrite
+    assert config.train.resume == "auto"  # a retry, or a rescheduled head pod, continues the run
+
+
+def _mounts(container: dict) -> dict[str, str]:
+    return {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+
+
+@pytest.mark.parametrize("job", _jobs(), ids=_ids)
+def test_the_runs_files_live_on_the_volume_every_pod_shares(job):
+    """Data, features, checkpoints, the SAM weights and downloads survive a retry's new cluster."""
+    spec = raycluster_spec(job)
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for g in groups for v in g["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert set(claims.values()) == {"segrl-data"}
+    (root,) = {path for c in _containers(job) for path, name in _mounts(c).items() if name in claims}
+    assert all(_mounts(c).get(root) in claims for c in _containers(job))
+    _, config = job_config(job)
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    for path in (config.paths.work_dir, config.model.sam.checkpoint, env["HF_HOME"]):
+        assert Path(path).is_relative_to(root), path
+
+
+@pytest.mark.parametrize("job", _jobs(), ids=_ids)
+def test_a_job_retries_and_cleans_up_after_itself(job):
+    spec = job["spec"]
+    assert spec["backoffLimit"] > 0 and spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert set(yaml.safe_load(spec["runtimeEnvYAML"])) == {"env_vars"}
+
+
+@pytest.mark.parametrize("doc", _ray_documents(), ids=_ids)
+def test_autoscaling_is_on_and_has_room(doc):
+    spec = raycluster_spec(doc)
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    groups = spec["workerGroupSpecs"]
+    assert all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] for g in groups)
+    assert any(g["maxReplicas"] > g["minReplicas"] for g in groups if "nvidia.com/gpu" in str(g["template"]))
 
 
 def _at(spec: dict, replicas: str) -> dict:
@@ -202,7 +273,7 @@ def _at(spec: dict, replicas: str) -> dict:
 
 def _configs(doc: dict) -> list[str]:
     """The configs a manifest is for: a RayJob's entrypoint names its own, a RayCluster takes the paper's."""
-    return [entrypoint_args(doc).config] if doc["kind"] == "RayJob" else PAPER
+    return [job_config(doc)[0]] if doc["kind"] == "RayJob" else PAPER
 
 
 @pytest.mark.parametrize("doc", _ray_documents(), ids=_ids)
