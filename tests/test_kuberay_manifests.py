@@ -287,3 +287,17 @@ def test_gpu_pods_hold_the_config_at_the_start_and_at_max_replicas(doc):
             assert result.fits, f"{path} at {replicas}: {result.error}"
         capacity = sum(n.gpus for n in raycluster_nodes(_at(spec, "maxReplicas")))
         assert capacity > p.totals["num_gpus"], f"{path}: no room for the autoscaler to add engines"
+
+
+def test_segrl_plan_reads_a_rayjobs_cluster(tmp_path, capsys):
+    from pipelines.cli import main
+
+    (job,) = _jobs()
+    path, _ = job_config(job)
+    assert main(["plan", "--config", path, "--cluster", str(KUBERAY / "rayjob.yaml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is True
+    selector = tmp_path / "existing.yaml"  # a RayJob that runs on an existing cluster describes none
+    selector.write_text(yaml.safe_dump({"apiVersion": "ray.io/v1", "kind": "RayJob",
+                                        "spec": {"clusterSelector": {"ray.io/cluster": "segrl"}}}))
+    assert main(["plan", "--config", path, "--cluster", str(selector)]) == 2
+    assert f"--cluster {selector}: this RayJob has no spec.rayClusterSpec" in capsys.readouterr().err
