@@ -231,6 +231,26 @@ class ActorResources(Section):
     num_gpus: float = Field(0.0, ge=0)
 
 
+class RolloutAutoscaleConfig(Section):
+    """The rollout pool's size bounds and the thresholds of its scaling policy (cluster/rollout_scaling.py)."""
+
+    min: PositiveInt = Field(1, description="fewest rollout engines")
+    max: PositiveInt = Field(4, description="most rollout engines")
+    window: PositiveInt = Field(3, description="steps observed at one pool size before a decision")
+    idle_up: float = Field(0.1, gt=0, le=1, description="learner idle fraction from which it waits for data")
+    queue_up: float = Field(1.0, gt=0, description="groups waiting for an engine (mean) from which engines are "
+                            "the bottleneck")
+    util_down: float = Field(0.5, ge=0, le=1, description="engine utilisation below which engines count as idle")
+    press_share: float = Field(0.5, gt=0, le=1, description="share of trained groups at the staleness bound "
+                               "(s - v = eta) from which staleness presses it")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RolloutAutoscaleConfig":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class ClusterConfig(Section):
     """How many actors of each kind and what each asks of the Ray cluster."""
 
@@ -246,6 +266,16 @@ class ClusterConfig(Section):
     start_timeout_s: float = Field(900.0, gt=0, description="longest wait for actors to start (engines, learner group)")
     placement_timeout_s: float = Field(300.0, gt=0, description="longest wait for the placement groups (an "
                                        "autoscaler may add nodes); past it the run stops before any actor starts")
+    rollout_autoscale: RolloutAutoscaleConfig | None = Field(
+        None, description="bounds and thresholds of the rollout scaling policy (None: a fixed pool of rollout_actors)")
+
+    @model_validator(mode="after")
+    def _start_within_bounds(self) -> "ClusterConfig":
+        bounds = self.rollout_autoscale
+        if bounds is not None and not bounds.min <= self.rollout_actors <= bounds.max:
+            raise ValueError(f"rollout_actors ({self.rollout_actors}) must lie within rollout_autoscale's "
+                             f"[min, max] = [{bounds.min}, {bounds.max}]")
+        return self
 
 
 class RewardConfig(Section):
