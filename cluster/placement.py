@@ -182,9 +182,20 @@ def _quantity(value) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
+CLUSTER_SPEC = {"RayCluster": None, "RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}
+"""Where each KubeRay kind keeps the spec of the RayCluster it runs on (None: its own spec)."""
+
+
+def raycluster_spec(manifest: dict) -> dict:
+    """The RayCluster spec of a RayCluster, RayJob or RayService manifest."""
+    key = CLUSTER_SPEC[manifest["kind"]]
+    return manifest["spec"] if key is None else manifest["spec"][key]
+
+
 def raycluster_nodes(manifest: dict) -> list[Node]:
-    """The nodes a KubeRay RayCluster starts: head plus ``replicas`` pods per worker group; a pod offers
-    its ``rayStartParams`` num-cpus/num-gpus, else its container's cpu and nvidia.com/gpu limits."""
+    """The nodes a KubeRay cluster starts (a RayCluster, or a RayJob's or RayService's): head plus
+    ``replicas`` pods per worker group; a pod offers its ``rayStartParams`` num-cpus/num-gpus, else its
+    container's cpu and nvidia.com/gpu limits."""
 
     def pod(group: dict) -> Node:
         params = group.get("rayStartParams") or {}
@@ -192,7 +203,7 @@ def raycluster_nodes(manifest: dict) -> list[Node]:
         return Node(_quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
                     _quantity(params.get("num-cpus", limits.get("cpu", 0))))
 
-    spec = manifest["spec"]
+    spec = raycluster_spec(manifest)
     return [pod(spec["headGroupSpec"])] + [pod(g) for g in spec.get("workerGroupSpecs", [])
                                            for _ in range(int(g.get("replicas", 1)))]
 

@@ -205,6 +205,10 @@ class TrainConfig(Section):
     max_learner_restarts: int = Field(2, ge=0, description="automatic resumes from the last checkpoint after a "
                                       "learner failure")
     checkpoint_every: PositiveInt = 10
+    resume: bool | Literal["auto"] = Field(
+        False, description="continue the run in train.output from its newest complete checkpoint: true (as "
+        "`segrl train --resume`), false (a fresh run), auto (continue the GRPO run there, or start one in a new "
+        "or empty folder: a retried job reruns the same command)")
     keep_checkpoints: int = Field(3, ge=2, description="complete checkpoints kept (the newest may be torn by a crash)")
     init_from: PathTemplate = Field("{runs_dir}/sft/model",
                                     description="model folder GRPO starts from (and its reference)")
@@ -214,10 +218,37 @@ class TrainConfig(Section):
         ["jsonl", "tensorboard"], description="per-step metrics backends (pipelines/grpo/metrics_log.py); wandb and "
         "mlflow need their packages (pip install 'segrl[loggers]'); `segrl plot` reads jsonl")
 
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume(cls, value):
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError("expected true, false or auto")
+        return value
+
 
 class ActorResources(Section):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+
+
+class RolloutAutoscaleConfig(Section):
+    """The rollout pool's size bounds and the thresholds of its scaling policy (cluster/rollout_scaling.py)."""
+
+    min: PositiveInt = Field(1, description="fewest rollout engines")
+    max: PositiveInt = Field(4, description="most rollout engines")
+    window: PositiveInt = Field(3, description="steps observed at one pool size before a decision")
+    idle_up: float = Field(0.1, gt=0, le=1, description="learner idle fraction from which it waits for data")
+    queue_up: float = Field(1.0, gt=0, description="groups waiting for an engine (mean) from which engines are "
+                            "the bottleneck")
+    util_down: float = Field(0.5, ge=0, le=1, description="engine utilisation below which engines count as idle")
+    press_share: float = Field(0.5, gt=0, le=1, description="share of trained groups at the staleness bound "
+                               "(s - v = eta) from which staleness presses it")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RolloutAutoscaleConfig":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
 
 
 class ClusterConfig(Section):
@@ -235,6 +266,16 @@ class ClusterConfig(Section):
     start_timeout_s: float = Field(900.0, gt=0, description="longest wait for actors to start (engines, learner group)")
     placement_timeout_s: float = Field(300.0, gt=0, description="longest wait for the placement groups (an "
                                        "autoscaler may add nodes); past it the run stops before any actor starts")
+    rollout_autoscale: RolloutAutoscaleConfig | None = Field(
+        None, description="bounds and thresholds of the rollout scaling policy (None: a fixed pool of rollout_actors)")
+
+    @model_validator(mode="after")
+    def _start_within_bounds(self) -> "ClusterConfig":
+        bounds = self.rollout_autoscale
+        if bounds is not None and not bounds.min <= self.rollout_actors <= bounds.max:
+            raise ValueError(f"rollout_actors ({self.rollout_actors}) must lie within rollout_autoscale's "
+                             f"[min, max] = [{bounds.min}, {bounds.max}]")
+        return self
 
 
 class RewardConfig(Section):

@@ -39,7 +39,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--cluster", metavar="SPEC", help="check against nodes described as gpu=16,cpu=96 (totals) or "
-                       "2x(gpu=8,cpu=64)+cpu=16 (per node), or a KubeRay RayCluster YAML file")
+                       "2x(gpu=8,cpu=64)+cpu=16 (per node), or a KubeRay RayCluster/RayJob/RayService YAML file "
+                       "(its pods at their initial replicas)")
     where.add_argument("--address", help="check against the live Ray cluster at this address (its total resources)")
 
 
@@ -72,17 +73,21 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> dict:
 
 
 def _raycluster(path: Path) -> dict:
-    """The manifest at ``path``: one YAML document of kind RayCluster."""
+    """The manifest at ``path``: one YAML document of kind RayCluster, RayJob or RayService."""
     import yaml
 
+    from cluster import placement
     from config.load import parse_yaml, yaml_problem
 
     try:
         manifest = parse_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"--cluster {path}: not one YAML document ({yaml_problem(exc)})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != "RayCluster":
-        raise ConfigError(f"--cluster {path}: not a KubeRay RayCluster manifest")
+    if not isinstance(manifest, dict) or manifest.get("kind") not in placement.CLUSTER_SPEC:
+        raise ConfigError(f"--cluster {path}: not a KubeRay RayCluster, RayJob or RayService manifest")
+    key, spec = placement.CLUSTER_SPEC[manifest["kind"]], manifest.get("spec")
+    if key and not (isinstance(spec, dict) and isinstance(spec.get(key), dict)):
+        raise ConfigError(f"--cluster {path}: this {manifest['kind']} has no spec.{key} (the cluster it starts)")
     return manifest
 
 
@@ -179,7 +184,8 @@ def cmd_sft(config: Config, args: argparse.Namespace) -> dict:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its newest complete "
-                   "checkpoint (its config.yaml, plus any overrides given)")
+                   "checkpoint (its config.yaml, plus any overrides given); train.resume=auto in the config "
+                   "continues the run in train.output if there is one and starts it otherwise")
     p.add_argument("--overwrite", action="store_true", help="replace the GRPO run already in train.output (without "
                    "it, a fresh run needs a new or empty folder)")
 
@@ -191,7 +197,7 @@ def cmd_train(config: Config, args: argparse.Namespace) -> dict:
     from pipelines.grpo.ledger import format_summary
     from pipelines.train import train
 
-    summary = train(config, resume=bool(args.resume), overwrite=args.overwrite)
+    summary = train(config, resume=True if args.resume else config.train.resume, overwrite=args.overwrite)
     print(format_summary(summary["ledger"]))
     rewards = summary["rewards"]
     if summary["eval"]:

@@ -39,10 +39,11 @@ from pipelines.grpo.scheduler import LearnerFailure, Scheduler
 from pipelines.grpo.stages import ActorStages
 
 
-def train(config: Config, resume: bool = False, overwrite: bool = False) -> dict:
+def train(config: Config, resume: bool | str = False, overwrite: bool = False) -> dict:
     """A run into ``train.output``: fresh (into a new or empty folder; ``overwrite`` replaces an
-    earlier run's) or resumed from its newest complete checkpoint. The folder, the checkpoint
-    and the starting model are checked before anything is written (``run_folder``)."""
+    earlier run's) or resumed from its newest complete checkpoint; ``resume="auto"`` resumes a
+    run found there and starts one otherwise. The folder, the checkpoint and the starting model
+    are checked before anything is written (``run_folder``)."""
     require_loggers(config.train.loggers)
     run_dir = Path(config.resolve_path(config.train.output))
     verify_model_folder(config.resolve_path(config.train.init_from))

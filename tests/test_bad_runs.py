@@ -197,6 +197,42 @@ def test_overwrite_clears_a_grpo_run_and_a_run_without_checkpoints_restarts_at_s
     assert "starting from step 0" in said[0]
 
 
+# --- 0e: train.resume=auto: one command starts a run and continues it ----------------------------------
+
+def test_auto_continues_a_grpo_run_from_its_checkpoint_writing_nothing_first(grpo_run, tmp_path):
+    before, said = snapshot(grpo_run), []
+    checkpoint = prepare_run_folder(grpo_run, str(tmp_path / "init"), resume="auto", overwrite=False, say=said.append)
+    assert (checkpoint.tag, checkpoint.step) == ("step2", 2) and snapshot(grpo_run) == before
+    assert said == [f"[segrl] train.resume=auto: continuing the run in {grpo_run}"]
+
+
+def test_auto_starts_a_run_in_a_new_or_empty_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (tmp_path / "new" / "run", empty):
+        said = []
+        assert prepare_run_folder(folder, str(tmp_path / "init"), resume="auto", overwrite=False, say=said.append) is None
+        assert files_under(folder) == [MARKER]
+        assert said == [f"[segrl] train.resume=auto: starting a new run in {folder}"]
+    said = []  # started, then stopped before its first checkpoint: the rerun continues it from step 0
+    assert prepare_run_folder(empty, str(tmp_path / "init"), resume="auto", overwrite=False, say=said.append) is None
+    assert "continuing the run" in said[0] and "starting from step 0" in said[1]
+
+
+def test_auto_refuses_a_foreign_folder_a_run_without_a_usable_checkpoint_and_overwrite(grpo_run, tmp_path, capsys):
+    sft, overrides = sft_like(tmp_path)
+    before = snapshot(sft)
+    refused(capsys, ["train", *overrides, f"train.output={sft}", "train.resume=auto"], sft, "holds no GRPO run")
+    assert snapshot(sft) == before
+    config = str(grpo_run / "config.yaml")
+    refused(capsys, ["train", "--config", config, "--overwrite", "train.resume=auto"], grpo_run, "give one of them")
+    victim = grpo_run / "checkpoints" / "step2" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[:-7])
+    before = snapshot(grpo_run)
+    refused(capsys, ["train", "--config", config, "train.resume=auto"], "no usable checkpoint", victim)
+    assert snapshot(grpo_run) == before
+
+
 # --- 0d: `segrl ledger` checks whole batches --------------------------------------------------------
 
 def test_segrl_ledger_fails_a_run_that_skipped_steps(grpo_run, capsys):

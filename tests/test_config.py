@@ -166,6 +166,8 @@ def test_bad_file_names_key_and_file(tmp_path, tree, needle):
         ("model.tiny.lm.hidden_size=-4", "model.tiny.lm.hidden_size"),
         ("seed.value=1", "'seed' is a value"),
         ("novalue", "expected KEY=VALUE"),
+        ("train.resume=maybe", "train.resume: Value error, expected true, false or auto (got 'maybe')"),
+        ("train.resume=1", "train.resume: Value error, expected true, false or auto (got 1)"),
     ],
 )
 def test_bad_override_is_named(override, needle):

@@ -199,26 +199,29 @@ def driver_killed(tiny_workspace, tiny_sae, ray_cluster, tmp_path_factory, fault
     return config, out, killed_after
 
 
-def resume(config, out: Path) -> tuple[str, dict]:
-    """``train --resume`` in this process: (what it printed, the actors' final versions)."""
+def resume(config, out: Path, mode: bool | str = True) -> tuple[str, dict]:
+    """``train --resume`` (``mode`` True) or a rerun with ``train.resume=auto`` in this process:
+    (what it printed, the actors' final versions)."""
     with pytest.MonkeyPatch.context() as patch:
         injector = Injector(patch)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            train(config, resume=True)
+            train(config, resume=mode)
     return printed.getvalue(), injector.versions[0]
 
 
 @pytest.fixture(scope="module")
 def driver_resumed(driver_killed):
+    """The killed driver's command run again with train.resume=auto (a retried Kubernetes job)."""
     config, out, killed_after = driver_killed
     assert steps_logged(out) >= killed_after and not (out / "ledger.json").exists()
-    printed, versions = resume(config, out)
+    printed, versions = resume(config, out, "auto")
     return out, printed, versions, Ledger.load(out / "ledger.json"), killed_after
 
 
 def test_a_killed_driver_resumes_from_its_newest_checkpoint(driver_resumed):
     out, printed, versions, ledger, killed_after = driver_resumed
+    assert f"train.resume=auto: continuing the run in {out}" in printed
     assert f"checkpoints/step{killed_after}: {killed_after} steps done" in printed and "skipping" not in printed
     assert_exactly_once(out, 6)
     assert_versions_agree(versions, 6)

@@ -8,6 +8,10 @@ folder with outputs is refused unless ``--overwrite`` is given, which replaces o
 GRPO run's folder (a start that failed before any output, leaving the marker and config,
 is no run to protect). No run writes into the folder it starts from. Every check happens
 before anything is written.
+
+``train.resume: auto`` lets one command both start and continue a run (a Kubernetes job
+retried, a pod rescheduled): in a GRPO run folder it resumes, in a new or empty folder it
+starts; a folder holding anything else is refused, as a fresh run would refuse it.
 """
 from __future__ import annotations
 
@@ -42,16 +46,19 @@ def is_grpo_run(run_dir: Path) -> bool:
                                                          or (run_dir / "ledger.json").is_file())
 
 
-def prepare_run_folder(run_dir: Path, init_from: str, resume: bool, overwrite: bool,
+def prepare_run_folder(run_dir: Path, init_from: str, resume: bool | str, overwrite: bool,
                        say: Callable[[str], None] = print) -> RunCheckpoint | None:
     """Check ``run_dir`` for a fresh or resumed run and make it ready; the checkpoint to resume
-    from (None: the run starts at step 0).
+    from (None: the run starts at step 0). ``resume`` is True, False or "auto" (``train.resume``).
 
     Resuming a run that has checkpoints, none of them usable, is an error (each one's
     defect is reported through ``say``): starting over would replace the run.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"train.output {run_dir} is a file, not a folder")
+    if resume == "auto":
+        resume = _auto_resume(run_dir, overwrite)
+        say(f"[segrl] train.resume=auto: {'continuing the run in' if resume else 'starting a new run in'} {run_dir}")
     if resume and not is_grpo_run(run_dir):
         raise RunFolderError(f"{run_dir} is not a GRPO run folder (no {MARKER}, which `segrl train` writes "
                              "first); --resume continues a run that `segrl train` started there")
@@ -73,6 +80,19 @@ def prepare_run_folder(run_dir: Path, init_from: str, resume: bool, overwrite: b
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / MARKER, {"kind": KIND})
     return None
+
+
+def _auto_resume(run_dir: Path, overwrite: bool) -> bool:
+    """Whether ``train.resume: auto`` continues the run in ``run_dir`` (else it starts one there)."""
+    if overwrite:
+        raise RunFolderError(f"train.resume=auto continues the run in {run_dir} and --overwrite replaces it: "
+                             "give one of them")
+    if is_grpo_run(run_dir):
+        return True
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise RunFolderError(f"train.resume=auto: train.output {run_dir} is not empty and holds no GRPO run (no "
+                             f"{MARKER}, which `segrl train` writes first): choose another train.output")
+    return False
 
 
 def _resume_point(folder: Path, say: Callable[[str], None]) -> RunCheckpoint | None:
