@@ -287,13 +287,22 @@ def test_timeout_is_408(served):
     config, port = served["config"], served["port"]
     model = str((served["run"] / "model").resolve())
     version = served["follower"].version
-    deploy(serve_config(config, model, version, timeout_s=0.001))
+    data = segment_body(served["paths"][0].read_bytes(), "a circle")
+    deploy(serve_config(config, model, version, timeout_s=0.001))  # the ingress reconfigures in place
     try:
-        status, _, body = call(port, "/v1/segment", segment_body(served["paths"][0].read_bytes(), "a circle"))
+        status, body = until(lambda: call(port, "/v1/segment", data), lambda r: r[0] != 200)[::2]
         assert status == 408 and "no answer within" in body["error"]
     finally:
         deploy(serve_config(config, model, version))
-    assert call(port, "/v1/segment", segment_body(served["paths"][0].read_bytes(), "a circle"))[0] == 200
+    assert until(lambda: call(port, "/v1/segment", data), lambda r: r[0] == 200)[0] == 200
+
+
+def until(fn, done, wait_s: float = 60):
+    """``fn()`` again until ``done`` of its value (a reconfigured replica takes a moment), at most ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while not done(value := fn()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
 
 
 def test_hot_swap_from_the_followed_run_keeps_answering(served):
@@ -328,3 +337,39 @@ def test_hot_swap_from_the_followed_run_keeps_answering(served):
     versions = [b["weights_version"] for _, _, b in replies]
     assert versions[0] == before and versions[-1] == before + 1 and set(versions) == {before, before + 1}
     assert call(port, "/healthz")[2]["weights_version"] == before + 1
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_page_in_headless_chromium(served, tmp_path):
+    """Debian's chromium through Playwright: upload an image, ask, see the overlay, the reasoning, a mask of the
+    image's size; the screenshot is kept in the test's tmp dir."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} missing (scripts/setup.sh installs Debian's chromium)")
+    item, image = served["items"][0], served["paths"][0]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                       headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{served['port']}/", timeout=60_000)
+            page.set_input_files("#file", str(image))
+            page.fill("#query", item.sample.question)
+            page.click("#submit")
+            page.wait_for_selector("#overlay:not([hidden])", timeout=120_000)
+            page.wait_for_function("document.getElementById('overlay').naturalWidth > 0", timeout=30_000)
+            reasoning, size, error = (page.inner_text(f"#{name}") for name in ("reasoning", "masksize", "error"))
+            overlay_size = page.evaluate("[document.getElementById('overlay').naturalHeight, "
+                                         "document.getElementById('overlay').naturalWidth]")
+            page.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()
+    height, width = item.sample.height, item.sample.width
+    api = call(served["port"], "/v1/segment", segment_body(image.read_bytes(), item.sample.question))[2]
+    assert error == "" and reasoning.strip() and reasoning.strip() == api["reasoning"]
+    assert size.startswith(f"{height}x{width}") and overlay_size == [height, width]
+    assert (tmp_path / "page.png").stat().st_size > 0

@@ -103,7 +103,7 @@ class Ingress:
             async for chunk in request.stream():
                 body += chunk
                 api.check_body_size(len(body), self.limits)
-            return api.parse_json(bytes(body), self.limits)
+            return await asyncio.to_thread(api.parse_json, bytes(body), self.limits)  # decodes the image
         if kind in api.MULTIPART_TYPES:
             try:
                 form = await request.form(max_files=1, max_fields=8)
@@ -112,7 +112,7 @@ class Ingress:
             image = form.get("image")
             data = await image.read(self.limits.max_image_bytes + 1) if hasattr(image, "read") else None
             fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
-            return api.parse_form(data, fields, self.limits)
+            return await asyncio.to_thread(api.parse_form, data, fields, self.limits)
         raise ApiError(415, f"content type {kind or 'none'} is not supported: send application/json or "
                             "multipart/form-data")
 
