@@ -51,7 +51,7 @@ def free_port() -> int:
 
 def call(port: int, path: str, data: bytes | None = None, content_type: str = "application/json",
          timeout: float = 120) -> tuple[int, dict, dict | str]:
-    """(status, headers, JSON body or text) of one request to the served app."""
+    """(status, headers with lower-case names, JSON body or text) of one request to the served app."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
                                      headers={"Content-Type": content_type} if data is not None else {})
     try:
@@ -59,6 +59,7 @@ def call(port: int, path: str, data: bytes | None = None, content_type: str = "a
             status, headers, raw = reply.status, dict(reply.headers), reply.read()
     except urllib.error.HTTPError as exc:
         status, headers, raw = exc.code, dict(exc.headers), exc.read()
+    headers = {k.lower(): v for k, v in headers.items()}
     try:
         return status, headers, json.loads(raw)
     except ValueError:
@@ -171,7 +172,7 @@ def served(tiny_workspace, ray_cluster, tmp_path_factory):
 
 def test_no_model_yet_is_503_with_retry_after(served):
     for status, headers, body in served["no_model"]:
-        assert status == 503 and headers.get("Retry-After") == "1"
+        assert status == 503 and headers.get("retry-after") == "1"
         assert "no model" in (body.get("error") or body.get("status"))
 
 
@@ -279,7 +280,7 @@ def test_full_queue_is_503_with_retry_after(served):
         replies = list(pool.map(lambda _: call(port, "/v1/segment", data), range(32)))
     statuses = [r[0] for r in replies]
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 4 and statuses.count(503) >= 1, statuses
-    assert all(h.get("Retry-After") == "1" for s, h, _ in replies if s == 503)
+    assert all(h.get("retry-after") == "1" for s, h, _ in replies if s == 503)
     assert all(b["has_target"] and b["masks"] for s, _, b in replies if s == 200)
 
 
