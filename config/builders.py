@@ -26,13 +26,25 @@ def build_segmenter(config: Config, model_path: str | None = None):
     checked first (``verify_model_folder``)."""
     path = model_path or config.resolve_path(config.model.name_or_path)
     verify_model_folder(path)
+    policy, tokenizer = build_policy(config, path)
+    head, img_size = build_head(config, path, policy.lm.config.hidden_size)
+    return Segmenter(policy, head), tokenizer, img_size
+
+
+def build_policy(config: Config, path: str):
+    """(Policy, tokenizer) of the model folder ``path`` under the config's model settings."""
     m = config.model
-    policy, tokenizer = load_policy(m.family, path, m.ref_token, m.sae.layer, m.head.ref_position)
+    return load_policy(m.family, path, m.ref_token, m.sae.layer, m.head.ref_position)
+
+
+def build_head(config: Config, path: str, lm_dim: int):
+    """(the config's head kind over the folder's SAM, with the folder's trained head weights if it has
+    them; SAM's input size)."""
+    m = config.model
     sam = load_sam(m.sam.variant, sam_checkpoint(m.sam.variant, m.sam.checkpoint, path))
-    head = HEADS.get(m.head.kind)(sam, policy.lm.config.hidden_size, head_spec(config),
-                                  Path(config.resolve_path(m.sae.path)))
+    head = HEADS.get(m.head.kind)(sam, lm_dim, head_spec(config), Path(config.resolve_path(m.sae.path)))
     load_head_weights(head, path)
-    return Segmenter(policy, head), tokenizer, sam.image_encoder.img_size
+    return head, sam.image_encoder.img_size
 
 
 def encoder_sources(config: Config) -> list[str]:

@@ -13,6 +13,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from config.model import ModelConfig
 from config.paths import FOLDERS, PathTemplate, expand
 from config.section import Section
+from config.serve import ServeConfig
 from data.rle import MAX_MASK_PIXELS
 
 
@@ -310,6 +311,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     reward: RewardConfig = RewardConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _chunks(self) -> "Config":

@@ -334,6 +334,42 @@ def cmd_ablate(config: Config, args: argparse.Namespace) -> dict:
     return out
 
 
+def _port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1..65535)")
+    return value
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="model folder to serve (default: model.name_or_path)")
+    which.add_argument("--follow", metavar="RUN", help="serve the newest complete model of GRPO run folder RUN, "
+                       "swapping in each new one without a restart")
+    p.add_argument("--host", help="HTTP bind address (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=_port, help="HTTP port (default: serve.port, 8000)")
+    p.add_argument("--write-config", metavar="FILE", help="also write the Serve config (serve deploy, RayService)")
+    _address(p)
+
+
+@command("serve", "serve a trained model over HTTP with Ray Serve: POST /v1/segment, GET /healthz, a web page at /",
+         _serve_args)
+def cmd_serve(config: Config, args: argparse.Namespace) -> None:
+    from pipelines.serve.run import serve_forever
+
+    if args.follow is None:
+        check_model_folder(config, args.checkpoint)
+    elif not Path(args.follow).is_dir():
+        raise DataError(Path(args.follow), None, "--follow", "no such run folder")
+    elif args.config is None and (Path(args.follow) / "config.yaml").is_file():
+        config = load_config(str(Path(args.follow) / "config.yaml"), args.overrides)  # the run's head, SAE, paths
+    config = config.model_copy(deep=True)
+    for key in ("host", "port"):
+        if getattr(args, key) is not None:
+            setattr(config.serve, key, getattr(args, key))
+    serve_forever(config, args.checkpoint, args.follow, args.address, args.write_config)
+
+
 def _main_args(p: argparse.ArgumentParser) -> None:
     _force(p)
     _precompute_args(p)

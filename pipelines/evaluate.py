@@ -40,16 +40,24 @@ class EvalResult:
     responses: list[str]
 
 
-def predicted_mask(head_out, item: SegItem, img_size: int, num_slots: int, threshold: float) -> np.ndarray:
-    """Merge the kept slots (all for K = 1, confident ones otherwise) into one image-frame mask."""
-    logits = head_out.mask_logits
+def kept_slot_logits(head_out, sam_input_size: tuple[int, int], image_size: tuple[int, int], img_size: int,
+                     num_slots: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image-frame mask logits [k, H, W], their slot indices [k]) of the kept slots: all for K = 1,
+    the confident ones otherwise (k may be 0)."""
+    keep = torch.ones(head_out.mask_logits.shape[0], dtype=torch.bool)
     if num_slots > 1:
-        keep = torch.sigmoid(head_out.conf_logits) >= threshold
-        if not keep.any():
-            return np.zeros((item.sample.height, item.sample.width), bool)
-        logits = logits[keep]
-    image = lowres_to_image(logits, item.sam_input_size, (item.sample.height, item.sample.width), img_size)
-    return (image > 0).any(0).numpy()
+        keep = (torch.sigmoid(head_out.conf_logits) >= threshold).cpu()
+    slots = keep.nonzero().flatten()
+    if slots.numel() == 0:
+        return head_out.mask_logits.new_zeros((0, *image_size)), slots
+    return lowres_to_image(head_out.mask_logits[slots], sam_input_size, image_size, img_size), slots
+
+
+def predicted_mask(head_out, item: SegItem, img_size: int, num_slots: int, threshold: float) -> np.ndarray:
+    """Merge the kept slots into one image-frame mask."""
+    size = (item.sample.height, item.sample.width)
+    logits, _ = kept_slot_logits(head_out, item.sam_input_size, size, img_size, num_slots, threshold)
+    return (logits > 0).any(0).numpy()
 
 
 def target_pixels(item: SegItem) -> tuple[np.ndarray, np.ndarray]:

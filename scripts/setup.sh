@@ -30,5 +30,16 @@ quiet .venv/bin/python -m pip install -q -e ".[test]"
 quiet .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 .venv/bin/python -c "import torch, vllm, ray, deepspeed, transformers, pyarrow; import models.sam as s; s.sam_modeling()" \
     || { echo "setup: import check failed" >&2; exit 1; }
+# The browser test drives Debian's chromium through Playwright (never `playwright install`, which
+# downloads from a CDN); installed here when missing and apt-get is usable.
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        quiet apt-get install -y -q chromium || echo "setup: chromium did not install: the browser test will be skipped" >&2
+    elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
+        quiet sudo apt-get install -y -q chromium || echo "setup: chromium did not install: the browser test will be skipped" >&2
+    else
+        echo "setup: chromium not found and apt-get unavailable: the browser test will be skipped" >&2
+    fi
+fi
 echo "$want" > "$stamp"
 echo "setup: done"

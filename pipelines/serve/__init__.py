@@ -1,0 +1,1 @@
+"""`segrl serve`: the trained policy and head behind an HTTP API on Ray Serve (see README: Serving)."""
