@@ -1,4 +1,5 @@
 """The `segrl` command: the main job's report, conversion, and clear errors."""
+import pytest
 from tests_support import overrides_for
 from upstream_fixtures import reasonseg_ann, write_reasonseg
 
@@ -9,7 +10,16 @@ from pipelines.cli import build_parser, main
 def test_every_subcommand_has_help():
     parser = build_parser()
     names = parser._subparsers._group_actions[0].choices
-    assert {"config", "make-data", "make-tiny", "precompute", "convert", "main"} <= set(names)
+    assert {"config", "make-data", "make-tiny", "precompute", "convert", "main", "ablate", "serve"} <= set(names)
+
+
+def test_the_command_list_prints(capsys):
+    """`segrl --help` lists every command (a help text with a bare % once broke it)."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "95% band" in out and "ablate" in out
 
 
 def test_main_job_builds_and_reports(tiny_workspace, ray_cluster, capsys):
