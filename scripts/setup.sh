@@ -34,9 +34,9 @@ quiet .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 # downloads from a CDN); installed here when missing and apt-get is usable.
 if ! command -v chromium >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        quiet apt-get install -y -q chromium || echo "setup: chromium did not install: the browser test will be skipped" >&2
+        { quiet apt-get update -q && quiet apt-get install -y -q chromium; } || echo "setup: chromium did not install: the browser test will be skipped" >&2
     elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
-        quiet sudo apt-get install -y -q chromium || echo "setup: chromium did not install: the browser test will be skipped" >&2
+        { quiet sudo apt-get update -q && quiet sudo apt-get install -y -q chromium; } || echo "setup: chromium did not install: the browser test will be skipped" >&2
     else
         echo "setup: chromium not found and apt-get unavailable: the browser test will be skipped" >&2
     fi
