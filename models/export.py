@@ -63,8 +63,8 @@ class ExportSettings:
     sae_layer: int
     head_kind: str  # used only when the source holds no trained head
     head_spec: HeadSpec
-    sae_dir: Path
-    dtype: torch.dtype = torch.float32
+    sae_dir: Path  # the SAE a SegCompass head reads: a model folder does not hold it
+    dtype: torch.dtype = torch.float32  # the LM is loaded and saved in it
 
 
 def export_model(source: str | Path, out: str | Path, settings: ExportSettings, overwrite: bool = False) -> Path:
@@ -74,11 +74,16 @@ def export_model(source: str | Path, out: str | Path, settings: ExportSettings, 
     verify_model_folder(source)
     has_head = (source / "head" / "model.safetensors").is_file()
     kind = saved_head_kind(source) if has_head else settings.head_kind
-    if kind == "segcompass" and has_head and not (settings.sae_dir / "config.json").is_file():
+    sae = settings.sae_dir if kind == "segcompass" and (settings.sae_dir / "config.json").is_file() else None
+    if kind == "segcompass" and has_head and sae is None:
         raise ExportError(f"{settings.sae_dir}: no trained SAE, which the SegCompass head of {source} reads; "
                           "set model.sae.path to its folder")
     policy, tokenizer = load_policy(settings.family, str(source), settings.ref_token, settings.sae_layer,
                                     settings.ref_position, settings.dtype)
+    hidden = policy.lm.config.hidden_size
+    if sae is not None and (d_in := json.loads((sae / "config.json").read_text()).get("d_in")) != hidden:
+        raise ExportError(f"{sae}: an SAE of width {d_in}, but the LM of {source} is {hidden} wide; set "
+                          "model.sae.path to the SAE this model was trained with")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out) as tmp:
         policy.lm.save_pretrained(tmp, safe_serialization=True)
@@ -90,11 +95,11 @@ def export_model(source: str | Path, out: str | Path, settings: ExportSettings, 
             _save_sam(source / "sam", tmp / "sam")
         if has_head:
             shutil.copytree(source / "head", tmp / "head")
-        if kind == "segcompass" and (settings.sae_dir / "config.json").is_file():
+        if sae is not None:
             (tmp / "sae").mkdir()
             for name in ("config.json", "model.safetensors", "metrics.json"):
-                if (settings.sae_dir / name).is_file():
-                    shutil.copy2(settings.sae_dir / name, tmp / "sae" / name)
+                if (sae / name).is_file():
+                    shutil.copy2(sae / name, tmp / "sae" / name)
         head = _head_config(source, has_head, kind, settings.head_spec)
         description = describe_parts(tmp, policy, tokenizer, settings, head)
         (tmp / EXPORT_CONFIG).write_text(json.dumps(description, indent=2))
@@ -118,8 +123,12 @@ def _save_sam(folder: Path, out: Path) -> None:
     shutil.copy2(folder / "config.json", out / "config.json")
     if (folder / SAM_WEIGHTS).is_file():
         shutil.copy2(folder / SAM_WEIGHTS, out / SAM_WEIGHTS)
-    else:
-        save_file({k: v.contiguous() for k, v in load_state_dict(folder / "sam.pt").items()}, out / SAM_WEIGHTS)
+        return
+    try:
+        state = load_state_dict(folder / "sam.pt")
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    save_file({k: v.contiguous() for k, v in state.items()}, out / SAM_WEIGHTS)
 
 
 def _head_config(source: Path, has_head: bool, kind: str, spec: HeadSpec) -> dict:

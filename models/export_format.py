@@ -28,7 +28,8 @@ def model_folder(path: str | Path) -> Path:
         if (folder / "projector" / "config.json").is_file():
             return folder
     if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
-        raise ExportError(f"{path}: a run folder without a final model/ (the run has not finished)")
+        raise ExportError(f"{path}: a run folder without a final model/ (the run has not finished; its "
+                          "checkpoints are DeepSpeed ones: `segrl train --resume` it to the end first)")
     raise ExportError(f"{path}: not a segrl model folder (no projector/config.json): give make-tiny's folder, "
                       "a model folder or a run folder")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,14 @@ def test_bad_sources_and_targets_are_one_line_errors(segcompass_pair, world, tmp
     assert cli_export(world, str(source), "--out", str(busy), "--overwrite") == 0
     assert not (busy / "keep.txt").exists() and (busy / EXPORT_CONFIG).is_file()
     capsys.readouterr()
+
+    settings = export_settings(world["segcompass"])
+    with pytest.raises(ExportError, match="no trained SAE, which the SegCompass head"):
+        export_model(source, tmp_path / "c", replace(settings, sae_dir=tmp_path / "no-sae"))
+    save_sae(SparseAutoencoder(16, 32), tmp_path / "narrow-sae")
+    with pytest.raises(ExportError, match="an SAE of width 16, but the LM"):
+        export_model(source, tmp_path / "c", replace(settings, sae_dir=tmp_path / "narrow-sae"))
+    assert not (tmp_path / "c").exists()
 
     damaged = tmp_path / "damaged"
     shutil.copytree(source, damaged)
