@@ -226,6 +226,7 @@ def test_bad_sources_and_targets_are_one_line_errors(segcompass_pair, world, tmp
     with pytest.raises(ExportError, match="an SAE of width 16, but the LM"):
         export_model(source, tmp_path / "c", replace(settings, sae_dir=tmp_path / "narrow-sae"))
     assert not (tmp_path / "c").exists()
+    capsys.readouterr()  # the LM loader's progress bars
 
     damaged = tmp_path / "damaged"
     shutil.copytree(source, damaged)
