@@ -268,7 +268,8 @@ def cmd_export(config: Config, args: argparse.Namespace) -> Path:
 
 
 def check_model_folder(config: Config, checkpoint: str | None) -> None:
-    """``--checkpoint`` (default model.name_or_path) names a folder; for the tiny family, a segrl model folder."""
+    """``--checkpoint`` (default model.name_or_path) names a folder; for the tiny family, a segrl model folder
+    (make-tiny's, a run's model/, or a `segrl export` folder, which has a model folder's layout)."""
     folder = Path(checkpoint or config.resolve_path(config.model.name_or_path))
     if checkpoint is None and config.model.family != "tiny" and not folder.exists():
         return  # an upstream model named by its hub id
@@ -276,7 +277,7 @@ def check_model_folder(config: Config, checkpoint: str | None) -> None:
         raise DataError(folder, None, "--checkpoint", "no such model folder")
     if config.model.family == "tiny" and not (folder / "projector" / "config.json").is_file():
         raise DataError(folder, None, "--checkpoint", "not a segrl model folder (no projector/config.json): give "
-                        "make-tiny's folder or a run's model/")
+                        "make-tiny's folder, a run's model/ or an export")
 
 
 def run_config(config: Config, args: argparse.Namespace) -> Config:
