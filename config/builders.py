@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from config.load import ConfigError
+from config.model import ModelConfig
 from config.schema import Config
 from data.features import FeatureStore, encoder_key
 from models.encoders import sam_checkpoint
+from models.export import ExportSettings
+from models.export_format import EXPORT_CONFIG, read_model_settings
 from models.grpo_step import LossSettings
 from models.heads import HEADS
 from models.learner import LearnerSettings
@@ -21,9 +25,38 @@ def head_spec(config: Config) -> HeadSpec:
     return HeadSpec(config.model.num_slots, h.codebook_dim, h.act_threshold, h.top_k_features)
 
 
+def config_for_model(config: Config, model_path: str | None = None) -> Config:
+    """``config`` with the model settings an export folder records (head kind and settings, slots,
+    reference token, SAE) in place of its own, so whatever loads, scores or serves an export
+    builds the model it holds; any other folder leaves the config as it is."""
+    path = model_path or config.resolve_path(config.model.name_or_path)
+    settings = read_model_settings(path)
+    if settings is None:
+        return config
+    merged = config.model.model_dump()
+    for key, value in settings.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    try:
+        model = ModelConfig.model_validate(merged)
+    except ValueError as exc:
+        raise ConfigError(f"{Path(path) / EXPORT_CONFIG}: model settings the config cannot take "
+                          f"({' '.join(str(exc).split())})") from None
+    return config.model_copy(update={"model": model})
+
+
+def export_settings(config: Config) -> ExportSettings:
+    """What `segrl export` takes from the config for the parts a model folder does not describe."""
+    import torch
+
+    m = config.model
+    return ExportSettings(m.family, m.ref_token, m.head.ref_position, m.sae.layer, m.head.kind, head_spec(config),
+                          Path(config.resolve_path(m.sae.path)), getattr(torch, m.dtype))
+
+
 def build_segmenter(config: Config, model_path: str | None = None):
     """(Segmenter, tokenizer, SAM input size) from `model_path` (default: model.name_or_path), its files
-    checked first (``verify_model_folder``)."""
+    checked first (``verify_model_folder``); an export is built with its own model settings
+    (``config_for_model``)."""
     path = model_path or config.resolve_path(config.model.name_or_path)
     verify_model_folder(path)
     policy, tokenizer = build_policy(config, path)
@@ -32,14 +65,16 @@ def build_segmenter(config: Config, model_path: str | None = None):
 
 
 def build_policy(config: Config, path: str):
-    """(Policy, tokenizer) of the model folder ``path`` under the config's model settings."""
-    m = config.model
+    """(Policy, tokenizer) of the model folder ``path`` under the config's model settings (an export's
+    own, ``config_for_model``)."""
+    m = config_for_model(config, path).model
     return load_policy(m.family, path, m.ref_token, m.sae.layer, m.head.ref_position)
 
 
 def build_head(config: Config, path: str, lm_dim: int):
     """(the config's head kind over the folder's SAM, with the folder's trained head weights if it has
-    them; SAM's input size)."""
+    them; SAM's input size); an export's own head settings (``config_for_model``)."""
+    config = config_for_model(config, path)
     m = config.model
     sam = load_sam(m.sam.variant, sam_checkpoint(m.sam.variant, m.sam.checkpoint, path))
     head = HEADS.get(m.head.kind)(sam, lm_dim, head_spec(config), Path(config.resolve_path(m.sae.path)))

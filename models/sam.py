@@ -5,7 +5,8 @@ predictor and with it torchvision; no CPU torchvision exists for this torch.
 The modeling subpackage itself needs only torch, so we register the package
 module without executing its `__init__` and import the submodules directly.
 Official checkpoints are read with `torch.load(weights_only=True)`: a state
-dict of tensors and nothing that can run code.
+dict of tensors and nothing that can run code; a `.safetensors` file (an
+export's SAM) with safetensors.
 """
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from models.tiny_specs import TinySamSpec
 
+SAFETENSORS = "model.safetensors"
+"""A tiny SAM's weights in an export (`segrl export`); make-tiny writes `sam.pt`."""
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -99,10 +104,15 @@ def save_tiny_sam(sam: torch.nn.Module, spec: TinySamSpec, out_dir: str | Path) 
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights-only read of a SAM checkpoint, with an error that says what to fix."""
+    """Weights-only read of a SAM checkpoint (torch file or safetensors), with an error that says what to fix."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path}: not a SAM safetensors file ({type(exc).__name__}: {exc})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -113,14 +123,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_sam(variant: str, checkpoint: str | Path | None) -> torch.nn.Module:
-    """`tiny`: a folder written by make-tiny. `vit_b/l/h`: an official .pth file (or None = random init)."""
+    """`tiny`: a folder written by make-tiny (sam.pt) or `segrl export` (model.safetensors).
+    `vit_b/l/h`: an official .pth file, or a .safetensors one (or None = random init)."""
     if variant == "tiny":
         if checkpoint is None:
             raise ValueError("a tiny SAM needs its folder (model.sam.checkpoint or make-tiny's sam/)")
         folder = Path(checkpoint)
         spec = TinySamSpec(**json.loads((folder / "config.json").read_text()))
         sam = build_tiny_sam(spec)
-        weights = folder / "sam.pt"
+        weights = folder / SAFETENSORS if (folder / SAFETENSORS).is_file() else folder / "sam.pt"
     elif variant in ("vit_b", "vit_l", "vit_h"):
         sam = _build_official(variant)
         weights = None if checkpoint is None else Path(checkpoint)

@@ -123,8 +123,13 @@ def save_segmenter(model: Segmenter, spec: HeadSpec, tokenizer, source: str | Pa
         (tmp / "head").mkdir()
         save_file(head_state(model.head), tmp / "head" / "model.safetensors")
         (tmp / "head" / "config.json").write_text(json.dumps({"kind": model.head.kind, **asdict(spec)}, indent=2))
-        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": describe(tmp, files_under(tmp))}, indent=1))
+        write_manifest(tmp)
     return out
+
+
+def write_manifest(folder: Path) -> None:
+    """List every file of a model folder being written, last (``verify_model_folder`` checks against it)."""
+    (folder / MANIFEST).write_text(json.dumps({"format": 1, "files": describe(folder, files_under(folder))}, indent=1))
 
 
 def verify_model_folder(folder: str | Path) -> None:

@@ -6,6 +6,7 @@ exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from config import Config, ConfigError, dump_config, load_config
 from data.integrity import IntegrityError
 from data.schema import DataError
+from models.export_format import ExportError
 from pipelines.grpo.ledger import LedgerError
 from pipelines.grpo.run_folder import RunFolderError
 
@@ -248,8 +250,32 @@ def cmd_eval(config: Config, args: argparse.Namespace) -> dict:
     return result
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a model folder (make-tiny's, a run's model/) or an "
+                   "SFT or GRPO run folder (its model/ is exported)")
+    p.add_argument("--out", required=True, help="folder to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+
+@command("export", "write a model as one Hugging Face folder, safetensors only: the LM and the tokenizer with the "
+         "reference token, projector, head, SAM, SAE, and a config describing each part", _export_args)
+def cmd_export(config: Config, args: argparse.Namespace) -> Path:
+    from config.builders import export_settings
+    from models.export import export_model
+    from models.export_format import EXPORT_CONFIG, model_folder
+
+    source = model_folder(args.checkpoint)
+    out = export_model(source, args.out, export_settings(config), args.overwrite)
+    head = json.loads((out / EXPORT_CONFIG).read_text())["parts"]["head"]
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"exported {source} -> {out} ({head['kind']} head, {'trained' if head['trained'] else 'untrained'}; "
+          f"{size / 2**20:.1f} MiB)")
+    return out
+
+
 def check_model_folder(config: Config, checkpoint: str | None) -> None:
-    """``--checkpoint`` (default model.name_or_path) names a folder; for the tiny family, a segrl model folder."""
+    """``--checkpoint`` (default model.name_or_path) names a folder; for the tiny family, a segrl model folder
+    (make-tiny's, a run's model/, or a `segrl export` folder, which has a model folder's layout)."""
     folder = Path(checkpoint or config.resolve_path(config.model.name_or_path))
     if checkpoint is None and config.model.family != "tiny" and not folder.exists():
         return  # an upstream model named by its hub id
@@ -257,7 +283,7 @@ def check_model_folder(config: Config, checkpoint: str | None) -> None:
         raise DataError(folder, None, "--checkpoint", "no such model folder")
     if config.model.family == "tiny" and not (folder / "projector" / "config.json").is_file():
         raise DataError(folder, None, "--checkpoint", "not a segrl model folder (no projector/config.json): give "
-                        "make-tiny's folder or a run's model/")
+                        "make-tiny's folder, a run's model/ or an export")
 
 
 def run_config(config: Config, args: argparse.Namespace) -> Config:
@@ -433,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(*config_source(args))
         COMMANDS[args.command][2](config, args)
-    except (ConfigError, DataError, FileNotFoundError, LedgerError, IntegrityError, RunFolderError,
+    except (ConfigError, DataError, ExportError, FileNotFoundError, LedgerError, IntegrityError, RunFolderError,
             IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         cause = getattr(exc, "cause", exc)  # raised in a Ray task or actor: its own error, not Ray's traceback
         print(f"segrl {args.command}: error: {cause}", file=sys.stderr)

@@ -150,10 +150,11 @@ def run_eval(config, checkpoint: str | None = None, split: str | None = None, li
     import json
     from pathlib import Path
 
-    from config.builders import build_segmenter, feature_store
+    from config.builders import build_segmenter, config_for_model, feature_store
     from pipelines.baselines import split_baselines
 
     checkpoint = checkpoint or config.resolve_path(config.model.name_or_path)
+    config = config_for_model(config, checkpoint)  # an export scores under the settings it records
     split = split or config.data.eval_splits[0]
     split_file = Path(config.resolve_path(config.data.root)) / f"{split}.parquet"
     trivial = split_baselines(split_file, limit, config.seed) if baselines else {}

@@ -37,3 +37,20 @@ def test_unknown_variant_and_missing_file(tmp_path):
         load_sam("vit_x", None)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_sam("vit_h", tmp_path / "nope.pth")
+
+
+def test_a_tiny_sam_folder_loads_from_safetensors_and_a_damaged_file_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from models.sam import TinySamSpec, build_tiny_sam, save_tiny_sam
+
+    torch.manual_seed(0)
+    reference = build_tiny_sam(TinySamSpec())
+    folder = save_tiny_sam(reference, TinySamSpec(), tmp_path / "sam")
+    (folder / "sam.pt").unlink()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "model.safetensors")
+    loaded = load_sam("tiny", folder)
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), loaded.state_dict().values()))
+    (folder / "model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="model.safetensors: not a SAM safetensors file"):
+        load_sam("tiny", folder)
