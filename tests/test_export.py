@@ -9,12 +9,10 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
-from tests_support import overrides_for
+from tests_support import encode_images, overrides_for
 
 from config import load_config
 from config.builders import (
@@ -24,7 +22,6 @@ from config.builders import (
     feature_store,
     head_spec,
 )
-from data.features import content_hash
 from data.integrity import IntegrityError
 from data.loader import SegDataset
 from data.schema import read_samples, resolve_image
@@ -61,13 +58,8 @@ def world(tiny_workspace, tmp_path_factory):
              tmp / "sae")
     c = segcompass
     split = Path(c.resolve_path(c.data.root)) / "val.parquet"
-    encoders = FrozenEncoders(c.model.family, c.resolve_path(c.model.name_or_path), c.model.sam.variant, None)
-    store = feature_store(c)
-    paths = [resolve_image(split, s.image_path) for s in read_samples(split)[:N_ITEMS]]
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    for path, feats in zip(paths, encoders(images)):
-        store.put(content_hash(path), feats)
-    items = [SegDataset(split, store, encoders.sam_size, limit=N_ITEMS)[i] for i in range(N_ITEMS)]
+    encoders, images = encode_images(c, [resolve_image(split, s.image_path) for s in read_samples(split)[:N_ITEMS]])
+    items = [SegDataset(split, feature_store(c), encoders.sam_size, limit=N_ITEMS)[i] for i in range(N_ITEMS)]
     assert any(not it.sample.no_target for it in items)
     return {"segcompass": segcompass, "read": read, "items": items, "images": images, "tmp": tmp}
 

@@ -4,20 +4,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from tests_support import overrides_for
+from tests_support import encode_images, overrides_for
 from torch.nn import functional as F
 
 from config import load_config
 from config.builders import build_segmenter, feature_store, head_spec
-from data.features import content_hash
 from data.loader import SegDataset
 from data.schema import read_samples, resolve_image
 from data.synthetic import sft_target
-from models.encoders import FrozenEncoders
 from models.heads import HEADS
 from models.optim import build_optimizer, param_groups
 from models.prompt import prompt_ids
@@ -133,13 +129,8 @@ def items(read_config):
     """The first train items, their features encoded here (no Ray Data); some have a target."""
     c = read_config
     split = Path(c.resolve_path(c.data.root)) / "train.parquet"
-    encoders = FrozenEncoders(c.model.family, c.resolve_path(c.model.name_or_path), c.model.sam.variant, None)
-    store = feature_store(c)
-    paths = [resolve_image(split, s.image_path) for s in read_samples(split)[:N_ITEMS]]
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    for path, feats in zip(paths, encoders(images)):
-        store.put(content_hash(path), feats)
-    data = SegDataset(split, store, encoders.sam_size, limit=N_ITEMS)
+    encoders, _ = encode_images(c, [resolve_image(split, s.image_path) for s in read_samples(split)[:N_ITEMS]])
+    data = SegDataset(split, feature_store(c), encoders.sam_size, limit=N_ITEMS)
     out = [data[i] for i in range(N_ITEMS)]
     assert sum(not it.sample.no_target for it in out) >= 2
     return out

@@ -23,15 +23,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests_support import overrides_for
+from tests_support import encode_images, overrides_for
 
 from config import load_config
 from config.builders import build_segmenter, feature_store, head_spec
-from data.features import content_hash
 from data.loader import SegDataset
 from data.rle import decode_rle
 from data.schema import read_samples, resolve_image
-from models.encoders import FrozenEncoders
 from models.optim import build_optimizer, param_groups
 from models.segmenter import save_segmenter
 from pipelines.evaluate import answer_batch, evaluate_with_config, predicted_mask
@@ -142,13 +140,10 @@ def served(tiny_workspace, ray_cluster, tmp_path_factory):
     val_samples = read_samples(val)
     targets = [i for i, s in enumerate(val_samples) if not s.no_target][:2]
     refusal = next(i for i, s in enumerate(read_samples(train)) if s.no_target)
-    encoders = FrozenEncoders(config.model.family, config.resolve_path(config.model.name_or_path),
-                              config.model.sam.variant, None)
-    store = feature_store(config)
     paths = [resolve_image(val, val_samples[i].image_path) for i in targets]
     paths.append(resolve_image(train, read_samples(train)[refusal].image_path))
-    for path, feats in zip(paths, encoders([np.asarray(Image.open(p).convert("RGB")) for p in paths])):
-        store.put(content_hash(path), feats)
+    encoders, _ = encode_images(config, paths)
+    store = feature_store(config)
     img_size = encoders.sam_size
     val_set, train_set = SegDataset(val, store, img_size), SegDataset(train, store, img_size)
     items = [val_set[i] for i in targets] + [train_set[refusal]]

@@ -24,3 +24,22 @@ def tiny_grpo_config(workspace: dict, out, steps: int, checkpoint_every: int) ->
     for kind in (config.cluster.rollout, config.cluster.learner, config.cluster.reference, config.cluster.reward):
         kind.num_cpus = 0.1
     return config
+
+
+def encode_images(config: Config, paths: list) -> tuple:
+    """(the config's frozen encoders, the images at ``paths`` as RGB arrays), each image's features put in
+    the config's feature store under its content hash: the cache `precompute` fills, without Ray Data."""
+    import numpy as np
+    from PIL import Image
+
+    from config.builders import feature_store
+    from data.features import content_hash
+    from models.encoders import FrozenEncoders
+
+    encoders = FrozenEncoders(config.model.family, config.resolve_path(config.model.name_or_path),
+                              config.model.sam.variant, None)
+    store = feature_store(config)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    for path, feats in zip(paths, encoders(images)):
+        store.put(content_hash(path), feats)
+    return encoders, images
