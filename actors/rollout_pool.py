@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ray
 
-from actors.dispatch import LeastLoaded, SupervisedPool
+from actors.dispatch import LeastLoaded, SlotEvent, SupervisedPool
 from actors.rollout import RolloutWorker
 from config import Config
 
@@ -20,6 +20,10 @@ class RolloutPool(SupervisedPool):
     broadcast interrupts the batches a worker is generating (they keep the version they
     began with); batches submitted after it begin with the new weights or newer. A replaced
     worker loads the latest broadcast weights before its first batch.
+
+    The pool is elastic: ``add_engine`` starts an engine that is given batches once it has
+    started and loaded the latest weights; ``retire_engine`` stops giving one batches and
+    kills it once its batches are done (``settle`` reports both, with the slot's placement).
     """
 
     def __init__(self, config: Config, num_workers: int, *, num_cpus: float = 0.5, num_gpus: float = 0.0,
@@ -30,7 +34,7 @@ class RolloutPool(SupervisedPool):
         self._dispatch = LeastLoaded(
             lambda **placement: RolloutWorker.options(num_cpus=num_cpus, num_gpus=num_gpus, **placement).remote(
                 config, model_path, engine_args),
-            num_workers, "rollout", max_restarts=max_restarts, slot_options=slot_options)
+            num_workers, "rollout", max_restarts=max_restarts, slot_options=slot_options, ready_method="ping")
         self._version = 0  # of the last broadcast: no batch submitted after it may begin older
 
     def ready(self, timeout_s: float | None = None) -> None:
@@ -50,3 +54,30 @@ class RolloutPool(SupervisedPool):
             raise TypeError("broadcast_named takes the ObjectRef of ray.put(state), not the state itself")
         self._version = int(version)
         return self._dispatch.broadcast("update_weights", state_ref, version)
+
+    @property
+    def engines(self) -> int:
+        """Engines given batches now (not those still starting or retiring)."""
+        return len(self._dispatch.serving)
+
+    @property
+    def starting(self) -> list[str]:
+        """Engines added and not serving yet."""
+        return self._dispatch.joining
+
+    def add_engine(self, options: dict | None = None) -> str:
+        """Start one more engine (``options``: its placement); it serves once started with the latest weights."""
+        return self._dispatch.add(options)
+
+    def retire_engine(self) -> str:
+        """Stop one engine (a starting one first, else the least busy serving one, the newest on ties)."""
+        if self._dispatch.joining:
+            name = self._dispatch.joining[-1]
+        else:
+            name = min(reversed(self._dispatch.serving), key=self._dispatch.unfinished)
+        self._dispatch.retire(name)
+        return name
+
+    def settle(self) -> list[SlotEvent]:
+        """Engines that joined, failed to start, or were removed since the last call."""
+        return self._dispatch.settle()

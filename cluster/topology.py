@@ -38,6 +38,27 @@ class Placement:
                 placement_group_capture_child_tasks=k.capture)})
         return options
 
+    def add_group(self, kind: str) -> dict:
+        """Reserve one more placement group for an actor of ``kind`` (an engine added mid-run): the Ray
+        options that put the actor into it. Returns at once; the actor starts once the group is placed."""
+        k = self.plan.kind(kind)
+        if k.per_group != 1:
+            raise ValueError(f"{kind} actors share placement groups; only a kind with a group per actor can grow")
+        if not k.bundles:
+            return {}
+        group = placement_group(list(k.bundles), strategy=k.strategy)
+        self.groups.setdefault(kind, []).append(group)
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=k.capture)}
+
+    def release(self, kind: str, options: dict) -> None:
+        """Free the placement group of a removed actor of ``kind`` (a rollout engine: one group each)."""
+        strategy = options.get("scheduling_strategy")
+        group = getattr(strategy, "placement_group", None)
+        if group is not None and group in self.groups.get(kind, []):
+            self.groups[kind].remove(group)
+            remove_placement_group(group)
+
     def remove(self) -> None:
         for groups in self.groups.values():
             for group in groups:
