@@ -69,11 +69,11 @@ class RolloutPool(SupervisedPool):
         """Start one more engine (``options``: its placement); it serves once started with the latest weights."""
         return self._dispatch.add(options)
 
-    def retire_engine(self) -> str:
-        """Stop one engine (a starting one first, else the least busy serving one, the newest on ties)."""
-        if self._dispatch.joining:
+    def retire_engine(self, name: str | None = None) -> str:
+        """Stop engine ``name``; by default a starting one, else the least busy serving one (the newest on ties)."""
+        if name is None and self._dispatch.joining:
             name = self._dispatch.joining[-1]
-        else:
+        elif name is None:
             name = min(reversed(self._dispatch.serving), key=self._dispatch.unfinished)
         self._dispatch.retire(name)
         return name

@@ -2,8 +2,9 @@
 
 Top-down: join or start a Ray cluster, build the prompt stream, start the four
 actor kinds, restore the newest complete checkpoint when resuming, let the
-asynchronous scheduler run the steps under the staleness bound, save the final
-model, evaluate it. A learner failure ends the attempt and the run resumes from
+asynchronous scheduler run the steps under the staleness bound (resizing the
+rollout pool after each step when ``cluster.rollout_autoscale`` is set), save
+the final model, evaluate it. A learner failure ends the attempt and the run resumes from
 its last checkpoint (``train.max_learner_restarts`` times). The driver holds
 ObjectRefs and small metadata only.
 """
@@ -24,6 +25,7 @@ from models.encoders import sam_checkpoint
 from models.sam import sam_image_size
 from models.segmenter import verify_model_folder
 from pipelines.grpo.admission import StalenessController
+from pipelines.grpo.elastic import ElasticRollouts
 from pipelines.grpo.ledger import Ledger
 from pipelines.grpo.metrics_log import require_loggers
 from pipelines.grpo.prompts import PromptStream, prompt_rows
@@ -88,14 +90,17 @@ def run_grpo(config: Config, run_dir: Path, checkpoint: RunCheckpoint | None):
         snapshot = lambda: (driver_state(prompts, scheduler.faults), ledger)  # noqa: E731
         checkpointer = Checkpointer(run_dir / "checkpoints", config.train.checkpoint_every,
                                     config.train.keep_checkpoints, actors.learner, snapshot)
+        elastic = ElasticRollouts.from_config(config, actors, scheduler.timer)
         log = RunLog(run_dir, config.train.steps, scheduler.timer, checkpointer, controller.learner_version,
-                     config.train.loggers)
+                     config.train.loggers, hooks=[elastic] if elastic else [])
         scheduler.on_step = log
         try:
             report = scheduler.run(config.train.steps - controller.learner_version)
             final = actors.learner.save_model(str(run_dir / "model"))
         finally:
             log.close()
+            if elastic:
+                elastic.close()
         ledger.save(run_dir / "ledger.json")
     finally:
         actors.stop()

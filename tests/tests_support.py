@@ -1,5 +1,12 @@
 """Helpers shared by tests (not fixtures)."""
+from pathlib import Path
+
 from config import Config
+from models.learner_audit import trained_groups
+from pipelines.grpo.ledger import TRAINED, Ledger
+from pipelines.grpo.metrics_log import read_metrics
+
+BATCH = 2  # tiny_grpo_config's prompts per step
 
 
 def overrides_for(config: Config) -> list[str]:
@@ -43,3 +50,30 @@ def encode_images(config: Config, paths: list) -> tuple:
     for path, feats in zip(paths, encoders(images)):
         store.put(content_hash(path), feats)
     return encoders, images
+
+
+def assert_exactly_once(out: Path, steps: int, eta: int = 1) -> Ledger:
+    ledger = Ledger.load(out / "ledger.json")
+    ledger.check(eta, batch_size=BATCH)
+    summary = ledger.summary()
+    assert summary["steps"] == steps and summary["trained_samples"] == steps * BATCH
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(int(k.split("/")[1]) <= eta for r in rows for k in r if k.startswith("staleness/"))
+    assert_learner_consumed_each_admitted_group_once(out, steps, ledger)
+    return ledger
+
+
+def assert_learner_consumed_each_admitted_group_once(out: Path, steps: int, ledger: Ledger) -> None:
+    """Not trusting the ledger: the learner's record of its surviving steps' inputs holds a full batch
+    per step, no group twice, and every group among those the scheduler admitted and said trained."""
+    consumed = trained_groups(out / "learner_inputs.jsonl")
+    assert sorted(consumed) == list(range(1, steps + 1)), sorted(consumed)
+    groups = [g for step_groups in consumed.values() for g in step_groups]
+    assert all(len(step_groups) == BATCH for step_groups in consumed.values()), consumed
+    assert len(set(groups)) == len(groups) == steps * BATCH, consumed
+    entries = {group: (state, step) for group, _, state, _, step, _ in ledger.to_dict()["entries"]}
+    assert set(groups) <= set(entries), "the learner trained groups the scheduler never admitted"
+    assert set(groups) == {g for g, (state, _) in entries.items() if state == TRAINED}
+    # the ledger numbers steps from 0; the step that trained a group made weights version step + 1
+    assert all(entries[g][1] + 1 == version for version, step_groups in consumed.items() for g in step_groups)

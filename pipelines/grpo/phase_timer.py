@@ -62,6 +62,12 @@ class PhaseTimer:
         tail = [(gauge.busy_from, self._clock())] if gauge.busy_from is not None else []
         return gauge.periods + tail
 
+    def integral(self, name: str) -> tuple[float, float]:
+        """(now, the integral of gauge ``name`` over time up to now): two readings give its mean between them."""
+        now, gauge = self._clock(), self._gauge(name)
+        self._advance(gauge, now)
+        return now, gauge.area
+
     def report(self) -> dict[str, dict[str, float]]:
         """Per gauge: busy_s, idle_s, busy_fraction, mean and max, up to now."""
         now = self._clock()

@@ -43,18 +43,25 @@ class RunLog:
     """The scheduler's `on_step`: log, show progress, then ``checkpoint(steps trained)``.
 
     ``checkpoint``: a ``run_checkpoints.Checkpointer``. ``start_step``: the steps a resumed
-    run had already trained. ``loggers``: the metrics backends (``train.loggers``).
+    run had already trained. ``loggers``: the metrics backends (``train.loggers``). ``hooks``:
+    called with each record before it is logged; the sections they return join its metrics
+    (e.g. ``elastic.ElasticRollouts``: the rollout pool's size and scale events).
     """
 
     def __init__(self, run_dir: Path, total_steps: int, timer, checkpoint: Callable[[int], None],
-                 start_step: int = 0, loggers: Iterable[str] = DEFAULT_LOGGERS):
+                 start_step: int = 0, loggers: Iterable[str] = DEFAULT_LOGGERS,
+                 hooks: Iterable[Callable[[StepRecord], dict]] = ()):
         self.metrics = MetricsLog(run_dir, loggers, resume_after=start_step if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step")
-        self.timer, self.checkpoint = timer, checkpoint
+        self.timer, self.checkpoint, self.hooks = timer, checkpoint, list(hooks)
         self.rewards: list[float] = []
 
     def __call__(self, record: StepRecord) -> None:
-        flat = self.metrics.log(record.step + 1, step_metrics(record, self.timer.report()))
+        metrics = step_metrics(record, self.timer.report())
+        for hook in self.hooks:
+            for section, values in hook(record).items():
+                metrics.setdefault(section, {}).update(values)
+        flat = self.metrics.log(record.step + 1, metrics)
         self.rewards.append(flat["reward/total"])
         self.bar.set_postfix(reward=f"{flat['reward/total']:.3f}", mask=f"{flat['reward/mask']:.3f}",
                              kl=f"{flat.get('loss/kl', 0):.4f}")
