@@ -280,3 +280,35 @@ class SupervisedPool:
     def shutdown(self) -> None:
         """Kill the workers (their queued calls fail); the pool is unusable after."""
         self._dispatch.shutdown()
+
+
+class ElasticPool(SupervisedPool):
+    """A pool whose size changes while it serves (what ``pipelines.grpo.elastic`` drives): actors are
+    engines here, added with their placement and retired once their calls are done."""
+
+    @property
+    def engines(self) -> int:
+        """Engines given batches now (not those still starting or retiring)."""
+        return len(self._dispatch.serving)
+
+    @property
+    def starting(self) -> list[str]:
+        """Engines added and not serving yet."""
+        return self._dispatch.joining
+
+    def add_engine(self, options: dict | None = None) -> str:
+        """Start one more engine (``options``: its placement); it serves once started with the latest weights."""
+        return self._dispatch.add(options)
+
+    def retire_engine(self, name: str | None = None) -> str:
+        """Stop engine ``name``; by default a starting one, else the least busy serving one (the newest on ties)."""
+        if name is None and self._dispatch.joining:
+            name = self._dispatch.joining[-1]
+        elif name is None:
+            name = min(reversed(self._dispatch.serving), key=self._dispatch.unfinished)
+        self._dispatch.retire(name)
+        return name
+
+    def settle(self) -> list[SlotEvent]:
+        """Engines that joined, failed to start, or were removed since the last call."""
+        return self._dispatch.settle()

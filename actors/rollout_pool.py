@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ray
 
-from actors.dispatch import LeastLoaded, SlotEvent, SupervisedPool
+from actors.dispatch import ElasticPool, LeastLoaded
 from actors.rollout import RolloutWorker
 from config import Config
 
 
-class RolloutPool(SupervisedPool):
+class RolloutPool(ElasticPool):
     """``num_workers`` RolloutWorkers on one model; ``slot_options``: each worker's placement (its bundle).
 
     A batch goes to the worker with the fewest unfinished batches (ties in turn). A weight
@@ -54,30 +54,3 @@ class RolloutPool(SupervisedPool):
             raise TypeError("broadcast_named takes the ObjectRef of ray.put(state), not the state itself")
         self._version = int(version)
         return self._dispatch.broadcast("update_weights", state_ref, version)
-
-    @property
-    def engines(self) -> int:
-        """Engines given batches now (not those still starting or retiring)."""
-        return len(self._dispatch.serving)
-
-    @property
-    def starting(self) -> list[str]:
-        """Engines added and not serving yet."""
-        return self._dispatch.joining
-
-    def add_engine(self, options: dict | None = None) -> str:
-        """Start one more engine (``options``: its placement); it serves once started with the latest weights."""
-        return self._dispatch.add(options)
-
-    def retire_engine(self, name: str | None = None) -> str:
-        """Stop engine ``name``; by default a starting one, else the least busy serving one (the newest on ties)."""
-        if name is None and self._dispatch.joining:
-            name = self._dispatch.joining[-1]
-        elif name is None:
-            name = min(reversed(self._dispatch.serving), key=self._dispatch.unfinished)
-        self._dispatch.retire(name)
-        return name
-
-    def settle(self) -> list[SlotEvent]:
-        """Engines that joined, failed to start, or were removed since the last call."""
-        return self._dispatch.settle()
