@@ -127,3 +127,17 @@ def learner_settings(config: Config) -> LearnerSettings:
                            tuple(o.betas), o.grad_clip, o.schedule, o.total_steps, o.one_cycle_final_div,
                            o.warmup_fraction, loss_settings(config), head_spec(config), config.model.dtype,
                            o.gradient_checkpointing, o.zero_offload)
+
+
+def serve_generator(config: Config):
+    """The policy deployment's generator (``serve.policy.generator``); a vLLM engine's context holds a
+    prompt, its image tokens and the serve cap on new tokens."""
+    from dataclasses import replace
+
+    from models.generators import GENERATORS
+
+    settings = rollout_settings(config)
+    if settings.max_model_len is not None:
+        cap = config.serve.max_new_tokens or config.eval_max_new_tokens
+        settings = replace(settings, max_model_len=settings.max_model_len - config.data.max_response_length + cap)
+    return GENERATORS.get(config.serve.policy.generator)(settings)

@@ -7,6 +7,8 @@ API answers 503 with Retry-After), and the resources of each replica.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from config.section import Section
@@ -67,6 +69,9 @@ class SegmentOptions(DeploymentOptions):
 
 
 class PolicyDeploymentOptions(SegmentOptions):
+    generator: Literal["vllm", "transformers"] = Field(
+        "vllm", description="how answers are decoded (models.generators): the rollout's vLLM engine, or eval's "
+        "transformers generate (what `segrl eval` decodes with; no engine start)")
     max_batch_size: PositiveInt = Field(8, description="@serve.batch: requests generated together")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch: longest wait to fill a batch")
 

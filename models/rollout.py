@@ -91,6 +91,22 @@ def _reload(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
     worker.model_runner.reload_weights(weights_iterator=iter(weights))
 
 
+def open_engine(settings: RolloutSettings, engine_args: dict | None = None):
+    """The vLLM engine of ``settings.model_dir``, fed prompt embeddings (the settings' engine arguments,
+    then ``engine_args``); eager, seeded once."""
+    from vllm import LLM
+
+    args = dict(max_model_len=settings.max_model_len, enable_prompt_embeds=True,
+                dtype=settings.dtype, seed=settings.seed, enforce_eager=True, **settings.engine)
+    args.update(engine_args or {})
+    return LLM(model=str(settings.model_dir), **args)
+
+
+def reload_engine(llm, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Load LM tensors (HF checkpoint names) into a running engine, in place."""
+    llm.collective_rpc(_reload, args=(weights,))
+
+
 class RolloutCore:
     """The engine, the prompt-embedding modules and the feature store of one rollout worker.
 
@@ -102,7 +118,6 @@ class RolloutCore:
 
     def __init__(self, settings: RolloutSettings, store: FeatureStore, engine_args: dict | None = None):
         from transformers import AutoTokenizer
-        from vllm import LLM
 
         self.settings, self.store = settings, store
         folder = Path(settings.model_dir)
@@ -116,10 +131,7 @@ class RolloutCore:
         self.lm_shapes, self.embed_key = _lm_layout(folder)
         self.embed = torch.nn.Embedding.from_pretrained(_read_tensor(folder, self.embed_key).to(self.dtype))
         self.projector = load_projector(folder / "projector").to(self.dtype).eval()
-        args = dict(max_model_len=settings.max_model_len, enable_prompt_embeds=True,
-                    dtype=settings.dtype, seed=settings.seed, enforce_eager=True, **settings.engine)
-        args.update(engine_args or {})
-        self.llm = LLM(model=str(folder), **args)
+        self.llm = open_engine(settings, engine_args)
         self.engine = InterruptibleEngine(self.llm)
 
     @property
@@ -214,7 +226,7 @@ class RolloutCore:
             self.projector.load_state_dict(projector, strict=True)
             self.embed.weight.copy_(lm[self.embed_key])
             engine_start = time.perf_counter()
-            self.llm.collective_rpc(_reload, args=(list(lm.items()),))
+            reload_engine(self.llm, list(lm.items()))
             timings["engine_s"] = time.perf_counter() - engine_start
 
         interrupted = self.engine.update(load, version)

@@ -193,3 +193,24 @@ def test_serve_section_is_typed_and_checked():
         extra = ["serve.segment.autoscaling_config={max_replicas: 2}"] if "num_replicas" in bad else []
         with pytest.raises(ConfigError):
             load_config("configs/tiny.yaml", [bad, *extra])
+
+
+def test_the_policy_generator_is_a_known_one_and_vllm_replicas_get_the_rollout_engine_environment():
+    import typing
+
+    from actors.rollout import ENGINE_ENV
+    from config import ConfigError, load_config
+    from config.serve import PolicyDeploymentOptions
+    from models.generators import GENERATORS
+    from pipelines.serve.app import serve_config
+
+    allowed = typing.get_args(PolicyDeploymentOptions.model_fields["generator"].annotation)
+    assert set(allowed) == set(GENERATORS.names())
+    for generator, env in (("vllm", ENGINE_ENV), ("transformers", None)):
+        config = load_config("configs/tiny.yaml", [f"serve.policy.generator={generator}"])
+        deployments = {d["name"]: d for d in serve_config(config, None, 0)["applications"][0]["deployments"]}
+        actor = deployments["policy"]["ray_actor_options"]
+        assert actor.get("runtime_env", {}).get("env_vars") == env
+        assert "runtime_env" not in deployments["segment"]["ray_actor_options"]
+    with pytest.raises(ConfigError):
+        load_config("configs/tiny.yaml", ["serve.policy.generator=hf"])

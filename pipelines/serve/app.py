@@ -43,10 +43,21 @@ def build_app(args: dict):
 
     config = Config.model_validate(args["config"])
     s, plain = config.serve, config.model_dump(mode="json")
-    policy = PolicyDeployment.options(**s.policy.serve_options(), user_config=policy_user_config(config, None, 0))
+    policy = PolicyDeployment.options(**policy_options(config), user_config=policy_user_config(config, None, 0))
     segment = SegmentDeployment.options(**s.segment.serve_options(), user_config=weights_user_config(None, 0))
     ingress = Ingress.options(**s.ingress.serve_options(), user_config={"request_timeout_s": s.request_timeout_s})
     return ingress.bind(policy.bind(plain), segment.bind(plain), plain)
+
+
+def policy_options(config: Config) -> dict:
+    """The policy deployment's Serve options; a vLLM generator runs its engine in the replica's process,
+    as a rollout worker does (the same environment)."""
+    options = config.serve.policy.serve_options()
+    if config.serve.policy.generator == "vllm":
+        from actors.rollout import ENGINE_ENV
+
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(ENGINE_ENV)}
+    return options
 
 
 def weights_user_config(model_dir: str | None, version: int) -> dict:
@@ -59,8 +70,8 @@ def policy_user_config(config: Config, model_dir: str | None, version: int) -> d
             "batch_wait_timeout_s": p.batch_wait_timeout_s}
 
 
-def _deployment(name: str, options, user_config: dict) -> dict:
-    return {"name": name, **options.serve_options(), "user_config": user_config}
+def _deployment(name: str, options: dict, user_config: dict) -> dict:
+    return {"name": name, **options, "user_config": user_config}
 
 
 def serve_config(config: Config, model_dir: str | None, version: int, timeout_s: float | None = None) -> dict:
@@ -76,9 +87,10 @@ def serve_config(config: Config, model_dir: str | None, version: int, timeout_s:
             "route_prefix": "/",
             "import_path": IMPORT_PATH,
             "args": {"config": config.model_dump(mode="json")},
-            "deployments": [_deployment("ingress", s.ingress, {"request_timeout_s": timeout_s or s.request_timeout_s}),
-                            _deployment("policy", s.policy, policy_user_config(config, model_dir, version)),
-                            _deployment("segment", s.segment, weights_user_config(model_dir, version))],
+            "deployments": [
+                _deployment("ingress", s.ingress.serve_options(), {"request_timeout_s": timeout_s or s.request_timeout_s}),
+                _deployment("policy", policy_options(config), policy_user_config(config, model_dir, version)),
+                _deployment("segment", s.segment.serve_options(), weights_user_config(model_dir, version))],
         }],
     }
 

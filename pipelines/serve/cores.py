@@ -2,8 +2,9 @@
 `segrl eval --checkpoint` loads it, and computes what eval computes (no second model path).
 
 - ``PolicyCore``: prompt ids (``models.prompt``), prompt embeddings from the image's vision
-  features through the projector, generation with eval's function (``models.generate``,
-  greedy at temperature 0), then one ``Policy`` forward over prompt + response for the
+  features through the projector, generation by the deployment's generator
+  (``models.generators``: the rollout's vLLM engine, or eval's function; greedy at
+  temperature 0), then one ``Policy`` forward over prompt + response for the
   reference-token states, as eval's ``answer_batch`` does. It returns the fields of that
   forward the head reads (``policy_inputs``, per sample).
 - ``SegmentCore``: the frozen vision tower and SAM image encoder (``FrozenEncoders``, what
@@ -26,7 +27,6 @@ import torch
 from config import Config
 from config.builders import build_head, build_policy
 from models.encoders import FrozenEncoders
-from models.generate import generate
 from models.prompt import prompt_ids
 from models.segmenter import NonFiniteError, require_finite, verify_model_folder
 from pipelines.evaluate import kept_slot_logits
@@ -55,14 +55,20 @@ class Question:
 
 
 class PolicyCore:
-    """The policy of one model folder at one weights version."""
+    """The policy of one model folder at one weights version; ``generator`` decodes (shared by the
+    versions a replica holds: ``activate`` loads this version into it)."""
 
-    def __init__(self, config: Config, model_dir: str, version: int):
+    def __init__(self, config: Config, model_dir: str, version: int, generator):
         verify_model_folder(model_dir)
+        self.generator = generator
         self.policy, self.tokenizer = build_policy(config, model_dir)
         self.policy.eval()
         self.ref_token, self.version, self.model_dir = config.model.ref_token, version, model_dir
         self.max_prompt_length = config.data.max_prompt_length
+
+    def activate(self) -> None:
+        """Load this version into the generator (no batch of another version may run meanwhile)."""
+        self.generator.load(self.model_dir)
 
     def prompt(self, query: str) -> list[int]:
         return prompt_ids(self.tokenizer, query, self.ref_token)
@@ -92,7 +98,7 @@ class PolicyCore:
                       temperature: float, names: tuple[str, ...]) -> list[Answer]:
         visions = [q.vision for q in questions]
         embeds = [self.policy.prompt_embeds(p, v) for p, v in zip(prompts, visions)]
-        responses = generate(self.policy, self.tokenizer, embeds, max_new_tokens, temperature)
+        responses = self.generator(self.policy, self.tokenizer, embeds, max_new_tokens, temperature)
         out = self.policy(prompts, visions, responses)
         require_finite(out, [None] * len(questions), [f"request {i}" for i in range(len(questions))])
         answers = []
