@@ -5,6 +5,7 @@ after logging a step, so a checkpoint never precedes the metrics of its step.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -55,9 +56,11 @@ class RunLog:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step")
         self.timer, self.checkpoint, self.hooks = timer, checkpoint, list(hooks)
         self.rewards: list[float] = []
+        self.started = time.perf_counter()
 
     def __call__(self, record: StepRecord) -> None:
         metrics = step_metrics(record, self.timer.report())
+        metrics["time"]["elapsed_s"] = time.perf_counter() - self.started  # since this attempt started
         for hook in self.hooks:
             for section, values in hook(record).items():
                 metrics.setdefault(section, {}).update(values)
