@@ -183,7 +183,12 @@ def load_head_weights(head: nn.Module, folder: str | Path) -> bool:
     if saved != head.kind:
         raise ValueError(f"{path.parent}: holds a '{saved}' head, but model.head.kind is '{head.kind}'; "
                          f"set model.head.kind={saved} or start from a folder without head weights")
-    missing, unexpected = head.load_state_dict(load_file(path), strict=False)
+    try:
+        missing, unexpected = head.load_state_dict(load_file(path), strict=False)
+    except RuntimeError as exc:  # torch names every size mismatch; the first says enough
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise ValueError(f"{path}: head weights of other shapes than this config's head ({first}); it was "
+                         "saved by an older segrl or under another config (model.head, model.num_slots)") from None
     missing = [k for k in missing if not k.startswith("sae.")]
     if missing or unexpected:
         raise ValueError(f"{path}: head weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")

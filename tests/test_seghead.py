@@ -144,3 +144,27 @@ def test_neither_fusion_input_drowns_the_other_however_large_it_grows(grown, sig
     assert before > 0.1  # both paths steer the heatmaps of a fresh head
     _grow(mapper.mixer.layers[-1].linear2 if grown == "slot path" else mapper.ref_proj, 1000.0)
     assert _rotated_change(head, *rotation) >= 0.5 * before
+
+
+def test_head_weights_of_other_shapes_are_a_one_line_error(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from models.segmenter import load_head_weights
+
+    class Head(torch.nn.Module):
+        kind = "segcompass"
+
+        def __init__(self, width: int):
+            super().__init__()
+            self.proj = torch.nn.Linear(width, 4)
+
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "config.json").write_text(json.dumps({"kind": "segcompass"}))
+    save_file(Head(8).state_dict(), tmp_path / "head" / "model.safetensors")
+    assert load_head_weights(Head(8), tmp_path)
+    with pytest.raises(ValueError) as caught:
+        load_head_weights(Head(6), tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and "size mismatch for proj.weight" in message and "older segrl" in message
