@@ -341,7 +341,8 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
     from pipelines.ablate import ABLATIONS
 
     p.add_argument("--variant", action="append", choices=list(ABLATIONS), metavar="NAME", dest="variants",
-                   help=f"run this variant (repeatable; default: all): {', '.join(ABLATIONS)}")
+                   help="run this variant (repeatable; default: all): "
+                   + "; ".join(f"{name}: {a.description}" for name, a in ABLATIONS.items()).replace("%", "%%"))
     p.add_argument("--seed", action="append", type=int, dest="seeds", metavar="N",
                    help="run at this seed (repeatable; default: the config's seed)")
     _force(p)
