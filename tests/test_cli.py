@@ -11,6 +11,9 @@ def test_every_subcommand_has_help():
     parser = build_parser()
     names = parser._subparsers._group_actions[0].choices
     assert {"config", "make-data", "make-tiny", "precompute", "convert", "main", "ablate", "serve"} <= set(names)
+    for name, sub in names.items():  # every option's help renders (a bare % raises here)
+        assert sub.format_help(), name
+    assert "no-seg-loss: GRPO without the segmentation loss" in " ".join(names["ablate"].format_help().split())
 
 
 def test_the_command_list_prints(capsys):
