@@ -10,7 +10,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from bench.sim_stages import EngineBank, Profile, SimStages, measure
+from bench.sim_engines import EngineBank
+from bench.sim_profile import Profile
+from bench.sim_stages import SimStages, measure
 
 TICK = 0.01  # completions resolve to the tick that passes them
 # engines of 2 sequences each, 10 ms per decode step whatever the batch
