@@ -19,7 +19,13 @@ Rule. With I, Q, U the window's means and P "staleness presses the bound",
 
     up   = I >= idle_up  and  Q >= queue_up  and  U >= util_down  and  not P
     down = P  or  (U < util_down  and  I < idle_up)
-    target = clamp(engines + [up] - [down], min, max)
+    grown(E)  = max(E + 1, floor(E * growth))
+    shrunk(E) = min(E - 1, ceil(E / growth))
+    target = clamp(grown(E) if up else shrunk(E) if down else E, min, max)
+
+With ``growth`` 1 (the default) a decision moves one engine; with growth g > 1 it multiplies
+or divides the count by g (at least one engine), so a pool that must go from 8 to 64 engines
+gets there in log_g 8 windows rather than 56.
 
 Up: the learner waits for data while admitted groups wait for an engine and the engines are
 busy, so generation is the bottleneck, and the data is fresh enough that generating more
@@ -35,11 +41,14 @@ older group presses it.
 Proof of the properties the tests check:
 - Bounds: the target is clamped to [min, max] (``min <= max`` is validated), whatever the
   reported engine count.
-- One engine at a time: up and down exclude each other (up needs not P and U >= util_down;
-  down needs P or U < util_down), so a count within the bounds moves by at most one.
+- One step at a time: up and down exclude each other (up needs not P and U >= util_down;
+  down needs P or U < util_down), so a count E within the bounds goes to one of
+  clamp(shrunk(E)) <= E <= clamp(grown(E)), one engine away when growth is 1
+  (floor(E) = E, ceil(E) = E).
 - Monotone responses: up is a conjunction of conditions that stay true when I, Q or U grow
   or P becomes false; down is false-preserving in the same directions (its U and I terms
-  need them small). So target is non-decreasing in I, Q and U and non-increasing in P.
+  need them small). Since shrunk(E) < E < grown(E) and clamping keeps order, target is
+  non-decreasing in I, Q and U and non-increasing in P.
   Moving trained groups to older staleness never turns P false (the count at s - v >= eta
   and the count beyond eta only grow), so it never raises the target.
 - Pace: a change needs a full window at the new size, so the count changes at most once
@@ -48,6 +57,7 @@ Proof of the properties the tests check:
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,13 +99,24 @@ def presses_bound(staleness: Mapping[int, int], eta: int, press_share: float) ->
     return beyond > 0 or (eta > 0 and trained > 0 and at_least >= press_share * trained)
 
 
+def grown(engines: int, growth: float) -> int:
+    """The count after a step up: times ``growth``, at least one more."""
+    return max(engines + 1, math.floor(engines * growth))
+
+
+def shrunk(engines: int, growth: float) -> int:
+    """The count after a step down: divided by ``growth``, at least one fewer."""
+    return min(engines - 1, math.ceil(engines / growth))
+
+
 def decide(engines: int, idle: float, queue: float, utilisation: float, pressing: bool,
            settings: RolloutAutoscaleConfig) -> Decision:
     """The rule of the module docstring on a full window's means."""
     s = settings
     up = idle >= s.idle_up and queue >= s.queue_up and utilisation >= s.util_down and not pressing
     down = pressing or (utilisation < s.util_down and idle < s.idle_up)
-    target = min(max(engines + up - down, s.min), s.max)
+    moved = grown(engines, s.growth) if up else shrunk(engines, s.growth) if down else engines
+    target = min(max(moved, s.min), s.max)
     seen = f"learner idle {idle:.2f}, queue {queue:.1f}, engine utilisation {utilisation:.2f}"
     if target > engines:
         return Decision(target, f"up: the learner waits for data while groups wait for busy engines ({seen})")

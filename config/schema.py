@@ -238,6 +238,8 @@ class RolloutAutoscaleConfig(Section):
     min: PositiveInt = Field(1, description="fewest rollout engines")
     max: PositiveInt = Field(4, description="most rollout engines")
     window: PositiveInt = Field(3, description="steps observed at one pool size before a decision")
+    growth: float = Field(1.0, ge=1.0, le=8.0, description="a decision multiplies or divides the engine count by "
+                          "this (at least one engine; 1: one engine per decision)")
     idle_up: float = Field(0.1, gt=0, le=1, description="learner idle fraction from which it waits for data")
     queue_up: float = Field(1.0, gt=0, description="groups waiting for an engine (mean) from which engines are "
                             "the bottleneck")
