@@ -51,11 +51,11 @@ from pipelines.grpo.admission import StalenessController  # noqa: E402
 from pipelines.grpo.elastic import ElasticRollouts  # noqa: E402
 from pipelines.grpo.scheduler import Scheduler, StepRecord  # noqa: E402
 
-ACTORS = 32  # the learner side is sized for this many engines
+ACTORS = 16  # the learner side is sized for this many engines (as bench/scheduler.py's profile counts them)
 FIXED_POOLS = (8, 16, 32, 64)
 MIN_ENGINES, MAX_ENGINES = 8, 64
 RATE_TARGET = 0.90  # of the best fixed pool's steady rate
-PROFILE = dataclasses.replace(Profile(), groups_per_call=4, time_scale=1 / 400)
+PROFILE = dataclasses.replace(Profile(), groups_per_call=8, time_scale=1 / 400)
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def summarise(run: Run, steps: int, window: int, responses_per_step: int) -> dic
 def simulate(stages: SimStages, profile: Profile, name: str, engines: int, steps: int, eta: int,
              scaling: RolloutAutoscaleConfig | None = None) -> Run:
     """``steps`` learner steps with ``engines`` rollout engines; with ``scaling``, resized by the policy."""
-    stages.configure(profile, ACTORS, engines=engines, capacity=scaling.max if scaling else None)
+    stages.configure(profile, ACTORS, engines=engines, capacity=scaling.max if scaling else None, serial=True)
     run = Run(name)
     scheduler = Scheduler(stages, StalenessController(eta, profile.batch_groups(ACTORS)),
                           groups_per_call=profile.groups_per_call, poll_s=0.02)

@@ -12,6 +12,10 @@ starting (an added engine serves from ``ready_at``: its node's arrival plus its 
 and joins with the newest weights), serving, or retiring (it gets no new chunk and goes off
 once the sequences it holds are done). ``engine_s`` integrates the engines paid for
 (starting, serving or retiring) over time: the pool's engine-seconds.
+
+With ``serial=True`` an engine runs one chunk at a time, as segrl's rollout actor does (its
+engine serialises calls): the next chunk starts once the last sequence of the one before
+has finished, so a call's slowest response holds its engine.
 """
 from __future__ import annotations
 
@@ -42,9 +46,10 @@ class EngineBank:
     chunk goes whole to the serving engine with the fewest running plus queued sequences.
     """
 
-    def __init__(self, profile: Profile, engines: int, interruptible: bool, capacity: int | None = None):
+    def __init__(self, profile: Profile, engines: int, interruptible: bool, capacity: int | None = None,
+                 serial: bool = False):
         n, s = max(engines, capacity or 0), profile.max_seqs
-        self.p, self.interruptible = profile, interruptible
+        self.p, self.interruptible, self.serial = profile, interruptible, serial
         self.left = np.zeros((n, s))  # tokens still to generate
         self.made = np.zeros((n, s))  # tokens generated so far (KV to recompute on an interrupt)
         self.carry = np.zeros((n, s))  # decode steps a slot ran past its sequence's end this tick
@@ -193,6 +198,8 @@ class EngineBank:
     def _refill(self) -> None:
         """Start queued sequences in free slots; a freed slot's overshoot counts for its successor."""
         for engine in np.flatnonzero((self.queued > 0) & (self.target <= self.version)):
+            if self.serial and self.busy[engine].any():
+                continue
             free = np.flatnonzero(~self.busy[engine])
             queue = self.queue[engine]
             while len(free) and queue:

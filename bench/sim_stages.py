@@ -58,12 +58,12 @@ class RolloutPoolSim:
         self.ticker: asyncio.Task | None = None
 
     def configure(self, profile: Profile, engines: int, interruptible: bool, seed: int,
-                  capacity: int | None = None) -> None:
+                  capacity: int | None = None, serial: bool = False) -> None:
         if self.waiting or self.syncs:
             raise RuntimeError("configure with calls in flight")
         self.p, self.seed, self.next_chunk = profile, seed, 0
         self.clock = _Clock(profile.time_scale)
-        self.bank = EngineBank(profile, engines, interruptible, capacity)
+        self.bank = EngineBank(profile, engines, interruptible, capacity, serial)
 
     @ray.method(num_returns=2)
     async def rollout(self, group_ids: list[int]):
@@ -192,15 +192,16 @@ class SimStages:
         self.reference_sim, self.rewarder, self.learner = (ServiceSim.remote() for _ in range(3))
 
     def configure(self, profile: Profile, actors: int, *, interruptible: bool = True, seed: int = 0,
-                  engines: int | None = None, capacity: int | None = None) -> None:
+                  engines: int | None = None, capacity: int | None = None, serial: bool = False) -> None:
         """A fresh cluster sized for ``actors`` rollout actors: empty engines, version 0, clocks at 0.
 
         ``engines``: the pool's engines at the start when not ``actors`` (the learner, reference
-        and reward stages stay sized for ``actors``); ``capacity``: the most it may grow to.
+        and reward stages stay sized for ``actors``); ``capacity``: the most it may grow to;
+        ``serial``: an engine runs one call at a time (``bench.sim_engines``).
         """
         services = profile.services(actors)
         ray.get([self.pool.configure.remote(profile, actors if engines is None else engines, interruptible, seed,
-                                            capacity)]
+                                            capacity, serial)]
                 + [actor.configure.remote(services[name], profile.time_scale, profile.group_size)
                    for name, actor in (("reference", self.reference_sim), ("reward", self.rewarder),
                                        ("learn", self.learner))], timeout=60)

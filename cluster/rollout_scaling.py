@@ -13,7 +13,9 @@ trained (a histogram), and the fraction of engine time spent generating
 Window. A decision looks at the last ``window`` steps served by the current number of
 engines (means of idle, queue and utilisation; the staleness histograms summed). Steps at
 another size say nothing about this one: when the count changes, the window starts again,
-and until it is full the policy holds.
+and until it is full the policy holds. With ``settle`` k > 0 the first k steps at a new
+size are not counted either: the groups they train were admitted, and mostly generated,
+before the change (eta is the natural k), so their staleness describes the old size.
 
 Rule. With I, Q, U the window's means and P "staleness presses the bound",
 
@@ -51,9 +53,9 @@ Proof of the properties the tests check:
   non-decreasing in I, Q and U and non-increasing in P.
   Moving trained groups to older staleness never turns P false (the count at s - v >= eta
   and the count beyond eta only grow), so it never raises the target.
-- Pace: a change needs a full window at the new size, so the count changes at most once
-  every ``window`` steps; a pool on the edge of a threshold may alternate between two sizes
-  at that pace, no faster.
+- Pace: a change needs a full window at the new size after its ``settle`` steps, so the
+  count changes at most once every ``settle + window`` steps; a pool on the edge of a
+  threshold may alternate between two sizes at that pace, no faster.
 """
 from __future__ import annotations
 
@@ -136,6 +138,7 @@ class RolloutScalingPolicy:
             raise ValueError(f"need eta >= 0, got {eta}")
         self.settings, self.eta = settings, eta
         self._window: deque[StepMetrics] = deque(maxlen=settings.window)
+        self._size, self._at_size = -1, 0  # the engine count of the last step, and its steps so far
 
     @classmethod
     def from_config(cls, config: Config) -> RolloutScalingPolicy:
@@ -147,9 +150,12 @@ class RolloutScalingPolicy:
     def observe(self, step: StepMetrics) -> Decision:
         """Record one step; the engine count to aim for now."""
         s = self.settings
-        if self._window and self._window[-1].engines != step.engines:
+        if step.engines != self._size:
+            self._size, self._at_size = step.engines, 0
             self._window.clear()
-        self._window.append(step)
+        self._at_size += 1
+        if self._at_size > s.settle:
+            self._window.append(step)
         if not s.min <= step.engines <= s.max:
             bound = s.min if step.engines < s.min else s.max
             return Decision(bound, f"{'up' if bound > step.engines else 'down'}: {step.engines} engines is outside "

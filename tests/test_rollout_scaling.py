@@ -55,6 +55,16 @@ def test_with_growth_2_the_pool_doubles_and_halves_within_the_bounds():
     assert (grown(1, 1.2), shrunk(2, 1.2), grown(27, 1.5), shrunk(40, 1.5)) == (2, 1, 40, 27)
 
 
+def test_settle_steps_at_a_new_size_are_not_counted():
+    """The first eta steps after a change train groups of the old size: they neither decide nor fill the window."""
+    policy = RolloutScalingPolicy(RolloutAutoscaleConfig(min=1, max=4, window=2, settle=2), eta=2)
+    crowded = dict(STARVED, staleness={2: 8})  # what a bigger pool left behind
+    targets = [policy.observe(StepMetrics(engines=2, **m)).target for m in (crowded, crowded, STARVED, STARVED)]
+    assert targets == [2, 2, 2, 3]
+    decision = policy.observe(StepMetrics(engines=3, **STARVED))
+    assert decision.reason == "hold: 0 of 2 steps seen at 3 engines"
+
+
 def test_balanced_pool_holds():
     assert {t for _, t in run(RolloutScalingPolicy(BOUNDS, eta=1), [BALANCED] * 6, engines=2)} == {2}
 
@@ -124,7 +134,7 @@ metrics = st.builds(dict, learner_idle=fraction, queue_depth=st.floats(0.0, 10.0
 bounds = st.integers(1, 6).flatmap(lambda lo: st.builds(
     RolloutAutoscaleConfig, min=st.just(lo), max=st.integers(lo, 8), window=st.integers(1, 3),
     idle_up=st.floats(0.01, 1.0), queue_up=st.floats(0.1, 5.0), util_down=fraction, press_share=st.floats(0.01, 1.0),
-    growth=st.one_of(st.just(1.0), st.floats(1.0, 4.0))))
+    growth=st.one_of(st.just(1.0), st.floats(1.0, 4.0)), settle=st.integers(0, 2)))
 
 
 def one_step_away(b: RolloutAutoscaleConfig, engines: int, target: int) -> bool:
@@ -156,13 +166,13 @@ def test_the_count_changes_at_most_once_per_window(b, eta, script):
         since_change += 1
         target = policy.observe(StepMetrics(engines=engines, **m)).target
         if target != engines:
-            assert since_change >= b.window
+            assert since_change >= b.settle + b.window
             engines, since_change = target, 0
 
 
 def _target(b, eta, engines, m) -> int:
     policy = RolloutScalingPolicy(b, eta)
-    return [policy.observe(StepMetrics(engines=engines, **m)) for _ in range(b.window)][-1].target
+    return [policy.observe(StepMetrics(engines=engines, **m)) for _ in range(b.settle + b.window)][-1].target
 
 
 @settings(max_examples=300, deadline=None)
