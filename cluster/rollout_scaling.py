@@ -22,12 +22,15 @@ Rule. With I, Q, U the window's means and P "staleness presses the bound",
     up   = I >= idle_up  and  Q >= queue_up  and  U >= util_down  and  not P
     down = P  or  (U < util_down  and  I < idle_up)
     grown(E)  = max(E + 1, floor(E * growth))
-    shrunk(E) = min(E - 1, ceil(E / growth))
+    shrunk(E) = min(E - 1, ceil(E / shrink))
     target = clamp(grown(E) if up else shrunk(E) if down else E, min, max)
 
-With ``growth`` 1 (the default) a decision moves one engine; with growth g > 1 it multiplies
-or divides the count by g (at least one engine), so a pool that must go from 8 to 64 engines
-gets there in log_g 8 windows rather than 56.
+With ``growth`` and ``shrink`` 1 (the defaults) a decision moves one engine; with growth
+g > 1 a step up multiplies the count by g (at least one engine), so a pool that must go from
+8 to 64 engines gets there in log_g 8 windows rather than 56; ``shrink`` divides likewise.
+Near the size where the data starts to crowd the bound the pool alternates between a size
+and its step; a small ``shrink`` (1: one engine) after a large ``growth`` keeps that
+alternation narrow while the pool still grows fast.
 
 Up: the learner waits for data while admitted groups wait for an engine and the engines are
 busy, so generation is the bottleneck, and the data is fresh enough that generating more
@@ -45,8 +48,8 @@ Proof of the properties the tests check:
   reported engine count.
 - One step at a time: up and down exclude each other (up needs not P and U >= util_down;
   down needs P or U < util_down), so a count E within the bounds goes to one of
-  clamp(shrunk(E)) <= E <= clamp(grown(E)), one engine away when growth is 1
-  (floor(E) = E, ceil(E) = E).
+  clamp(shrunk(E)) <= E <= clamp(grown(E)), one engine away when growth
+  and shrink are 1 (floor(E) = E, ceil(E) = E).
 - Monotone responses: up is a conjunction of conditions that stay true when I, Q or U grow
   or P becomes false; down is false-preserving in the same directions (its U and I terms
   need them small). Since shrunk(E) < E < grown(E) and clamping keeps order, target is
@@ -106,9 +109,9 @@ def grown(engines: int, growth: float) -> int:
     return max(engines + 1, math.floor(engines * growth))
 
 
-def shrunk(engines: int, growth: float) -> int:
-    """The count after a step down: divided by ``growth``, at least one fewer."""
-    return min(engines - 1, math.ceil(engines / growth))
+def shrunk(engines: int, shrink: float) -> int:
+    """The count after a step down: divided by ``shrink``, at least one fewer."""
+    return min(engines - 1, math.ceil(engines / shrink))
 
 
 def decide(engines: int, idle: float, queue: float, utilisation: float, pressing: bool,
@@ -117,7 +120,7 @@ def decide(engines: int, idle: float, queue: float, utilisation: float, pressing
     s = settings
     up = idle >= s.idle_up and queue >= s.queue_up and utilisation >= s.util_down and not pressing
     down = pressing or (utilisation < s.util_down and idle < s.idle_up)
-    moved = grown(engines, s.growth) if up else shrunk(engines, s.growth) if down else engines
+    moved = grown(engines, s.growth) if up else shrunk(engines, s.shrink) if down else engines
     target = min(max(moved, s.min), s.max)
     seen = f"learner idle {idle:.2f}, queue {queue:.1f}, engine utilisation {utilisation:.2f}"
     if target > engines:

@@ -44,8 +44,8 @@ def test_idle_engines_under_a_fed_learner_shrink_the_pool_down_to_min():
     assert [t for _, t in steps] == [3, 2, 2, 1, 1, 1]
 
 
-def test_with_growth_2_the_pool_doubles_and_halves_within_the_bounds():
-    wide = RolloutAutoscaleConfig(min=8, max=64, window=2, growth=2.0)
+def test_with_growth_and_shrink_2_the_pool_doubles_and_halves_within_the_bounds():
+    wide = RolloutAutoscaleConfig(min=8, max=64, window=2, growth=2.0, shrink=2.0)
     up = run(RolloutScalingPolicy(wide, eta=1), [STARVED] * 8, engines=8)
     assert [t for _, t in up] == [8, 16, 16, 32, 32, 64, 64, 64]
     down = run(RolloutScalingPolicy(wide, eta=1), [FED_IDLE_ENGINES] * 8, engines=64)
@@ -53,6 +53,9 @@ def test_with_growth_2_the_pool_doubles_and_halves_within_the_bounds():
     uneven = RolloutAutoscaleConfig(min=1, max=64, window=1, growth=1.5)
     assert [t for _, t in run(RolloutScalingPolicy(uneven, eta=1), [STARVED] * 6, engines=1)] == [2, 3, 4, 6, 9, 13]
     assert (grown(1, 1.2), shrunk(2, 1.2), grown(27, 1.5), shrunk(40, 1.5)) == (2, 1, 40, 27)
+    fast_up = RolloutAutoscaleConfig(min=8, max=64, window=1, growth=2.0)  # shrink 1: one engine down
+    assert [t for _, t in run(RolloutScalingPolicy(fast_up, eta=1), [STARVED] * 3 + [FED_IDLE_ENGINES] * 2,
+                              engines=8)] == [16, 32, 64, 63, 62]
 
 
 def test_settle_steps_at_a_new_size_are_not_counted():
@@ -134,15 +137,17 @@ metrics = st.builds(dict, learner_idle=fraction, queue_depth=st.floats(0.0, 10.0
 bounds = st.integers(1, 6).flatmap(lambda lo: st.builds(
     RolloutAutoscaleConfig, min=st.just(lo), max=st.integers(lo, 8), window=st.integers(1, 3),
     idle_up=st.floats(0.01, 1.0), queue_up=st.floats(0.1, 5.0), util_down=fraction, press_share=st.floats(0.01, 1.0),
-    growth=st.one_of(st.just(1.0), st.floats(1.0, 4.0)), settle=st.integers(0, 2)))
+    growth=st.one_of(st.just(1.0), st.floats(1.0, 4.0)), shrink=st.one_of(st.just(1.0), st.floats(1.0, 4.0)),
+    settle=st.integers(0, 2)))
 
 
 def one_step_away(b: RolloutAutoscaleConfig, engines: int, target: int) -> bool:
     """``target`` is the count within the bounds, or one step (down or up) from it."""
     def clamp(n: int) -> int:
         return min(max(n, b.min), b.max)
-    steps = {clamp(shrunk(engines, b.growth)), clamp(engines), clamp(grown(engines, b.growth))}
-    return target in steps and (b.growth > 1 or abs(target - clamp(engines)) <= 1)
+    steps = {clamp(shrunk(engines, b.shrink)), clamp(engines), clamp(grown(engines, b.growth))}
+    return target in steps and (target <= clamp(engines) or b.growth > 1 or target - clamp(engines) <= 1) and (
+        target >= clamp(engines) or b.shrink > 1 or clamp(engines) - target <= 1)
 
 
 @settings(max_examples=200, deadline=None)
