@@ -97,8 +97,12 @@ class EngineBank:
         self._refill()
 
     def add(self, delay_s: float) -> int:
-        """Start an engine now that serves ``delay_s`` later (``advance`` to now first); its index."""
-        free = np.flatnonzero(self.state == OFF)
+        """Start an engine now that serves ``delay_s`` later (``advance`` to now first); its index.
+
+        An index is reused only once its removal has been taken (``take_changes``), so that a
+        caller's names for engines stay unambiguous."""
+        reported = [engine for _, engine in self.changes]
+        free = np.setdiff1d(np.flatnonzero(self.state == OFF), reported)
         if not len(free):
             raise RuntimeError(f"all {len(self.state)} engines are in use")
         engine = int(free[0])

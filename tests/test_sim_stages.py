@@ -90,7 +90,9 @@ def test_an_added_engine_serves_after_its_start_with_the_newest_weights_and_a_re
     assert done[0][0] == pytest.approx(0.58 + 1.0, abs=TICK / 2)  # the first engine paused to load, then 100 steps
     assert bank.engine_s == pytest.approx(2.0 + 1.0, abs=TICK)  # engine 0 all along, engine 1 from 0 to 1.0 s
     starting = bank.add(delay_s=5.0)
-    assert bank.retire(starting) == starting and bank.take_changes() == [(REMOVED, starting)]  # never served
+    assert bank.retire(starting) == starting  # never served
+    assert bank.add(delay_s=5.0) != starting  # its removal is not taken yet: its index is not reused
+    assert bank.take_changes() == [(REMOVED, starting)] and bank.add(delay_s=5.0) == starting
 
 
 def test_a_serial_engine_runs_one_chunk_at_a_time():
