@@ -1,21 +1,24 @@
 """Autoscaling the rollout pool on the simulated 7B cluster: fixed pools against the policy, side by side.
 
-Usage: python bench/autoscale.py [--quick] [--eta 2] [--growth 2] [--plot work/bench/autoscale.png]
-(~4 min on 2 cores; --quick ~1.5 min)
+Usage: python bench/autoscale.py [--quick] [--eta 4] [--growth 2] [--shrink 1] [--policy-window 2]
+       [--settle 2] [--plot work/bench/autoscale.png]          (~4 min on 2 cores; --quick ~2.5 min)
 
 What runs: the real Scheduler + StalenessController over ``bench.sim_stages.SimStages``
 (bench/scheduler.py's simulated cluster: a 7B model on H100s, long-CoT responses), with the
-learner, reference and reward stages and the batch FIXED, sized for 32 rollout engines
-(16 learner GPUs, a batch of 256 groups of 8), and only the rollout engines varying: fixed
-pools of 8, 16, 32 and 64 engines, then the scaling policy from 8 engines within [8, 64].
-A rollout call carries 8 groups, 64 responses: one engine's decode slots, which is what the
-driver assumes when it turns calls in flight into engine utilisation and queue depth.
+learner, reference and reward stages and the batch FIXED, sized for 16 rollout engines (8
+learner GPUs, a batch of 128 groups of 8), and only the rollout engines varying: fixed pools
+of 8, 16, 32 and 64 engines, then the scaling policy from 8 engines within [8, 64]. A rollout
+call carries 8 groups, 64 responses (an engine's decode slots), and an engine runs one call
+at a time, as segrl's rollout actor does: what the driver assumes when it turns calls in
+flight into engine utilisation and queue depth.
 
-The policy run uses the training driver's own code: ``pipelines.grpo.elastic.ElasticRollouts``
+The policy runs use the training driver's own code: ``pipelines.grpo.elastic.ElasticRollouts``
 as the scheduler's ``on_step`` hook, with ``cluster.rollout_scaling.RolloutScalingPolicy``,
 over ``bench.sim_elastic.SimPool``: an added engine serves once its node has arrived and it
 has loaded the weights (``Profile.node_start_s + engine_start_s``, 4 simulated minutes), a
-retired one first finishes the sequences it holds.
+retired one first finishes the calls it holds. Three settings: the defaults (one engine per
+decision), doubling and halving, and the command line's (by default double up, one engine
+down, window 2, the first 2 steps at a new size not counted).
 
 Per run: responses/s at steady state (over the last ``--window`` of ``--steps`` steps:
 trained or generated responses per simulated second, whichever is lower; the run goes
@@ -23,9 +26,11 @@ eta + 1 steps further so that admission never stops inside the window), the lear
 fraction in those steps, the staleness s - v of every group trained in the first ``--steps``
 steps, the engine-hours they took (engines paid for: starting, serving or retiring, over
 simulated time), and the steady rate against the best fixed pool's. The simulated stages
-have no model, hence no reward: reward against time is not reported. Criteria: the policy's
-steady rate is >= 90% of the best fixed pool's, and it uses fewer engine-hours than the
-largest fixed pool over the same steps.
+have no model, hence no reward: reward against time is not reported. Criteria, per policy
+run: its steady rate is >= 90% of the best fixed pool's, and it uses fewer engine-hours
+than the largest fixed pool over the same steps. Time runs scaled (1/400; --quick 1/600) on
+a shared machine, so a busy CPU makes the simulated stages slower than their profile: the
+figures vary between runs, more under load and with --quick's faster clock.
 """
 from __future__ import annotations
 
@@ -221,7 +226,7 @@ def policies(args: argparse.Namespace) -> dict[str, RolloutAutoscaleConfig]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer steps, faster clock (~2 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, faster clock (~2.5 min)")
     parser.add_argument("--steps", type=int, help="steps counted per run (default 40; --quick 24)")
     parser.add_argument("--window", type=int, help="steady-state steps at the end (default 8; --quick 5)")
     parser.add_argument("--eta", type=int, default=4, help="staleness bound")
@@ -239,8 +244,9 @@ def main() -> None:
     scalings = policies(args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     connect(num_cpus=2)
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}; simulated cluster: 7B on H100s, time scale 1/{1 / profile.time_scale:.0f}")
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs (load average "
+          f"{os.getloadavg()[0]:.1f} at the start), Python {platform.python_version()}; simulated cluster: 7B on "
+          f"H100s, time scale 1/{1 / profile.time_scale:.0f}")
     print(f"learner side fixed for {ACTORS} engines: batch {profile.batch_groups(ACTORS)} groups of "
           f"{profile.group_size}, {profile.groups_per_call} groups per call; eta {args.eta} (strict); an added engine "
           f"serves after {profile.node_start_s + profile.engine_start_s:.0f} s")
@@ -270,7 +276,8 @@ def main() -> None:
         print("\n".join(decisions(run.events)))
         print("  " + "\n  ".join(criteria(summaries[run.name], summaries[best], summaries[fixed[-1]])))
     plot(runs, responses, args.plot)
-    print(f"\nplot: {args.plot}; bench wall time {time.perf_counter() - began:.0f} s")
+    print(f"\nplot: {args.plot}; bench wall time {time.perf_counter() - began:.0f} s, load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -97,15 +97,16 @@ def test_the_sim_pool_grows_and_shrinks(sim):
 
 
 def test_the_training_driver_resizes_a_simulated_run(sim):
-    scaling = RolloutAutoscaleConfig(min=1, max=3, window=1, growth=2.0)
-    run = simulate(sim, TINY, "policy", engines=1, steps=6, eta=1, scaling=scaling, actors=2)
+    """A pool too small for the learner grows (the staleness may crowd eta only if every group sits at it)."""
+    scaling = RolloutAutoscaleConfig(min=1, max=3, window=1, growth=2.0, press_share=1.0)
+    run = simulate(sim, TINY, "policy", engines=1, steps=6, eta=2, scaling=scaling, actors=2)
     serving = [s.engines for s in run.samples]
-    assert serving[0] == 1 and max(serving) > 1  # the policy added engines and they joined
+    assert serving[0] == 1 and max(serving) > 1, run.events  # the policy added engines and they joined
     adds = [e for e in run.events if e["event"] == "add"]
     assert adds and all(e["reason"].startswith("up") for e in adds)
     assert any(e["event"] == "joined" for e in run.events)
     summary = summarise(run, steps=6, window=2, responses_per_step=TINY.batch_groups(2) * TINY.group_size)
     assert summary["rate"] > 0 and 0.0 <= summary["idle"] <= 1.0
-    assert sum(summary["staleness"].values()) == 6 * TINY.batch_groups(2) and max(summary["staleness"]) <= 1
+    assert sum(summary["staleness"].values()) == 6 * TINY.batch_groups(2) and max(summary["staleness"]) <= 2
     hours = run.samples[6].now / 3600
     assert 1 * hours <= summary["engine_hours"] <= 3 * hours
