@@ -191,7 +191,7 @@ def criteria(policy: dict, best: dict, largest: dict) -> list[str]:
 
 
 def plot(runs: list[Run], responses_per_step: int, path: Path) -> None:
-    """Engines serving and throughput (responses/s per step) against simulated time, one line per run."""
+    """Engines serving (and paid for) and throughput (responses/s per step) against simulated time, per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,10 +200,12 @@ def plot(runs: list[Run], responses_per_step: int, path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for run in runs:
         hours = [s.now / 3600 for s in run.samples]
-        top.step(hours, [s.engines for s in run.samples], where="post", label=run.name)
+        line, = top.step(hours, [s.engines for s in run.samples], where="post", label=run.name)
+        if any(s.paid != s.engines for s in run.samples):  # starting or retiring engines, paid for
+            top.step(hours, [s.paid for s in run.samples], where="post", linestyle=":", color=line.get_color())
         rates = [responses_per_step / (b.now - a.now) for a, b in zip(run.samples, run.samples[1:])]
         bottom.plot(hours[1:], rates, marker=".", label=run.name)
-    top.set_ylabel("rollout engines serving")
+    top.set_ylabel("rollout engines serving (dotted: paid for)")
     bottom.set_ylabel("trained responses/s (per step)")
     bottom.set_xlabel("simulated hours")
     top.legend(fontsize=8)
