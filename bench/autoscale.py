@@ -1,7 +1,7 @@
 """Autoscaling the rollout pool on the simulated 7B cluster: fixed pools against the policy, side by side.
 
 Usage: python bench/autoscale.py [--quick] [--eta 4] [--growth 2] [--shrink 1] [--policy-window 2]
-       [--settle 2] [--plot work/bench/autoscale.png]          (~4 min on 2 cores; --quick ~2.5 min)
+       [--settle 2] [--plot work/bench/autoscale.png]          (~4 min on 2 cores; --quick ~2.5 min: too few steps for the policy to settle)
 
 What runs: the real Scheduler + StalenessController over ``bench.sim_stages.SimStages``
 (bench/scheduler.py's simulated cluster: a 7B model on H100s, long-CoT responses), with the
@@ -229,7 +229,7 @@ def policies(args: argparse.Namespace) -> dict[str, RolloutAutoscaleConfig]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer steps, faster clock (~2.5 min)")
-    parser.add_argument("--steps", type=int, help="steps counted per run (default 40; --quick 24)")
+    parser.add_argument("--steps", type=int, help="steps counted per run (default 40; --quick 32)")
     parser.add_argument("--window", type=int, help="steady-state steps at the end (default 8; --quick 5)")
     parser.add_argument("--eta", type=int, default=4, help="staleness bound")
     parser.add_argument("--growth", type=float, default=2.0, help="the last policy's growth per step up")
@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--settle", type=int, default=2, help="the last policy's settle steps")
     parser.add_argument("--plot", type=Path, default=Path("work/bench/autoscale.png"))
     args = parser.parse_args()
-    steps = args.steps or (24 if args.quick else 40)
+    steps = args.steps or (32 if args.quick else 40)
     window = args.window or (5 if args.quick else 8)
     if not 1 <= window < steps:
         parser.error(f"need 1 <= --window < --steps, got {window} and {steps}")
