@@ -1,7 +1,8 @@
 """Autoscaling the rollout pool on the simulated 7B cluster: fixed pools against the policy, side by side.
 
 Usage: python bench/autoscale.py [--quick] [--eta 4] [--growth 2] [--shrink 1] [--policy-window 2]
-       [--settle 2] [--plot work/bench/autoscale.png]          (~4 min on 2 cores; --quick ~2.5 min: a shorter, noisier run)
+       [--settle 2] [--plot work/bench/autoscale.png]
+(~4 min on 2 cores; --quick ~2.5 min: a shorter, noisier run)
 
 What runs: the real Scheduler + StalenessController over ``bench.sim_stages.SimStages``
 (bench/scheduler.py's simulated cluster: a 7B model on H100s, long-CoT responses), with the
