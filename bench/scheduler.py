@@ -43,7 +43,8 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.sim_stages import Profile, SimStages, measure  # noqa: E402
+from bench.sim_profile import Profile  # noqa: E402
+from bench.sim_stages import SimStages, measure  # noqa: E402
 from cluster.local import connect  # noqa: E402
 
 ETAS = (0, 1, 2, 4)

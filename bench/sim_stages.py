@@ -6,245 +6,28 @@ that sleeps the service time the real stage would take, shrunk by ``Profile.time
 refs, metadata and weight syncs travel exactly as with ``pipelines.grpo.stages.ActorStages``.
 
 The rollout pool is N vLLM-like engines simulated by one actor (one ticker advances all of
-them with numpy): each engine decodes at most ``max_seqs`` sequences at once (continuous
-batching; a decode step takes ``step_base_s + step_per_seq_s * n`` for n running), so the
-pool's size bounds its throughput and short responses free their slots for queued ones.
-A weight update either drains the engine (no new sequences start until the running ones
-finish, then the weights load) or, with ``interruptible=True`` (AReaL-style), pauses it to
-load the weights and recompute the KV cache of the running sequences, which then go on with
-the new weights. A chunk's metadata carries its version range: ``weights_version`` is the
-oldest version that generated any of its tokens (what the staleness bound applies to) and
-``last_version`` the newest.
+them: ``bench.sim_engines.EngineBank``); engines can be added and retired mid-run. The
+stages' costs are ``bench.sim_profile.Profile``. A chunk's metadata carries its version
+range: ``weights_version`` is the oldest version that generated any of its tokens (what the
+staleness bound applies to) and ``last_version`` the newest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import ray
 
+from bench.sim_engines import RETIRING, SERVING, STARTING, EngineBank
+from bench.sim_profile import Profile, Service
 from pipelines.grpo.admission import StalenessController
 from pipelines.grpo.scheduler import Handoff, Scheduler
 
 TICK_S = 0.01  # wall seconds between pool updates: completions are resolved to this grain
-DONE_TOKENS = 1e-6  # a sequence with less left to generate is finished (float residue)
 # payload columns, one row per group: what later stages need to cost and check their work
 FIRST, LAST, TOKENS = range(3)
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One GRPO step of a 7B model on H100s, in real seconds and tokens, per rollout actor.
-
-    The cluster scales with the pool: N rollout actors (one engine on one GPU each) come
-    with ``learner_gpus_per_actor * N`` learner GPUs, ``reference_gpus_per_actor * N`` reference
-    GPUs (at least one) and N reward CPU workers; the batch is ``groups_per_actor * N`` groups.
-    """
-
-    group_size: int = 8  # responses per prompt (GRPO group)
-    groups_per_actor: int = 8  # 64 responses per engine per step: one per decode slot
-    groups_per_call: int = 1  # groups per rollout call: a call finishes with its slowest response
-    prompt_tokens: int = 800  # image tokens + question
-    median_tokens: float = 3000.0  # response length ~ lognormal(median, sigma), clipped
-    sigma: float = 0.9
-    max_new_tokens: int = 20480
-    max_seqs: int = 64  # vLLM max_num_seqs: KV cache for ~64 long-CoT sequences on one H100
-    step_base_s: float = 0.012  # decode step latency, memory bound: ~80 tok/s for one sequence
-    step_per_seq_s: float = 0.0002  # ... and 2.6k tok/s for 64
-    prefill_tok_s: float = 30_000.0  # KV recompute after an interrupt (~40% MFU)
-    engine_load_s: float = 1.0  # 15 GB of bf16 weights into an engine (bucketed NCCL)
-    reference_gpus_per_actor: float = 0.25
-    reference_tok_s: float = 25_000.0  # reference forward over prompt + response
-    reference_mask_s: float = 0.01  # mask decoder per response
-    reference_load_s: float = 0.2  # segmentation modules only: the reference LLM is frozen
-    reward_s: float = 0.05  # Hungarian matching + mask IoU per response, one CPU
-    learner_gpus_per_actor: float = 0.5
-    learner_tok_s: float = 7_000.0  # per GPU: fwd + bwd + proximal logprobs at ~45% MFU
-    learner_fixed_s: float = 4.5  # per step: optimizer, ZeRO-3 gathers, weight export
-    time_scale: float = 1 / 200  # wall seconds per real second
-
-    def batch_groups(self, actors: int) -> int:
-        return self.groups_per_actor * actors
-
-    def response_lengths(self, group_id: int, seed: int) -> np.ndarray:
-        """The group's response lengths; a function of the group id, so runs compare alike."""
-        rng = np.random.default_rng([seed, group_id])
-        drawn = self.median_tokens * np.exp(self.sigma * rng.standard_normal(self.group_size))
-        return np.clip(np.round(drawn), 1, self.max_new_tokens)
-
-    def mean_response_tokens(self) -> float:
-        """E[min(L, max_new_tokens)] for the lognormal, in closed form."""
-        mu, s, cap = math.log(self.median_tokens), self.sigma, self.max_new_tokens
-        z = (math.log(cap) - mu) / s
-        phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
-        return math.exp(mu + s * s / 2) * phi(z - s) + cap * (1 - phi(z))
-
-    def services(self, actors: int) -> dict[str, Service]:
-        """The reference, reward and learner stages of a cluster with ``actors`` rollout actors."""
-        return {
-            "reference": Service(max(1, round(self.reference_gpus_per_actor * actors)), 0.0, self.reference_mask_s,
-                             1 / self.reference_tok_s, self.reference_load_s),
-            "reward": Service(actors, 0.0, self.reward_s),
-            "learn": Service(1, self.learner_fixed_s, 0.0,
-                             1 / (self.learner_tok_s * self.learner_gpus_per_actor * actors)),
-        }
-
-    def stage_rates(self, actors: int) -> dict[str, float]:
-        """Responses per real second each stage sustains alone and always busy.
-
-        The pool runs every slot with the mean response and loads weights once a step; the
-        learner trains one batch per call; reference and reward actors take one chunk per call.
-        """
-        batch = self.batch_groups(actors) * self.group_size
-        mean = self.mean_response_tokens()
-        decode_tok_s = actors * self.max_seqs / (self.step_base_s + self.step_per_seq_s * self.max_seqs)
-        rates = {"rollout": batch / (batch * mean / decode_tok_s + self.engine_load_s)}
-        for name, service in self.services(actors).items():
-            responses = batch if name == "learn" else self.groups_per_call * self.group_size
-            call_s = service.call_s(responses, responses * (self.prompt_tokens + mean))
-            rates[name] = service.servers * responses / call_s
-        return rates
-
-
-@dataclass(frozen=True)
-class Service:
-    """A stage's servers and what one call costs: fixed + per response + per token seconds."""
-
-    servers: int
-    fixed_s: float = 0.0
-    per_response_s: float = 0.0
-    per_token_s: float = 0.0
-    load_s: float = 0.0  # a weight update
-
-    def call_s(self, responses: int, tokens: float) -> float:
-        return self.fixed_s + self.per_response_s * responses + self.per_token_s * tokens
-
-
-@dataclass
-class _ChunkRecord:
-    remaining: int  # sequences not finished
-    tokens: np.ndarray  # prompt + response tokens per group
-    first: int = 1 << 62  # oldest version that decoded any of its tokens
-    last: int = -1  # newest
-
-
-class EngineBank:
-    """N continuous-batching engines in simulated real time; plain numpy, driven by ``advance``.
-
-    Sequences are (engine, slot) cells; each holds the tokens it still has to generate. A
-    chunk goes whole to the engine with the fewest running plus queued sequences.
-    """
-
-    def __init__(self, profile: Profile, engines: int, interruptible: bool):
-        n, s = engines, profile.max_seqs
-        self.p, self.interruptible = profile, interruptible
-        self.left = np.zeros((n, s))  # tokens still to generate
-        self.made = np.zeros((n, s))  # tokens generated so far (KV to recompute on an interrupt)
-        self.carry = np.zeros((n, s))  # decode steps a slot ran past its sequence's end this tick
-        self.busy = np.zeros((n, s), bool)
-        self.chunk = np.zeros((n, s), np.int64)
-        self.first = np.zeros((n, s), np.int64)  # version that generated the sequence's first token
-        self.version = np.zeros(n, np.int64)
-        self.target = np.zeros(n, np.int64)  # version to load once drained (drain mode)
-        self.resume_at = np.zeros(n)  # no decoding before: loading weights, recomputing KV
-        self.queue: list[deque] = [deque() for _ in range(n)]  # [chunk id, lengths, next index]
-        self.queued = np.zeros(n, np.int64)
-        self.chunks: dict[int, _ChunkRecord] = {}
-        self.now = 0.0
-        self.slot_s = 0.0  # integral of running sequences over time: the pool's occupancy
-        self.finished = 0  # responses generated
-        self.paused_s = 0.0  # engine-seconds spent loading weights and recomputing KV
-
-    @property
-    def idle(self) -> bool:
-        return not (self.busy.any() or self.queued.any() or (self.target > self.version).any())
-
-    def submit(self, chunk_id: int, lengths: np.ndarray, group_tokens: np.ndarray) -> None:
-        """Queue a chunk's sequences (``advance`` to now first)."""
-        engine = int(np.argmin(self.busy.sum(1) + self.queued))
-        self.chunks[chunk_id] = _ChunkRecord(len(lengths), group_tokens)
-        self.queue[engine].append([chunk_id, lengths, 0])
-        self.queued[engine] += len(lengths)
-        self._refill()
-
-    def update(self, version: int) -> None:
-        """New weights arrive now: interrupt every engine, or drain each before it loads."""
-        if not self.interruptible:
-            self.target[:] = version
-            self._start_drained_loads()
-            return
-        prompts = self.busy.sum(1) * self.p.prompt_tokens / self.p.group_size  # prefix-cached per group
-        kv = self.made.sum(1) + prompts
-        pause = self.p.engine_load_s + kv / self.p.prefill_tok_s
-        self.resume_at = np.maximum(self.resume_at, self.now) + pause
-        self.paused_s += float(pause.sum())
-        self.version[:] = self.target[:] = version
-
-    def loaded(self, version: int) -> bool:
-        """Every engine decodes with ``version`` (or newer) by now."""
-        return bool((self.version >= version).all() and (self.resume_at <= self.now).all())
-
-    def advance(self, now: float) -> list[tuple[int, _ChunkRecord]]:
-        """Decode up to ``now``; the chunks whose last sequence finished, with their records."""
-        dt = now - self.now
-        if dt <= 0:
-            return []
-        active_s = np.clip(now - np.maximum(self.resume_at, self.now), 0.0, dt)
-        running = self.busy.sum(1)
-        steps = active_s / (self.p.step_base_s + self.p.step_per_seq_s * running)
-        self.left -= steps[:, None] * self.busy
-        self.made += steps[:, None] * self.busy
-        self.slot_s += float((running * active_s).sum())
-        self.now = now
-        done = []
-        engines, slots = np.nonzero(self.busy & (self.left < DONE_TOKENS))
-        if len(engines):
-            self.busy[engines, slots] = False
-            self.finished += len(engines)
-            self.carry[engines, slots] = -self.left[engines, slots]
-            for chunk_id, first, last in zip(self.chunk[engines, slots].tolist(),
-                                             self.first[engines, slots].tolist(),
-                                             self.version[engines].tolist()):
-                record = self.chunks[chunk_id]
-                record.remaining -= 1
-                record.first, record.last = min(record.first, first), max(record.last, last)
-                if not record.remaining:
-                    done.append((chunk_id, self.chunks.pop(chunk_id)))
-        self._start_drained_loads()
-        self._refill()
-        return done
-
-    def _start_drained_loads(self) -> None:
-        ready = (self.target > self.version) & ~self.busy.any(1)
-        self.version[ready] = self.target[ready]
-        self.resume_at[ready] = self.now + self.p.engine_load_s
-        self.paused_s += self.p.engine_load_s * int(ready.sum())
-
-    def _refill(self) -> None:
-        """Start queued sequences in free slots; a freed slot's overshoot counts for its successor."""
-        for engine in np.flatnonzero((self.queued > 0) & (self.target <= self.version)):
-            free = np.flatnonzero(~self.busy[engine])
-            queue = self.queue[engine]
-            while len(free) and queue:
-                entry = queue[0]
-                chunk_id, lengths, start = entry
-                take = min(len(free), len(lengths) - start)
-                slots, free = free[:take], free[take:]
-                self.left[engine, slots] = lengths[start:start + take] - self.carry[engine, slots]
-                self.made[engine, slots] = self.carry[engine, slots]
-                self.busy[engine, slots] = True
-                self.chunk[engine, slots] = chunk_id
-                self.first[engine, slots] = self.version[engine]
-                self.queued[engine] -= take
-                entry[2] += take
-                if entry[2] == len(lengths):
-                    queue.popleft()
-        self.carry[:] = 0.0
 
 
 class _Clock:
@@ -274,12 +57,13 @@ class RolloutPoolSim:
         self.wake: asyncio.Event | None = None
         self.ticker: asyncio.Task | None = None
 
-    def configure(self, profile: Profile, engines: int, interruptible: bool, seed: int) -> None:
+    def configure(self, profile: Profile, engines: int, interruptible: bool, seed: int,
+                  capacity: int | None = None, serial: bool = False) -> None:
         if self.waiting or self.syncs:
             raise RuntimeError("configure with calls in flight")
         self.p, self.seed, self.next_chunk = profile, seed, 0
         self.clock = _Clock(profile.time_scale)
-        self.bank = EngineBank(profile, engines, interruptible)
+        self.bank = EngineBank(profile, engines, interruptible, capacity, serial)
 
     @ray.method(num_returns=2)
     async def rollout(self, group_ids: list[int]):
@@ -306,12 +90,29 @@ class RolloutPoolSim:
         await done
         return {"version": version}
 
-    def stats(self) -> dict:
-        """Cumulative counters: simulated time, responses finished, sequence- and pause-seconds."""
+    def add_engine(self) -> int:
+        """One more engine, serving once its node has come and it has loaded the weights; its index."""
         self._step()
-        engines, slots = self.bank.busy.shape
-        return {"now": self.bank.now, "finished": self.bank.finished, "slot_s": self.bank.slot_s,
-                "paused_s": self.bank.paused_s, "engines": engines, "slots": engines * slots}
+        return self.bank.add(self.p.node_start_s + self.p.engine_start_s)
+
+    def retire_engine(self, engine: int | None) -> int:
+        """Stop an engine (default: the least loaded); it goes once its sequences are done."""
+        self._step()
+        return self.bank.retire(engine)
+
+    def changes(self) -> list[tuple[str, int]]:
+        """Engines that joined or were removed since the last call (``bench.sim_engines``)."""
+        self._step()
+        return self.bank.take_changes()
+
+    def stats(self) -> dict:
+        """Cumulative counters (simulated time, responses finished, sequence-, pause- and engine-seconds)
+        and the engines serving and paid for (starting, serving or retiring) now."""
+        self._step()
+        bank, engines = self.bank, self.bank.count(SERVING)
+        return {"now": bank.now, "finished": bank.finished, "slot_s": bank.slot_s, "paused_s": bank.paused_s,
+                "engine_s": bank.engine_s, "engines": engines, "slots": engines * self.p.max_seqs,
+                "paid": bank.count(STARTING, SERVING, RETIRING)}
 
     async def stop(self) -> None:
         """End the ticker, so that the actor can be killed without a pending task."""
@@ -390,10 +191,17 @@ class SimStages:
         self.pool = RolloutPoolSim.remote()
         self.reference_sim, self.rewarder, self.learner = (ServiceSim.remote() for _ in range(3))
 
-    def configure(self, profile: Profile, actors: int, *, interruptible: bool = True, seed: int = 0) -> None:
-        """A fresh cluster of ``actors`` rollout actors: empty engines, version 0, clocks at 0."""
+    def configure(self, profile: Profile, actors: int, *, interruptible: bool = True, seed: int = 0,
+                  engines: int | None = None, capacity: int | None = None, serial: bool = False) -> None:
+        """A fresh cluster sized for ``actors`` rollout actors: empty engines, version 0, clocks at 0.
+
+        ``engines``: the pool's engines at the start when not ``actors`` (the learner, reference
+        and reward stages stay sized for ``actors``); ``capacity``: the most it may grow to;
+        ``serial``: an engine runs one call at a time (``bench.sim_engines``).
+        """
         services = profile.services(actors)
-        ray.get([self.pool.configure.remote(profile, actors, interruptible, seed)]
+        ray.get([self.pool.configure.remote(profile, actors if engines is None else engines, interruptible, seed,
+                                            capacity, serial)]
                 + [actor.configure.remote(services[name], profile.time_scale, profile.group_size)
                    for name, actor in (("reference", self.reference_sim), ("reward", self.rewarder),
                                        ("learn", self.learner))], timeout=60)

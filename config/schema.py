@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from config.model import ModelConfig
 from config.paths import FOLDERS, PathTemplate, expand
@@ -238,6 +238,12 @@ class RolloutAutoscaleConfig(Section):
     min: PositiveInt = Field(1, description="fewest rollout engines")
     max: PositiveInt = Field(4, description="most rollout engines")
     window: PositiveInt = Field(3, description="steps observed at one pool size before a decision")
+    settle: NonNegativeInt = Field(0, description="steps at a new pool size not counted: the groups they "
+                                   "train were admitted before the change (eta is the natural value)")
+    growth: float = Field(1.0, ge=1.0, le=8.0, description="a step up multiplies the engine count by this (at "
+                          "least one engine; 1: one engine per decision)")
+    shrink: float = Field(1.0, ge=1.0, le=8.0, description="a step down divides the engine count by this (at "
+                          "least one engine; 1: one engine per decision)")
     idle_up: float = Field(0.1, gt=0, le=1, description="learner idle fraction from which it waits for data")
     queue_up: float = Field(1.0, gt=0, description="groups waiting for an engine (mean) from which engines are "
                             "the bottleneck")

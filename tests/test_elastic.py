@@ -182,3 +182,22 @@ def test_the_real_policy_adds_an_engine_when_the_learner_waits_on_busy_engines(w
         now[0] += 10.0
         targets.append(elastic(record(step, wait_s=5.0, learn_s=1.0, staleness={0: 2}))["rollout"]["engines_target"])
     assert targets == [1, 2, 2] and pool.starting == ["rollout-1.0"]
+
+
+def test_a_hold_while_several_engines_start_keeps_the_ones_not_joined_yet(world):
+    """Four engines added at once; the first to join changes the count, and the policy holds at it."""
+    make, now, _, requests = world
+    elastic, pool, _ = make(Script(4, 2, 2, 1), engines=1)
+    elastic(record(0))
+    assert pool.starting == ["rollout-1.0", "rollout-2.0", "rollout-3.0"]
+    pool.starting.remove("rollout-1.0")
+    pool.serving.append("rollout-1.0")
+    pool.changes = [SlotEvent(JOINED, "rollout-1.0", {"group": 1})]
+    now[0] = 10.0
+    out = elastic(record(1))["rollout"]
+    assert [e["event"] for e in out["scale_events"]] == ["joined"] and len(pool.starting) == 2
+    assert elastic(record(2))["rollout"]["scale_events"] == [] and len(requests) == 1
+    out = elastic(record(3))["rollout"]  # a real step down: the starting engines go first
+    assert [(e["event"], e["engine"]) for e in out["scale_events"]] == [("retire", "rollout-3.0"),
+                                                                         ("retire", "rollout-2.0"),
+                                                                         ("retire", "rollout-1.0")]

@@ -1,5 +1,6 @@
 """The rollout scaling policy: its decisions on scripted metric sequences, and its properties (within
-[min, max], one engine at a time, monotone in every input, one change per window at most)."""
+[min, max], one step at a time (one engine with growth 1), monotone in every input, one change per
+window at most)."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,9 @@ from cluster.rollout_scaling import (
     RolloutScalingPolicy,
     StepMetrics,
     decide,
+    grown,
     presses_bound,
+    shrunk,
 )
 from config import ConfigError, load_config
 from config.schema import RolloutAutoscaleConfig
@@ -39,6 +42,30 @@ def test_a_starved_learner_grows_the_pool_one_engine_per_window_up_to_max():
 def test_idle_engines_under_a_fed_learner_shrink_the_pool_down_to_min():
     steps = run(RolloutScalingPolicy(BOUNDS, eta=1), [FED_IDLE_ENGINES] * 6, engines=3)
     assert [t for _, t in steps] == [3, 2, 2, 1, 1, 1]
+
+
+def test_with_growth_and_shrink_2_the_pool_doubles_and_halves_within_the_bounds():
+    wide = RolloutAutoscaleConfig(min=8, max=64, window=2, growth=2.0, shrink=2.0)
+    up = run(RolloutScalingPolicy(wide, eta=1), [STARVED] * 8, engines=8)
+    assert [t for _, t in up] == [8, 16, 16, 32, 32, 64, 64, 64]
+    down = run(RolloutScalingPolicy(wide, eta=1), [FED_IDLE_ENGINES] * 8, engines=64)
+    assert [t for _, t in down] == [64, 32, 32, 16, 16, 8, 8, 8]
+    uneven = RolloutAutoscaleConfig(min=1, max=64, window=1, growth=1.5)
+    assert [t for _, t in run(RolloutScalingPolicy(uneven, eta=1), [STARVED] * 6, engines=1)] == [2, 3, 4, 6, 9, 13]
+    assert (grown(1, 1.2), shrunk(2, 1.2), grown(27, 1.5), shrunk(40, 1.5)) == (2, 1, 40, 27)
+    fast_up = RolloutAutoscaleConfig(min=8, max=64, window=1, growth=2.0)  # shrink 1: one engine down
+    assert [t for _, t in run(RolloutScalingPolicy(fast_up, eta=1), [STARVED] * 3 + [FED_IDLE_ENGINES] * 2,
+                              engines=8)] == [16, 32, 64, 63, 62]
+
+
+def test_settle_steps_at_a_new_size_are_not_counted():
+    """The first eta steps after a change train groups of the old size: they neither decide nor fill the window."""
+    policy = RolloutScalingPolicy(RolloutAutoscaleConfig(min=1, max=4, window=2, settle=2), eta=2)
+    crowded = dict(STARVED, staleness={2: 8})  # what a bigger pool left behind
+    targets = [policy.observe(StepMetrics(engines=2, **m)).target for m in (crowded, crowded, STARVED, STARVED)]
+    assert targets == [2, 2, 2, 3]
+    decision = policy.observe(StepMetrics(engines=3, **STARVED))
+    assert decision.reason == "hold: 0 of 2 steps seen at 3 engines"
 
 
 def test_balanced_pool_holds():
@@ -92,6 +119,8 @@ def test_bad_metrics_and_settings_are_refused():
         RolloutScalingPolicy.from_config(load_config("configs/tiny.yaml"))
     with pytest.raises(ConfigError, match=r"rollout_actors \(1\) must lie within rollout_autoscale's"):
         load_config("configs/tiny.yaml", ["cluster.rollout_autoscale={min: 2, max: 3}"])
+    with pytest.raises(ConfigError, match="growth"):
+        load_config("configs/tiny.yaml", ["cluster.rollout_autoscale={min: 1, max: 2, growth: 0.5}"])
     with pytest.raises(ConfigError, match=r"min \(3\) must not exceed max \(2\)"):
         load_config("configs/tiny.yaml", ["cluster.rollout_autoscale={min: 3, max: 2}", "cluster.rollout_actors=2"])
     config = load_config("configs/tiny.yaml", ["cluster.rollout_autoscale.max=2", "train.staleness=2"])
@@ -107,19 +136,30 @@ metrics = st.builds(dict, learner_idle=fraction, queue_depth=st.floats(0.0, 10.0
                     engine_utilisation=fraction)
 bounds = st.integers(1, 6).flatmap(lambda lo: st.builds(
     RolloutAutoscaleConfig, min=st.just(lo), max=st.integers(lo, 8), window=st.integers(1, 3),
-    idle_up=st.floats(0.01, 1.0), queue_up=st.floats(0.1, 5.0), util_down=fraction, press_share=st.floats(0.01, 1.0)))
+    idle_up=st.floats(0.01, 1.0), queue_up=st.floats(0.1, 5.0), util_down=fraction, press_share=st.floats(0.01, 1.0),
+    growth=st.one_of(st.just(1.0), st.floats(1.0, 4.0)), shrink=st.one_of(st.just(1.0), st.floats(1.0, 4.0)),
+    settle=st.integers(0, 2)))
+
+
+def one_step_away(b: RolloutAutoscaleConfig, engines: int, target: int) -> bool:
+    """``target`` is the count within the bounds, or one step (down or up) from it."""
+    def clamp(n: int) -> int:
+        return min(max(n, b.min), b.max)
+    steps = {clamp(shrunk(engines, b.shrink)), clamp(engines), clamp(grown(engines, b.growth))}
+    return target in steps and (target <= clamp(engines) or b.growth > 1 or target - clamp(engines) <= 1) and (
+        target >= clamp(engines) or b.shrink > 1 or clamp(engines) - target <= 1)
 
 
 @settings(max_examples=200, deadline=None)
 @given(bounds, st.integers(0, 3), st.integers(0, 10), st.lists(st.tuples(metrics, st.booleans()), max_size=20))
-def test_every_target_lies_within_bounds_and_one_engine_away(b, eta, start, script):
+def test_every_target_lies_within_bounds_and_one_step_away(b, eta, start, script):
     """Also for a pool that lags its target (the bool: the pool met the last target or not)."""
     policy, engines = RolloutScalingPolicy(b, eta), start
     for m, follows in script:
         target = policy.observe(StepMetrics(engines=engines, **m)).target
         assert b.min <= target <= b.max
         if b.min <= engines <= b.max:
-            assert abs(target - engines) <= 1
+            assert one_step_away(b, engines, target)
         engines = target if follows else engines
 
 
@@ -131,13 +171,13 @@ def test_the_count_changes_at_most_once_per_window(b, eta, script):
         since_change += 1
         target = policy.observe(StepMetrics(engines=engines, **m)).target
         if target != engines:
-            assert since_change >= b.window
+            assert since_change >= b.settle + b.window
             engines, since_change = target, 0
 
 
 def _target(b, eta, engines, m) -> int:
     policy = RolloutScalingPolicy(b, eta)
-    return [policy.observe(StepMetrics(engines=engines, **m)) for _ in range(b.window)][-1].target
+    return [policy.observe(StepMetrics(engines=engines, **m)) for _ in range(b.settle + b.window)][-1].target
 
 
 @settings(max_examples=300, deadline=None)
@@ -161,8 +201,7 @@ def test_older_trained_groups_never_raise_the_target(b, eta, engines, m, age, by
 @settings(max_examples=300, deadline=None)
 @given(bounds, st.integers(1, 8), fraction, st.floats(0.0, 10.0), fraction, st.booleans())
 def test_decide_never_both_grows_and_shrinks(b, engines, idle, queue, util, pressing):
-    """Pressing only ever lowers the decision; and a decision moves the count by one at most."""
+    """Pressing only ever lowers the decision; and a decision moves the count by one step at most."""
     calm, pressed = decide(engines, idle, queue, util, False, b), decide(engines, idle, queue, util, True, b)
     assert pressed.target <= calm.target
-    clamped = min(max(engines, b.min), b.max)
-    assert abs(calm.target - clamped) <= 1 and abs(pressed.target - clamped) <= 1
+    assert one_step_away(b, engines, calm.target) and one_step_away(b, engines, pressed.target)

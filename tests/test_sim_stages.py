@@ -10,7 +10,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from bench.sim_stages import EngineBank, Profile, SimStages, measure
+from bench.sim_engines import JOINED, REMOVED, STARTING, EngineBank
+from bench.sim_profile import Profile
+from bench.sim_stages import SimStages, measure
 
 TICK = 0.01  # completions resolve to the tick that passes them
 # engines of 2 sequences each, 10 ms per decode step whatever the batch
@@ -70,6 +72,35 @@ def test_drain_starts_nothing_new_until_the_running_sequences_end_and_weights_lo
     assert done[0][0] == pytest.approx(1.0, abs=TICK / 2) and (done[0][1].first, done[0][1].last) == (0, 0)
     assert done[1][0] == pytest.approx(1.0 + 0.5 + 0.1, abs=TICK)  # drained at 1.0, loaded for 0.5 s
     assert (done[1][1].first, done[1][1].last) == (1, 1)
+
+
+def test_an_added_engine_serves_after_its_start_with_the_newest_weights_and_a_retired_one_finishes_first():
+    bank = EngineBank(ENGINE, engines=1, interruptible=True, capacity=3)
+    bank.submit(0, np.array([100.0, 100.0]), np.array([360.0]))
+    bank.update(1)  # loads 0.5 s + KV of 2 x 0 tokens + 80 prompt tokens / 1000 tok/s
+    added = bank.add(delay_s=0.4)
+    assert added == 1 and bank.count(STARTING) == 1 and bank.loaded(1) is False
+    run_until(bank, 0.5)
+    assert bank.take_changes() == [(JOINED, 1)] and bank.version[1] == 1
+    bank.submit(1, np.array([50.0, 50.0]), np.array([260.0]))  # to the new engine: the old one is busy
+    assert bank.busy[1].sum() == 2
+    assert bank.retire() == 1 and bank.take_changes() == []  # the least loaded (on ties the newest) keeps its work
+    done = run_until(bank, 2.0)
+    assert done[1][0] == pytest.approx(0.5 + 0.5, abs=TICK / 2) and bank.take_changes() == [(REMOVED, 1)]
+    assert done[0][0] == pytest.approx(0.58 + 1.0, abs=TICK / 2)  # the first engine paused to load, then 100 steps
+    assert bank.engine_s == pytest.approx(2.0 + 1.0, abs=TICK)  # engine 0 all along, engine 1 from 0 to 1.0 s
+    starting = bank.add(delay_s=5.0)
+    assert bank.retire(starting) == starting  # never served
+    assert bank.add(delay_s=5.0) != starting  # its removal is not taken yet: its index is not reused
+    assert bank.take_changes() == [(REMOVED, starting)] and bank.add(delay_s=5.0) == starting
+
+
+def test_a_serial_engine_runs_one_chunk_at_a_time():
+    bank = EngineBank(dataclasses.replace(ENGINE, max_seqs=4), engines=1, interruptible=True, serial=True)
+    bank.submit(0, np.array([100.0, 10.0]), np.array([190.0]))
+    bank.submit(1, np.array([10.0, 10.0]), np.array([100.0]))  # free slots, but the engine is on chunk 0
+    done = run_until(bank, 2.0)
+    assert [done[c][0] for c in (0, 1)] == pytest.approx([1.0, 1.1], abs=TICK / 2)
 
 
 def test_stage_rates_follow_the_profile():

@@ -13,7 +13,10 @@ batches were done: their placement groups are freed), the step's figures go to t
 - down: a starting engine is dropped first, else the least busy serving one stops getting
   batches and is killed once its batches are done, so no group is lost or trained twice.
 
-Engines still starting count toward the target, so a pending add is never repeated. The
+Engines still starting count toward the target, so a pending add is never repeated, and a
+hold (a target equal to the serving engines: the policy's window is filling or nothing
+calls for a change) leaves them starting: when several engines are added at once, the
+first to join changes the count and restarts the window, which must not cancel the rest. The
 policy's inputs per step: the learner's idle fraction (its wait before the step over wait
 plus step), the time-weighted mean of rollout calls in flight over the step (the scheduler's
 ``rollout`` gauge) against the serving engines E: utilisation min(1, calls / E), groups
@@ -96,7 +99,7 @@ class ElasticRollouts:
 
     def _apply(self, decision: Decision) -> list[dict]:
         planned = self.pool.engines + len(self.pool.starting)
-        if planned == decision.target:
+        if decision.target in (planned, self.pool.engines):
             return []
         self.request(run_bundles(self.placement.plan, decision.target))
         self._requested = True
