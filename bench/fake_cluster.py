@@ -34,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def provider_config(head_cpus: float, node_types: dict[str, dict], gcs_address: str,
+def provider_config(head_cpus: int, node_types: dict[str, dict], gcs_address: str,
                     idle_timeout_minutes: float) -> dict:
     """An autoscaling config for the fake multi-node provider: the head (no workers of its own kind)
     and ``node_types`` ({name: {"resources": {...}, "max_workers": n}}), started on demand only."""
@@ -61,7 +61,7 @@ class FakeAutoscalingCluster:
     """``with FakeAutoscalingCluster(2, {"gpu-node": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 2}})
     as cluster:`` then, in a process whose environment has ``cluster.environment()``, ``ray.init(cluster.address)``."""
 
-    def __init__(self, head_cpus: float, node_types: dict[str, dict], idle_timeout_minutes: float = 0.1):
+    def __init__(self, head_cpus: int, node_types: dict[str, dict], idle_timeout_minutes: float = 0.1):
         self.head_cpus, self.node_types, self.idle_timeout_minutes = head_cpus, node_types, idle_timeout_minutes
         self.folder: Path | None = None
         self.session: int | None = None
@@ -87,7 +87,7 @@ class FakeAutoscalingCluster:
                                                      self.idle_timeout_minutes)))
         ray = str(Path(sys.executable).with_name("ray"))
         command = ["setsid", ray, "start", "--head", f"--port={self.address.rsplit(':', 1)[1]}",
-                   f"--node-ip-address={LOOPBACK}", f"--num-cpus={self.head_cpus:g}", f"--temp-dir={self.folder}",
+                   f"--node-ip-address={LOOPBACK}", f"--num-cpus={self.head_cpus}", f"--temp-dir={self.folder}",
                    f"--autoscaling-config={config}", f"--ray-client-server-port={free_port()}",
                    f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                    "--include-dashboard=false", "--disable-usage-stats"]
