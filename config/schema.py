@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from config.model import ModelConfig
 from config.paths import FOLDERS, PathTemplate, expand
@@ -206,6 +212,9 @@ class TrainConfig(Section):
     max_learner_restarts: int = Field(2, ge=0, description="automatic resumes from the last checkpoint after a "
                                       "learner failure")
     checkpoint_every: PositiveInt = 10
+    publish_every: NonNegativeInt | None = Field(
+        None, description="write the servable model folder train.output/model every N steps trained, for `segrl "
+        "serve --follow` (None: with each checkpoint, every train.checkpoint_every; 0: only at the end)")
     resume: bool | Literal["auto"] = Field(
         False, description="continue the run in train.output from its newest complete checkpoint: true (as "
         "`segrl train --resume`), false (a fresh run), auto (continue the GRPO run there, or start one in a new "

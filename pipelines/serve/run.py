@@ -63,11 +63,12 @@ def start(config: Config, checkpoint: str | None, follow: str | None, config_out
 def serve_forever(config: Config, checkpoint: str | None, follow: str | None, address: str | None,
                   config_out: str | None = None) -> None:
     """``start``, then follow the run until interrupted; then delete the application (a cluster this
-    command started stops with it)."""
+    command started stops with it) and the follower's snapshots."""
     from cluster.local import connect, disconnect
 
     config = absolute_paths(config)
     connect(address)
+    follower = None
     try:
         follower = start(config, checkpoint, follow, config_out)
         stop = threading.Event()
@@ -80,3 +81,5 @@ def serve_forever(config: Config, checkpoint: str | None, follow: str | None, ad
     finally:
         undeploy()
         disconnect()
+        if follower is not None:
+            follower.close()
