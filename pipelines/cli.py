@@ -406,6 +406,8 @@ def _serve_config_args(p: argparse.ArgumentParser) -> None:
                    "model.name_or_path); not looked at here: it may exist only in the cluster's pods")
     p.add_argument("--host", help="HTTP bind address (default: serve.host, 127.0.0.1; 0.0.0.0 in a pod)")
     p.add_argument("--port", type=_port, help="HTTP port (default: serve.port, 8000)")
+    p.add_argument("--weights-version", type=positive_int, default=1, help="the version answers name (default 1); "
+                   "raise it with each new folder: running replicas load a folder only under a new version")
     p.add_argument("--output", "-o", metavar="FILE", help="write the YAML here (default: standard output)")
 
 
@@ -414,7 +416,8 @@ def _serve_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve_config(config: Config, args: argparse.Namespace) -> str:
     from pipelines.serve.run import checkpoint_serve_config, serve_config_text
 
-    text = serve_config_text(checkpoint_serve_config(listening_as_asked(config, args), args.checkpoint))
+    text = serve_config_text(checkpoint_serve_config(listening_as_asked(config, args), args.checkpoint,
+                                                     args.weights_version))
     if args.output:
         Path(args.output).write_text(text)
     else:

@@ -25,10 +25,11 @@ def model_folder(config: Config, checkpoint: str | None) -> str:
     return str(Path(checkpoint or config.resolve_path(config.model.name_or_path)).resolve())
 
 
-def checkpoint_serve_config(config: Config, checkpoint: str | None) -> dict:
-    """What `segrl serve --checkpoint` deploys, weights version 1 (also `segrl serve-config`'s output)."""
+def checkpoint_serve_config(config: Config, checkpoint: str | None, version: int = 1) -> dict:
+    """What `segrl serve --checkpoint` deploys (weights version 1), also `segrl serve-config`'s output: the
+    replicas load a folder when its version is new to them, so another folder needs another version."""
     config = absolute_paths(config)
-    return serve_config(config, model_folder(config, checkpoint), 1)
+    return serve_config(config, model_folder(config, checkpoint), version)
 
 
 def say(line: str) -> None:
