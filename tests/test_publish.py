@@ -7,13 +7,16 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from ray.exceptions import RayActorError
 
 from config.schema import TrainConfig
 from data.atomic import atomic_folder
 from models.segmenter import write_manifest
 from pipelines.grpo.publish import Publisher, after_step, publish_interval, publishes
+from pipelines.grpo.scheduler import LearnerFailure
 from pipelines.serve.follow import KEPT, Follower
 
 
@@ -53,6 +56,17 @@ def test_the_run_log_checkpoints_then_publishes(tmp_path):
     model = str(tmp_path / "model")
     assert calls == [("checkpoint", 1), ("checkpoint", 2), ("publish", model), ("checkpoint", 3),
                      ("checkpoint", 4), ("publish", model), ("checkpoint", 5)]
+
+
+def test_a_learner_dying_while_it_publishes_fails_the_attempt_not_the_run(tmp_path):
+    """The run's driver resumes from its last checkpoint on a LearnerFailure; any other error ends the run."""
+
+    class DeadRank:
+        def save_model(self, directory: str) -> str:
+            raise RayActorError()
+
+    with pytest.raises(LearnerFailure, match="publishing the model after step 2 failed: RayActorError"):
+        Publisher(tmp_path / "model", 2, 5, DeadRank())(2)
 
 
 def publish(folder, weights: bytes) -> None:

@@ -18,7 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ray.exceptions import RayError
+
 from config.schema import TrainConfig
+from pipelines.grpo.scheduler import LearnerFailure
 
 MODEL = "model"
 """The run folder's servable model folder (mid-run and final)."""
@@ -35,14 +38,21 @@ def publishes(step: int, every: int, total: int) -> bool:
 
 
 class Publisher:
-    """Called with the steps trained after each step; writes ``folder`` when ``publishes`` says so."""
+    """Called with the steps trained after each step; writes ``folder`` when ``publishes`` says so.
+
+    A learner rank that dies while it writes fails the run's attempt as a failed step does
+    (``LearnerFailure``: the run resumes from its last checkpoint), not the run."""
 
     def __init__(self, folder: Path, every: int, total: int, learner):
         self.folder, self.every, self.total, self.learner = folder, every, total, learner
 
     def __call__(self, step: int) -> None:
         if publishes(step, self.every, self.total):
-            self.learner.save_model(str(self.folder))
+            try:
+                self.learner.save_model(str(self.folder))
+            except RayError as exc:
+                raise LearnerFailure(f"publishing the model after step {step} failed: "
+                                     f"{type(exc).__name__}") from exc
 
 
 def after_step(*hooks: Callable[[int], None]) -> Callable[[int], None]:
