@@ -10,9 +10,9 @@ the folder and checks it (``verify_model_folder``) before handing out the next w
 Why a snapshot: the replicas load the folder after the poll, over seconds to minutes, and the
 run may rename the next one in meanwhile; a replica reading ``RUN/model`` could then read
 half of each. The snapshot (``RUN/serving/<follower>/v<N>``) hard-links the folder's files (a
-copy where links fail): the run never changes a file it wrote, it only renames new folders
-in, so a snapshot that checks out against its own manifest stays whole for as long as it is
-kept. A snapshot caught mid-rename fails the check and is dropped; the renamed folder's new
+copy where links fail): the run never rewrites a file a manifest lists, it only renames new
+folders in, so a snapshot that checks out against its own manifest stays whole for as long as
+it is kept. A snapshot caught mid-rename fails the check and is dropped; the renamed folder's new
 manifest is picked up at the next poll. A folder that fails the check is reported once and
 skipped until its manifest changes again. The newest ``KEPT`` snapshots are kept (the
 segmentation replicas may still need the previous version's head); ``close`` removes the
