@@ -206,6 +206,9 @@ class TrainConfig(Section):
     max_learner_restarts: int = Field(2, ge=0, description="automatic resumes from the last checkpoint after a "
                                       "learner failure")
     checkpoint_every: PositiveInt = 10
+    publish_every: NonNegativeInt | None = Field(
+        None, description="write the servable model folder train.output/model every N steps trained, for `segrl "
+        "serve --follow` (None: with each checkpoint, every train.checkpoint_every; 0: only at the end)")
     resume: bool | Literal["auto"] = Field(
         False, description="continue the run in train.output from its newest complete checkpoint: true (as "
         "`segrl train --resume`), false (a fresh run), auto (continue the GRPO run there, or start one in a new "

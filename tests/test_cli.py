@@ -1,4 +1,6 @@
 """The `segrl` command: the main job's report, conversion, and clear errors."""
+from pathlib import Path
+
 import pytest
 from tests_support import overrides_for
 from upstream_fixtures import reasonseg_ann, write_reasonseg
@@ -63,3 +65,22 @@ def test_data_error_is_one_line(tmp_path, capsys):
 def test_make_tiny_without_data_says_what_to_run(tmp_path, capsys):
     assert main(["make-tiny", f"paths.work_dir={tmp_path}"]) == 2
     assert "run `segrl make-data` first" in capsys.readouterr().err
+
+
+def test_serve_config_writes_what_serve_deploys_and_starts_nothing(tmp_path, capsys):
+    """`serve-config -o FILE` writes the file `serve --checkpoint` deploys: the folder at an absolute path (it
+    is not looked at) as the weights version asked, the listen address as asked; no Ray is started."""
+    import ray
+    import yaml
+
+    out = tmp_path / "serve.yaml"
+    assert main(["serve-config", "--checkpoint", "somewhere/model", "--port", "8123", "-o", str(out),
+                 "--weights-version", "3", "paths.work_dir=/srv/w"]) == 0
+    assert capsys.readouterr().out == ""
+    (app,) = yaml.safe_load(out.read_text())["applications"]
+    model_dirs = {d["name"]: d["user_config"].get("model_dir") for d in app["deployments"]}
+    expected = str((Path.cwd() / "somewhere" / "model").resolve())
+    assert model_dirs == {"ingress": None, "policy": expected, "segment": expected}
+    assert {d["user_config"].get("version") for d in app["deployments"][1:]} == {3}
+    assert yaml.safe_load(out.read_text())["http_options"]["port"] == 8123
+    assert app["args"]["config"]["paths"]["cache_dir"] == "/srv/w/cache" and not ray.is_initialized()

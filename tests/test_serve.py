@@ -182,7 +182,8 @@ def test_no_model_yet_is_503_with_retry_after(served):
 def test_health_names_model_head_and_version(served):
     status, _, body = call(served["port"], "/healthz")
     assert status == 200 and body["status"] == "ok" and body["head"] == "read"
-    assert body["weights_version"] >= 1 and body["model"] == str((served["run"] / "model").resolve())
+    assert body["weights_version"] >= 1 and body["model"] == served["follower"].served  # the run's model/, as taken
+    assert Path(body["model"]).is_relative_to((served["run"] / "serving").resolve())
 
 
 def test_answer_and_mask_equal_the_eval_path(served):
@@ -291,8 +292,7 @@ def test_full_queue_is_503_with_retry_after(served):
 
 def test_timeout_is_408(served):
     config, port = served["config"], served["port"]
-    model = str((served["run"] / "model").resolve())
-    version = served["follower"].version
+    model, version = served["follower"].served, served["follower"].version
     data = segment_body(served["paths"][0].read_bytes(), "a circle")
     deploy(serve_config(config, model, version, timeout_s=0.001))  # the ingress reconfigures in place
     try:

@@ -9,10 +9,27 @@ from pipelines.serve.app import absolute_paths, deploy, serve_config, undeploy
 from pipelines.serve.follow import Follower
 
 
-def write_serve_config(serve_cfg: dict, path: str) -> None:
+def serve_config_text(serve_cfg: dict) -> str:
+    """The Serve config as YAML, in the order ``serve_config`` builds it."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(serve_cfg, sort_keys=False))
+    return yaml.safe_dump(serve_cfg, sort_keys=False)
+
+
+def write_serve_config(serve_cfg: dict, path: str) -> None:
+    Path(path).write_text(serve_config_text(serve_cfg))
+
+
+def model_folder(config: Config, checkpoint: str | None) -> str:
+    """``checkpoint`` (default model.name_or_path) as an absolute path: replicas run elsewhere."""
+    return str(Path(checkpoint or config.resolve_path(config.model.name_or_path)).resolve())
+
+
+def checkpoint_serve_config(config: Config, checkpoint: str | None, version: int = 1) -> dict:
+    """What `segrl serve --checkpoint` deploys (weights version 1), also `segrl serve-config`'s output: the
+    replicas load a folder when its version is new to them, so another folder needs another version."""
+    config = absolute_paths(config)
+    return serve_config(config, model_folder(config, checkpoint), version)
 
 
 def say(line: str) -> None:
@@ -33,8 +50,7 @@ def start(config: Config, checkpoint: str | None, follow: str | None, config_out
     """Deploy ``checkpoint`` (default model.name_or_path) as weights version 1, or the newest model of run
     ``follow`` (none yet: requests get 503 until one appears); the follower to keep polling, if any."""
     follower = Follower(follow, say) if follow else None
-    found = follower.poll() if follower else (str(Path(checkpoint or config.resolve_path(
-        config.model.name_or_path)).resolve()), 1)
+    found = follower.poll() if follower else (model_folder(config, checkpoint), 1)
     serve_cfg = serve_config(config, *(found or (None, 0)))
     if config_out:
         write_serve_config(serve_cfg, config_out)
@@ -48,11 +64,12 @@ def start(config: Config, checkpoint: str | None, follow: str | None, config_out
 def serve_forever(config: Config, checkpoint: str | None, follow: str | None, address: str | None,
                   config_out: str | None = None) -> None:
     """``start``, then follow the run until interrupted; then delete the application (a cluster this
-    command started stops with it)."""
+    command started stops with it) and the follower's snapshots."""
     from cluster.local import connect, disconnect
 
     config = absolute_paths(config)
     connect(address)
+    follower = None
     try:
         follower = start(config, checkpoint, follow, config_out)
         stop = threading.Event()
@@ -65,3 +82,5 @@ def serve_forever(config: Config, checkpoint: str | None, follow: str | None, ad
     finally:
         undeploy()
         disconnect()
+        if follower is not None:
+            follower.close()
