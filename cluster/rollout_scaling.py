@@ -1,7 +1,7 @@
 """How many rollout engines a run should have: a scaling policy over per-step metrics.
 
-Ray-free, so the rule is testable alone; the caller (the scheduler, later) reports each
-step's metrics and adds or removes engines to meet the target it gets back.
+Ray-free, so the rule is testable alone; the caller (``pipelines.grpo.elastic``, after each
+learner step) reports the step's metrics and adds or removes engines to meet the target it gets back.
 
 Inputs, per learner step (``StepMetrics``): the engines that served in it, the fraction of
 the step the learner waited for data (``learner_idle``), the groups admitted and waiting
