@@ -220,20 +220,25 @@ class QwenVisionTower:
     packed sequence as in Qwen2.5-VL.
     """
 
-    def __init__(self, path: str, pixel_bounds: tuple[int | None, int | None] = (None, None)):
+    def __init__(self, vision_config, state: dict[str, torch.Tensor], source: Path,
+                 pixel_bounds: tuple[int | None, int | None] = (None, None)):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        folder = local_checkpoint(path)
-        vision = _qwen_config(folder).vision_config
-        self.merge = vision.spatial_merge_size
-        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision, dtype=torch.float32)
+        self.merge = vision_config.spatial_merge_size
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=torch.float32)
         tower.merger = _GroupWindows(self.merge**2)
-        load_exact(tower, read_tensors(folder, tower_key), folder, "vision tower")
+        load_exact(tower, state, source, "vision tower")
         self.encoder = tower.eval().requires_grad_(False)
         bounds = {k: v for k, v in zip(("min_pixels", "max_pixels"), pixel_bounds) if v is not None}
-        self.processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=self.merge,
-                                                  temporal_patch_size=vision.temporal_patch_size, **bounds)
+        self.processor = Qwen2VLImageProcessorPil(patch_size=vision_config.patch_size, merge_size=self.merge,
+                                                  temporal_patch_size=vision_config.temporal_patch_size, **bounds)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, pixel_bounds: tuple[int | None, int | None] = (None, None)):
+        """The tower of an upstream Qwen2.5-VL checkpoint (its ``visual.*`` tensors but the merger's)."""
+        folder = local_checkpoint(path)
+        return cls(_qwen_config(folder).vision_config, read_tensors(folder, tower_key), folder, pixel_bounds)
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> list[torch.Tensor]:
