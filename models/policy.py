@@ -199,9 +199,9 @@ def _load_segrl_folder(path: str, dtype: torch.dtype):
 
     projector = load_projector(Path(path) / "projector").to(dtype)
     if AutoConfig.from_pretrained(path).model_type == "qwen2_5_vl_text":
-        from models.qwen_vl import QwenVLTextLM, grid_positions
+        from models.qwen_vl import grid_positions, load_saved_text_lm
 
-        lm = QwenVLTextLM.from_pretrained(path, dtype=dtype)
+        lm = load_saved_text_lm(path, dtype)
         positions = partial(grid_positions, spatial_merge_size=projector.spatial_merge_size)
     else:
         lm, positions = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), None

@@ -201,6 +201,20 @@ def load_qwen_vl(path: str, dtype: torch.dtype):
     return lm, projector.to(dtype), tokenizer, positions
 
 
+def load_saved_text_lm(path: str, dtype: torch.dtype) -> QwenVLTextLM:
+    """The text LM a segrl folder holds (``save_pretrained`` of ``QwenVLTextLM``), read as the upstream one."""
+    from transformers import Qwen2_5_VLTextConfig
+
+    folder = Path(path)
+    config = Qwen2_5_VLTextConfig.from_pretrained(folder)
+    lm = QwenVLTextLM._from_config(config, dtype=dtype)
+    state = read_tensors(folder, lm_key)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    load_exact(lm, state, folder, "language model")
+    return lm
+
+
 class _GroupWindows(nn.Module):
     """Stands in for the merger inside the tower: keeps each window's m*m patch states, unmerged."""
 
