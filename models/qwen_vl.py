@@ -15,12 +15,13 @@
 
 Covered on CPU by tests/test_qwen_vl_loading.py against
 `Qwen2_5_VLForConditionalGeneration`: logits and hidden states of the split
-model, positions vs HF's `get_rope_index`, the cached grid. Not covered:
+model, positions vs HF's `get_rope_index`, the cached grid; a segrl model folder
+(``save_pretrained`` of the text LM + merger projector) and its `segrl export`
+by tests/test_export_upstream.py. Not covered:
 - rollout: vLLM must get our prompt embeddings *and* M-RoPE positions (its
   Qwen2.5-VL model computes them from image placeholders), a GPU-cluster
   concern that is not wired up here; `generate` on this LM refuses rather than
   decode with 1-D positions;
-- saving a trained Qwen policy as a segrl folder and loading it back;
 - videos (t > 1) and several images per prompt;
 - prompt format: segrl's prompt holds a bare `<image>` (added to Qwen's
   vocabulary here); Qwen's own template wraps the image in

@@ -83,10 +83,16 @@ def save_vision_tower(family: str, upstream: str, out: Path) -> dict:
     """Write the tower of upstream checkpoint folder ``upstream`` to ``out``; returns tower.json's content."""
     if family not in TOWERS:
         raise ExportError(f"no vision tower export for model family '{family}'; known: {sorted(TOWERS)}")
-    folder = Path(upstream)
+    from models.hf_weights import local_checkpoint
+
+    try:
+        folder = local_checkpoint(upstream)  # a hub id is fetched, as the feature cache does
+    except (OSError, ValueError) as exc:  # offline, an unknown or malformed id
+        raise ExportError(f"model.name_or_path {upstream}: not a local folder and not fetched "
+                          f"({type(exc).__name__}); set it to the upstream checkpoint") from None
     if not (folder / "config.json").is_file():
-        raise ExportError(f"model.name_or_path {upstream}: no checkpoint folder with a config.json there; set it "
-                          "to the local upstream checkpoint whose vision tower the export is to hold")
+        raise ExportError(f"model.name_or_path {upstream}: no config.json there; set it to the upstream "
+                          "checkpoint whose vision tower the export is to hold")
     config, state, settings = TOWERS[family][0](folder)
     if not state:
         raise ExportError(f"model.name_or_path {upstream}: no vision tower tensors in its safetensors")

@@ -28,7 +28,7 @@ from models.export_format import EXPORT_CONFIG
 from models.prompt import prompt_ids
 from models.segmenter import save_segmenter
 
-PIXELS = (64, 64 * 64)  # Qwen2.5-VL's bounds: a 40x60 image -> a 10x16 patch grid (patch 4)
+PIXELS = (64, 64 * 64)  # Qwen2.5-VL's bounds: a 48x48 image -> a 12x12 patch grid (patch 4)
 
 
 def write_upstream(family: str, folder: Path, workspace: dict) -> None:
@@ -73,7 +73,8 @@ def exported(request, tiny_workspace, tmp_path_factory):
     source = save_segmenter(model, head_spec(config), tokenizer, str(upstream), tmp / "model")
     export = export_model(source, tmp / "export", export_settings(config))
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (40, 60, 3), dtype=np.uint8), rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)]
+    # square, of two sizes: a READ head reads a square image-token grid (Qwen's: 6x6 and 4x4 tokens)
+    images = [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8), rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)]
     before = run_model(config, upstream, source, images, "tiny", str(sam))
     shutil.rmtree(upstream)
     shutil.rmtree(sam)
