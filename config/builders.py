@@ -49,8 +49,10 @@ def export_settings(config: Config) -> ExportSettings:
     import torch
 
     m = config.model
+    sam = config.resolve_path(m.sam.checkpoint) if m.sam.checkpoint else None
     return ExportSettings(m.family, m.ref_token, m.head.ref_position, m.sae.layer, m.head.kind, head_spec(config),
-                          Path(config.resolve_path(m.sae.path)), getattr(torch, m.dtype))
+                          Path(config.resolve_path(m.sae.path)), config.resolve_path(m.name_or_path), m.sam.variant,
+                          sam, getattr(torch, m.dtype))
 
 
 def build_segmenter(config: Config, model_path: str | None = None):

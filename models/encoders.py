@@ -6,12 +6,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.export_format import EXPORT_CONFIG
 from models.sam import load_sam, sam_preprocess
 from models.vision import load_vision_tower
 
 
 def sam_checkpoint(variant: str, checkpoint: str | None, model_path: str) -> str | None:
-    """A tiny SAM lives in make-tiny's folder unless a checkpoint is named."""
+    """An export's SAM is its own ``sam/``, whatever the config names (the folder says its variant);
+    a tiny SAM lives in make-tiny's folder unless a checkpoint is named."""
+    if (Path(model_path) / EXPORT_CONFIG).is_file() and (Path(model_path) / "sam" / "config.json").is_file():
+        return str(Path(model_path) / "sam")
     if checkpoint is None and variant == "tiny":
         return str(Path(model_path) / "sam")
     return checkpoint

@@ -7,10 +7,11 @@ what each one is, so it can be shared, and it keeps a model folder's layout, so 
 
     config.json, model.safetensors, tokenizer*   the LM (``save_pretrained``), tokenizer with the reference token
     projector/                                   config.json + model.safetensors
-    vision/                                      the frozen vision tower (tiny family), as in the source
-    sam/                                         config.json + model.safetensors: the whole SAM, image encoder
-                                                 included (the features come from it); the trained prompt
-                                                 encoder and mask decoder are part of the head
+    vision/                                      the frozen vision tower: the tiny family's as in the source,
+                                                 an upstream family's out of model.name_or_path (models.vision_export)
+    sam/                                         config.json + model.safetensors: the whole SAM (any variant),
+                                                 image encoder included (the features come from it); the trained
+                                                 prompt encoder and mask decoder are part of the head
     head/                                        config.json (kind + settings) + model.safetensors, as trained
                                                  (absent for a make-tiny folder: the head starts fresh)
     sae/                                         the frozen SAE a SegCompass head reads
@@ -18,7 +19,9 @@ what each one is, so it can be shared, and it keeps a model folder's layout, so 
     manifest.json                                written last: every file with its size and SHA-256
 
 Loading an export takes the model settings it records (head kind and settings, slots,
-reference token, SAE layer and folder) over the config's (models.export_format).
+reference token, SAE layer and folder, SAM) over the config's (models.export_format), and its
+frozen encoders come from its own ``vision/`` and ``sam/`` whatever the config names
+(``load_vision_tower``, ``sam_checkpoint``, ``load_sam``): an export needs no other file.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data.atomic import atomic_folder
+from models.encoders import sam_checkpoint
 from models.export_format import (
     EXPORT_CONFIG,
     FORMAT,
@@ -42,7 +46,13 @@ from models.export_format import (
 )
 from models.policy import load_policy
 from models.projector import save_projector
-from models.sam import load_state_dict
+from models.sam import (
+    OFFICIAL,
+    load_sam,
+    load_state_dict,
+    sam_folder_variant,
+    save_sam_folder,
+)
 from models.segmenter import (
     HeadSpec,
     saved_head_kind,
@@ -64,6 +74,9 @@ class ExportSettings:
     head_kind: str  # used only when the source holds no trained head
     head_spec: HeadSpec
     sae_dir: Path  # the SAE a SegCompass head reads: a model folder does not hold it
+    vision_source: str  # model.name_or_path: the upstream checkpoint holding an upstream family's tower
+    sam_variant: str
+    sam_checkpoint: str | None  # model.sam.checkpoint, resolved
     dtype: torch.dtype = torch.float32  # the LM is loaded and saved in it
 
 
@@ -89,10 +102,8 @@ def export_model(source: str | Path, out: str | Path, settings: ExportSettings, 
         policy.lm.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_projector(policy.projector, tmp / "projector")
-        if (source / "vision").is_dir():
-            shutil.copytree(source / "vision", tmp / "vision")
-        if (source / "sam").is_dir():
-            _save_sam(source / "sam", tmp / "sam")
+        sources = {"vision": _write_vision(source, tmp / "vision", settings),
+                   "sam": _write_sam(source, tmp / "sam", settings)}
         if has_head:
             shutil.copytree(source / "head", tmp / "head")
         if sae is not None:
@@ -101,7 +112,7 @@ def export_model(source: str | Path, out: str | Path, settings: ExportSettings, 
                 if (sae / name).is_file():
                     shutil.copy2(sae / name, tmp / "sae" / name)
         head = _head_config(source, has_head, kind, settings.head_spec)
-        description = describe_parts(tmp, policy, tokenizer, settings, head)
+        description = describe_parts(tmp, policy, tokenizer, settings, head, sources)
         (tmp / EXPORT_CONFIG).write_text(json.dumps(description, indent=2))
         write_manifest(tmp)
     return out
@@ -115,6 +126,40 @@ def _check_target(source: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out}: must lie outside the source model folder {source} (and not hold it)")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out}: not empty; give --overwrite to replace it")
+
+
+def _write_vision(source: Path, out: Path, settings: ExportSettings) -> str | None:
+    """The frozen tower into ``out``: a model folder's own ``vision/`` (tiny, an export), else an upstream
+    family's out of ``model.name_or_path``; returns where it came from."""
+    if (source / "vision").is_dir():
+        shutil.copytree(source / "vision", out)
+        return str(source / "vision")
+    if settings.family == "tiny":
+        return None
+    from models.vision_export import save_vision_tower
+
+    save_vision_tower(settings.family, settings.vision_source, out)
+    return settings.vision_source
+
+
+def _write_sam(source: Path, out: Path, settings: ExportSettings) -> str | None:
+    """The SAM the source's head is built over (``sam_checkpoint``: the config's checkpoint, else the
+    folder's own) into ``out`` as safetensors; returns where it came from."""
+    checkpoint = sam_checkpoint(settings.sam_variant, settings.sam_checkpoint, str(source))
+    if checkpoint is None:
+        if settings.sam_variant in OFFICIAL:
+            raise ExportError(f"model.sam.checkpoint is not set: SAM {settings.sam_variant} would be random; "
+                              "name the checkpoint the model was trained with (an export holds SAM's weights)")
+        return None
+    if Path(checkpoint).is_dir():
+        _save_sam(Path(checkpoint), out)
+        return checkpoint
+    try:
+        sam = load_sam(settings.sam_variant, checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ExportError(f"model.sam.checkpoint: {exc}") from None
+    save_sam_folder(sam, settings.sam_variant, out)
+    return checkpoint
 
 
 def _save_sam(folder: Path, out: Path) -> None:
@@ -146,8 +191,9 @@ def _read(folder: Path, name: str) -> dict:
     return json.loads((folder / name / "config.json").read_text())
 
 
-def describe_parts(folder: Path, policy, tokenizer, settings: ExportSettings, head: dict) -> dict:
-    """The export's own config: format, segrl version, and each part's path, shapes and settings."""
+def describe_parts(folder: Path, policy, tokenizer, settings: ExportSettings, head: dict, sources: dict) -> dict:
+    """The export's own config: format, segrl version, and each part's path, shapes and settings, and for
+    the frozen encoders the folder or file each came from (``sources``)."""
     lm = policy.lm.config
     parts: dict[str, dict | None] = {
         "lm": {"path": ".", "architecture": type(policy.lm).__name__, "hidden_size": lm.hidden_size,
@@ -157,15 +203,29 @@ def describe_parts(folder: Path, policy, tokenizer, settings: ExportSettings, he
                       "image_token": tokenizer.convert_ids_to_tokens(policy.image_token_id),
                       "image_token_id": policy.image_token_id, "ref_position": settings.ref_position},
         "projector": {"path": "projector", **_read(folder, "projector")},
-        "vision": {"path": "vision", **_read(folder, "vision")} if (folder / "vision").is_dir() else None,
-        "sam": ({"path": "sam", "variant": "tiny", "modules": ["image_encoder", "prompt_encoder", "mask_decoder"],
-                 **_read(folder, "sam")} if (folder / "sam").is_dir() else None),
+        "vision": ({"path": "vision", "source": sources["vision"], **_vision_settings(folder / "vision")}
+                   if (folder / "vision").is_dir() else None),
+        "sam": ({"path": "sam", "source": sources["sam"], "modules": ["image_encoder", "prompt_encoder", "mask_decoder"],
+                 **_sam_settings(folder / "sam")} if (folder / "sam").is_dir() else None),
         "head": {"path": "head" if head["trained"] else None, "lm_dim": lm.hidden_size, **head},
         "sae": ({"path": "sae", **_sae_shape(_read(folder, "sae"))}
                 if (folder / "sae").is_dir() else None),
     }
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "segrl_version": _version(),
             "family": settings.family, "parts": parts}
+
+
+def _vision_settings(folder: Path) -> dict:
+    """An upstream tower's tower.json (its HF config stays in its folder), a tiny tower's config."""
+    from models.vision_export import TOWER_FILE
+
+    tower = folder / TOWER_FILE
+    return json.loads((tower if tower.is_file() else folder / "config.json").read_text())
+
+
+def _sam_settings(folder: Path) -> dict:
+    variant, config = sam_folder_variant(folder)
+    return {"variant": variant, **config}
 
 
 def _sae_shape(config: dict) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -192,10 +193,19 @@ def load_policy(family: str, name_or_path: str, ref_token: str, sae_layer: int, 
 
 
 def _load_segrl_folder(path: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A segrl folder's LM, projector and tokenizer; a Qwen2.5-VL one's LM is its M-RoPE text model, with
+    the positions hook its merger's window size gives."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return lm, load_projector(Path(path) / "projector").to(dtype), AutoTokenizer.from_pretrained(path), None
+    projector = load_projector(Path(path) / "projector").to(dtype)
+    if AutoConfig.from_pretrained(path).model_type == "qwen2_5_vl_text":
+        from models.qwen_vl import grid_positions, load_saved_text_lm
+
+        lm = load_saved_text_lm(path, dtype)
+        positions = partial(grid_positions, spatial_merge_size=projector.spatial_merge_size)
+    else:
+        lm, positions = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), None
+    return lm, projector, AutoTokenizer.from_pretrained(path), positions
 
 
 def _load_llava(path: str, dtype: torch.dtype):

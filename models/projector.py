@@ -21,16 +21,32 @@ class Projector(nn.Module):
         return self.net(features)
 
 
-def save_projector(projector: Projector, out_dir: str | Path) -> Path:
+def save_projector(projector: nn.Module, out_dir: str | Path) -> Path:
+    """config.json (kind and widths) + model.safetensors; ``load_projector`` rebuilds either kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"vision_dim": projector.vision_dim, "lm_dim": projector.lm_dim}))
+    config = {"vision_dim": projector.vision_dim, "lm_dim": projector.lm_dim}
+    if (merge := getattr(projector, "spatial_merge_size", None)) is not None:
+        config.update(kind="merger", spatial_merge_size=merge)
+    (out / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, out / "model.safetensors")
     return out
 
 
-def load_projector(folder: str | Path) -> Projector:
+def _merger(**config) -> nn.Module:
+    # transformers' Qwen modules load only when asked for
+    from models.qwen_vl import MergerProjector
+
+    return MergerProjector(**config)
+
+
+PROJECTORS = {"mlp2x_gelu": Projector, "merger": _merger}
+"""kind in config.json (none: mlp2x_gelu) -> builder: LLaVA's MLP, Qwen2.5-VL's patch merger."""
+
+
+def load_projector(folder: str | Path) -> nn.Module:
     folder = Path(folder)
-    projector = Projector(**json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    projector = PROJECTORS[config.pop("kind", "mlp2x_gelu")](**config)
     projector.load_state_dict(load_file(folder / "model.safetensors"))
     return projector

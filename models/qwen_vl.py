@@ -15,12 +15,13 @@
 
 Covered on CPU by tests/test_qwen_vl_loading.py against
 `Qwen2_5_VLForConditionalGeneration`: logits and hidden states of the split
-model, positions vs HF's `get_rope_index`, the cached grid. Not covered:
+model, positions vs HF's `get_rope_index`, the cached grid; a segrl model folder
+(``save_pretrained`` of the text LM + merger projector) and its `segrl export`
+by tests/test_export_upstream.py. Not covered:
 - rollout: vLLM must get our prompt embeddings *and* M-RoPE positions (its
   Qwen2.5-VL model computes them from image placeholders), a GPU-cluster
   concern that is not wired up here; `generate` on this LM refuses rather than
   decode with 1-D positions;
-- saving a trained Qwen policy as a segrl folder and loading it back;
 - videos (t > 1) and several images per prompt;
 - prompt format: segrl's prompt holds a bare `<image>` (added to Qwen's
   vocabulary here); Qwen's own template wraps the image in
@@ -201,6 +202,20 @@ def load_qwen_vl(path: str, dtype: torch.dtype):
     return lm, projector.to(dtype), tokenizer, positions
 
 
+def load_saved_text_lm(path: str, dtype: torch.dtype) -> QwenVLTextLM:
+    """The text LM a segrl folder holds (``save_pretrained`` of ``QwenVLTextLM``), read as the upstream one."""
+    from transformers import Qwen2_5_VLTextConfig
+
+    folder = Path(path)
+    config = Qwen2_5_VLTextConfig.from_pretrained(folder)
+    lm = QwenVLTextLM._from_config(config, dtype=dtype)
+    state = read_tensors(folder, lm_key)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    load_exact(lm, state, folder, "language model")
+    return lm
+
+
 class _GroupWindows(nn.Module):
     """Stands in for the merger inside the tower: keeps each window's m*m patch states, unmerged."""
 
@@ -220,20 +235,25 @@ class QwenVisionTower:
     packed sequence as in Qwen2.5-VL.
     """
 
-    def __init__(self, path: str, pixel_bounds: tuple[int | None, int | None] = (None, None)):
+    def __init__(self, vision_config, state: dict[str, torch.Tensor], source: Path,
+                 pixel_bounds: tuple[int | None, int | None] = (None, None)):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        folder = local_checkpoint(path)
-        vision = _qwen_config(folder).vision_config
-        self.merge = vision.spatial_merge_size
-        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision, dtype=torch.float32)
+        self.merge = vision_config.spatial_merge_size
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=torch.float32)
         tower.merger = _GroupWindows(self.merge**2)
-        load_exact(tower, read_tensors(folder, tower_key), folder, "vision tower")
+        load_exact(tower, state, source, "vision tower")
         self.encoder = tower.eval().requires_grad_(False)
         bounds = {k: v for k, v in zip(("min_pixels", "max_pixels"), pixel_bounds) if v is not None}
-        self.processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=self.merge,
-                                                  temporal_patch_size=vision.temporal_patch_size, **bounds)
+        self.processor = Qwen2VLImageProcessorPil(patch_size=vision_config.patch_size, merge_size=self.merge,
+                                                  temporal_patch_size=vision_config.temporal_patch_size, **bounds)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, pixel_bounds: tuple[int | None, int | None] = (None, None)):
+        """The tower of an upstream Qwen2.5-VL checkpoint (its ``visual.*`` tensors but the merger's)."""
+        folder = local_checkpoint(path)
+        return cls(_qwen_config(folder).vision_config, read_tensors(folder, tower_key), folder, pixel_bounds)
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> list[torch.Tensor]:

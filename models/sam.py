@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from models.tiny_specs import TinySamSpec
 
 SAFETENSORS = "model.safetensors"
-"""A tiny SAM's weights in an export (`segrl export`); make-tiny writes `sam.pt`."""
+"""A SAM folder's weights in an export (`segrl export`); make-tiny writes `sam.pt`."""
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -122,17 +122,45 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+OFFICIAL = ("vit_b", "vit_l", "vit_h")
+
+
+def sam_folder_variant(folder: str | Path) -> tuple[str, dict]:
+    """(variant, the rest of config.json) of a SAM folder: make-tiny's names none (tiny), an export's
+    ``sam/`` its own (``save_sam_folder``)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        variant = config.pop("variant", "tiny")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a SAM folder config ({type(exc).__name__}: {exc})") from None
+    if variant != "tiny" and variant not in OFFICIAL:
+        raise ValueError(f"{path}: unknown SAM variant '{variant}': expected tiny, vit_b, vit_l or vit_h")
+    return variant, config
+
+
+def save_sam_folder(sam: torch.nn.Module, variant: str, out_dir: str | Path) -> Path:
+    """An official SAM (vit_b/l/h) as a folder: config.json naming the variant + model.safetensors, the whole
+    model. ``load_sam`` builds what the folder names, whatever variant its caller was told."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"variant": variant, "image_size": sam.image_encoder.img_size}))
+    save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, out / SAFETENSORS)
+    return out
+
+
 def load_sam(variant: str, checkpoint: str | Path | None) -> torch.nn.Module:
     """`tiny`: a folder written by make-tiny (sam.pt) or `segrl export` (model.safetensors).
-    `vit_b/l/h`: an official .pth file, or a .safetensors one (or None = random init)."""
-    if variant == "tiny":
-        if checkpoint is None:
-            raise ValueError("a tiny SAM needs its folder (model.sam.checkpoint or make-tiny's sam/)")
+    `vit_b/l/h`: an official .pth file, or a .safetensors one (or None = random init).
+    A folder (make-tiny's, an export's ``sam/``) holds the variant its config.json names (none: tiny)."""
+    if checkpoint is not None and Path(checkpoint).is_dir():
         folder = Path(checkpoint)
-        spec = TinySamSpec(**json.loads((folder / "config.json").read_text()))
-        sam = build_tiny_sam(spec)
+        variant, config = sam_folder_variant(folder)
+        sam = build_tiny_sam(TinySamSpec(**config)) if variant == "tiny" else _build_official(variant)
         weights = folder / SAFETENSORS if (folder / SAFETENSORS).is_file() else folder / "sam.pt"
-    elif variant in ("vit_b", "vit_l", "vit_h"):
+    elif variant == "tiny":
+        raise ValueError(f"a tiny SAM needs its folder (model.sam.checkpoint or make-tiny's sam/), got {checkpoint}")
+    elif variant in OFFICIAL:
         sam = _build_official(variant)
         weights = None if checkpoint is None else Path(checkpoint)
     else:
@@ -170,8 +198,13 @@ def sam_preprocess(image: np.ndarray, image_size: int) -> tuple[torch.Tensor, tu
 
 
 def sam_image_size(variant: str, checkpoint: str | Path | None) -> int:
-    """SAM's input side without building it: 1024 for the official models, the tiny spec's otherwise."""
-    if variant in ("vit_b", "vit_l", "vit_h"):
+    """SAM's input side without building it: 1024 for the official models, the tiny spec's otherwise
+    (a folder's own variant decides)."""
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        variant, config = sam_folder_variant(checkpoint)
+        if variant == "tiny":
+            return TinySamSpec(**config).image_size
+    if variant in OFFICIAL:
         return 1024
     return TinySamSpec(**json.loads((Path(checkpoint) / "config.json").read_text())).image_size
 

@@ -106,34 +106,50 @@ def _llava_tower(path: str, _pixel_bounds) -> VisionTower:
 
     Only the `vision_tower.` tensors are read, so the 7B language model is never loaded here.
     """
-    from transformers import AutoConfig, CLIPVisionModel
+    from transformers import AutoConfig
 
-    from models.hf_weights import llava_vision_key, load_exact, local_checkpoint, read_tensors
+    from models.hf_weights import llava_vision_key, local_checkpoint, read_tensors
 
     folder = local_checkpoint(path)
     config = AutoConfig.from_pretrained(folder)
-    encoder = CLIPVisionModel(config.vision_config)
-    load_exact(encoder, read_tensors(folder, llava_vision_key), folder, "vision tower")
-    layer, drop_cls = config.vision_feature_layer, config.vision_feature_select_strategy == "default"
+    return llava_tower(config.vision_config, read_tensors(folder, llava_vision_key), config.vision_feature_layer,
+                       config.vision_feature_select_strategy, folder)
+
+
+def llava_tower(vision_config, state: dict[str, torch.Tensor], layer: int, strategy: str, source: Path) -> VisionTower:
+    """A CLIP vision model of ``vision_config`` holding ``state``, giving hidden layer ``layer`` (CLS
+    dropped under the "default" strategy): what an upstream checkpoint and an export both hold."""
+    from transformers import CLIPVisionModel
+
+    from models.hf_weights import load_exact
+
+    encoder = CLIPVisionModel(vision_config)
+    load_exact(encoder, state, source, "vision tower")
+    drop_cls = strategy == "default"
 
     def features(enc, px):
         hidden = enc(pixel_values=px, output_hidden_states=True).hidden_states[layer]
         return hidden[:, 1:] if drop_cls else hidden
 
-    return VisionTower(encoder, config.vision_config.image_size, CLIP_MEAN, CLIP_STD, features)
+    return VisionTower(encoder, vision_config.image_size, CLIP_MEAN, CLIP_STD, features)
 
 
 def _qwen_tower(path: str, pixel_bounds):
     from models.qwen_vl import QwenVisionTower
 
-    return QwenVisionTower(path, pixel_bounds)
+    return QwenVisionTower.from_checkpoint(path, pixel_bounds)
 
 
 VISION_TOWERS = {"tiny": _tiny_tower, "llava": _llava_tower, "qwen2_5_vl": _qwen_tower}
 
 
 def load_vision_tower(family: str, name_or_path: str, pixel_bounds: tuple[int | None, int | None] = (None, None)):
-    """`pixel_bounds` (min, max pixels) bound dynamic-resolution towers (Qwen2.5-VL); fixed-size ones resize anyway."""
+    """`pixel_bounds` (min, max pixels) bound dynamic-resolution towers (Qwen2.5-VL); fixed-size ones resize anyway.
+    A `segrl export` folder's tower comes from its ``vision/`` (models.vision_export)."""
+    from models.vision_export import exported_tower, is_exported_tower
+
+    if is_exported_tower(name_or_path):  # an export's own tower, whatever the family says
+        return exported_tower(name_or_path, pixel_bounds)
     if family not in VISION_TOWERS:
         raise ValueError(
             f"no vision tower for model family '{family}' in the feature cache yet; known: {sorted(VISION_TOWERS)}"

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoTokenizer
+from upstream_fixtures import write_tiny_llava
 
 from models.policy import load_policy
 from models.vision import load_vision_tower
@@ -13,19 +14,7 @@ from models.vision import load_vision_tower
 def tiny_llava(tiny_workspace, tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava-hf")
     tok = AutoTokenizer.from_pretrained(tiny_workspace["tiny"]["path"])
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                       image_size=32, patch_size=8, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=1, num_key_value_heads=1, pad_token_id=tok.pad_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=16,
-    )
-    model = LlavaForConditionalGeneration(config).eval()
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder, model, tok
+    return folder, write_tiny_llava(folder, tok), tok
 
 
 def test_split_model_reproduces_llava_logits(tiny_llava):

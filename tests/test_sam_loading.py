@@ -54,3 +54,15 @@ def test_a_tiny_sam_folder_loads_from_safetensors_and_a_damaged_file_is_named(tm
     (folder / "model.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(ValueError, match="model.safetensors: not a SAM safetensors file"):
         load_sam("tiny", folder)
+
+
+def test_an_official_sam_folder_loads_as_the_variant_it_names(tmp_path):
+    """An export's sam/ of SAM vit_b: safetensors + its variant, read as vit_b whatever the config says."""
+    from models.sam import sam_image_size, save_sam_folder
+
+    reference = _build_official("vit_b")
+    folder = save_sam_folder(reference, "vit_b", tmp_path / "sam")
+    loaded = load_sam("vit_h", folder)
+    assert len(loaded.image_encoder.blocks) == 12 and sam_image_size("tiny", folder) == 1024
+    for (name, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -229,3 +229,29 @@ def write_tiny_qwen_vl(folder: Path, tokenizer, vocab_padding: int = 8, tie: boo
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
+
+
+def write_tiny_llava(folder: Path, tokenizer, seed: int = 0):
+    """A randomly initialised llava-hf LLaVA-1.5 (CLIP tower, penultimate layer, CLS dropped) saved as
+    transformers writes it, over ``tokenizer`` (which has `<image>`); returns the model (eval)."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                       image_size=32, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=1, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=16,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
