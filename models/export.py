@@ -217,7 +217,7 @@ def describe_parts(folder: Path, policy, tokenizer, settings: ExportSettings, he
 
 def _vision_settings(folder: Path) -> dict:
     """An upstream tower's tower.json (its HF config stays in its folder), a tiny tower's config."""
-    from models.vision_export import TOWER_FILE
+    from models.vision import TOWER_FILE
 
     tower = folder / TOWER_FILE
     return json.loads((tower if tower.is_file() else folder / "config.json").read_text())

@@ -143,11 +143,47 @@ def _qwen_tower(path: str, pixel_bounds):
 VISION_TOWERS = {"tiny": _tiny_tower, "llava": _llava_tower, "qwen2_5_vl": _qwen_tower}
 
 
+TOWER_FILE = "tower.json"
+"""An export's ``vision/`` description (models.vision_export writes it)."""
+
+
+def is_exported_tower(path: str | Path) -> bool:
+    return (Path(path) / "vision" / TOWER_FILE).is_file()
+
+
+def _exported_llava(folder: Path, tower: dict, state: dict, _pixel_bounds):
+    from transformers import CLIPVisionConfig
+
+    config = CLIPVisionConfig.from_json_file(folder / "config.json")
+    return llava_tower(config, state, tower["vision_feature_layer"], tower["vision_feature_select_strategy"], folder)
+
+
+def _exported_qwen(folder: Path, _tower: dict, state: dict, pixel_bounds):
+    from transformers import Qwen2_5_VLVisionConfig
+
+    from models.qwen_vl import QwenVisionTower
+
+    return QwenVisionTower(Qwen2_5_VLVisionConfig.from_json_file(folder / "config.json"), state, folder, pixel_bounds)
+
+
+EXPORTED_TOWERS = {"llava": _exported_llava, "qwen2_5_vl": _exported_qwen}
+
+
+def exported_tower(path: str | Path, pixel_bounds: tuple[int | None, int | None] = (None, None)):
+    """The vision tower an export folder ``path`` holds (VisionTower or QwenVisionTower)."""
+    folder = Path(path) / "vision"
+    try:
+        tower = json.loads((folder / TOWER_FILE).read_text())
+        build = EXPORTED_TOWERS[tower["family"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{folder / TOWER_FILE}: not a vision tower description ({type(exc).__name__}: {exc})") \
+            from None
+    return build(folder, tower, load_file(folder / "model.safetensors"), pixel_bounds)
+
+
 def load_vision_tower(family: str, name_or_path: str, pixel_bounds: tuple[int | None, int | None] = (None, None)):
     """`pixel_bounds` (min, max pixels) bound dynamic-resolution towers (Qwen2.5-VL); fixed-size ones resize anyway.
-    A `segrl export` folder's tower comes from its ``vision/`` (models.vision_export)."""
-    from models.vision_export import exported_tower, is_exported_tower
-
+    A `segrl export` folder's tower comes from its ``vision/`` (written by models.vision_export)."""
     if is_exported_tower(name_or_path):  # an export's own tower, whatever the family says
         return exported_tower(name_or_path, pixel_bounds)
     if family not in VISION_TOWERS:

@@ -9,24 +9,19 @@ upstream checkpoint (``model.name_or_path``). An export writes it out, so it nee
     vision/config.json         the tower's Hugging Face config (CLIPVisionConfig, Qwen2_5_VLVisionConfig)
     vision/model.safetensors   its tensors as the checkpoint stores them (same names as the tower's modules)
 
-``load_vision_tower`` builds from these whenever a folder has ``vision/tower.json``. (A tiny model
-folder holds its own tower already; the export copies it.)
+``models.vision.load_vision_tower`` builds from these whenever a folder has ``vision/tower.json``
+(reading lives there, writing here, so the two modules import one way). (A tiny model folder holds
+its own tower already; the export copies it.)
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from models.export_format import ExportError
-
-TOWER_FILE = "tower.json"
-
-
-def is_exported_tower(path: str | Path) -> bool:
-    return (Path(path) / "vision" / TOWER_FILE).is_file()
-
+from models.vision import TOWER_FILE
 
 def _llava_parts(folder: Path):
     from transformers import AutoConfig
@@ -58,31 +53,14 @@ def _qwen_parts(folder: Path):
     return vision, read_tensors(folder, tower_key), settings
 
 
-def _llava_tower(folder: Path, tower: dict, state: dict, _pixel_bounds):
-    from transformers import CLIPVisionConfig
-
-    from models.vision import llava_tower
-
-    config = CLIPVisionConfig.from_json_file(folder / "config.json")
-    return llava_tower(config, state, tower["vision_feature_layer"], tower["vision_feature_select_strategy"], folder)
-
-
-def _qwen_tower(folder: Path, _tower: dict, state: dict, pixel_bounds):
-    from transformers import Qwen2_5_VLVisionConfig
-
-    from models.qwen_vl import QwenVisionTower
-
-    return QwenVisionTower(Qwen2_5_VLVisionConfig.from_json_file(folder / "config.json"), state, folder, pixel_bounds)
-
-
-TOWERS = {"llava": (_llava_parts, _llava_tower), "qwen2_5_vl": (_qwen_parts, _qwen_tower)}
-"""family -> (read the tower out of an upstream checkpoint folder, build it from an export's vision/)."""
+TOWER_PARTS = {"llava": _llava_parts, "qwen2_5_vl": _qwen_parts}
+"""family -> how to read the tower out of an upstream checkpoint folder (``models.vision`` builds it back)."""
 
 
 def save_vision_tower(family: str, upstream: str, out: Path) -> dict:
     """Write the tower of upstream checkpoint folder ``upstream`` to ``out``; returns tower.json's content."""
-    if family not in TOWERS:
-        raise ExportError(f"no vision tower export for model family '{family}'; known: {sorted(TOWERS)}")
+    if family not in TOWER_PARTS:
+        raise ExportError(f"no vision tower export for model family '{family}'; known: {sorted(TOWER_PARTS)}")
     from models.hf_weights import local_checkpoint
 
     try:
@@ -93,7 +71,7 @@ def save_vision_tower(family: str, upstream: str, out: Path) -> dict:
     if not (folder / "config.json").is_file():
         raise ExportError(f"model.name_or_path {upstream}: no config.json there; set it to the upstream "
                           "checkpoint whose vision tower the export is to hold")
-    config, state, settings = TOWERS[family][0](folder)
+    config, state, settings = TOWER_PARTS[family](folder)
     if not state:
         raise ExportError(f"model.name_or_path {upstream}: no vision tower tensors in its safetensors")
     out.mkdir(parents=True)
@@ -102,15 +80,3 @@ def save_vision_tower(family: str, upstream: str, out: Path) -> dict:
     tower = {"family": family, **settings}
     (out / TOWER_FILE).write_text(json.dumps(tower, indent=2))
     return tower
-
-
-def exported_tower(path: str | Path, pixel_bounds: tuple[int | None, int | None] = (None, None)):
-    """The vision tower an export folder ``path`` holds (VisionTower or QwenVisionTower)."""
-    folder = Path(path) / "vision"
-    try:
-        tower = json.loads((folder / TOWER_FILE).read_text())
-        build = TOWERS[tower["family"]][1]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{folder / TOWER_FILE}: not a vision tower description ({type(exc).__name__}: {exc})") \
-            from None
-    return build(folder, tower, load_file(folder / "model.safetensors"), pixel_bounds)
