@@ -244,9 +244,15 @@ def _failure(done: list[ray.ObjectRef]) -> str | None:
         try:
             ray.get(ref, timeout=0)
         except RayError as exc:
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+            return error_summary(exc)
     return None
+
+
+def error_summary(exc: BaseException) -> str:
+    """The class and the last non-empty line: a Ray task error's text is the remote traceback,
+    which ends with the exception raised in the actor."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
 class SupervisedPool:

@@ -12,13 +12,13 @@ called with each model folder before it serves; the caller serialises ``load`` a
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from models.generate import generate
+from models.hf_weights import read_tensors
 from models.policy import Policy
 from models.rollout import RolloutSettings, open_engine, reload_engine
 from rewards.registry import Registry
@@ -70,11 +70,5 @@ class VllmGenerator:
 
 
 def lm_weights(model_dir: str) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor of a model folder's causal LM (HF names; one file or an index of shards)."""
-    from safetensors.torch import load_file
-
-    folder = Path(model_dir)
-    index = folder / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else ["model.safetensors"])
-    return [item for name in files for item in load_file(str(folder / name)).items()]
+    """Every tensor of a model folder's causal LM (HF names; its top-level safetensors, one file or shards)."""
+    return list(read_tensors(Path(model_dir), lambda key: key).items())

@@ -31,6 +31,7 @@ from typing import Callable, Protocol
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from actors.dispatch import error_summary
 from pipelines.grpo.admission import StalenessController
 from pipelines.grpo.ledger import Ledger
 from pipelines.grpo.phase_timer import PhaseTimer
@@ -260,7 +261,7 @@ class Scheduler:
             self.timer.end(phase)
             if phase == LEARN:
                 raise LearnerFailure(f"learner step {self.controller.learner_version} failed: "
-                                     f"{_summary(exc)}") from exc
+                                     f"{error_summary(exc)}") from exc
             self._failed(call, exc)
             return None
         self.timer.end(phase)
@@ -289,7 +290,7 @@ class Scheduler:
         except RayError as exc:
             self.timer.end(call.phase)
             raise LearnerFailure(f"learner step {self.controller.learner_version} failed on another rank: "
-                                 f"{_summary(exc)}") from exc
+                                 f"{error_summary(exc)}") from exc
 
     def _failed(self, call: _Call, exc: RayError) -> None:
         """Requeue the chunk's samples (or drop those out of retries); replace a dead actor."""
@@ -405,10 +406,3 @@ class Scheduler:
 def _cause(exc: RayError) -> str:
     """The exception class raised inside the actor (a task error wraps it)."""
     return type(exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc).__name__
-
-
-def _summary(exc: BaseException) -> str:
-    """The class and the last non-empty line: a Ray task error's text is the remote traceback,
-    which ends with the exception raised in the actor."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
