@@ -8,7 +8,10 @@ reward of the greedy answers (soft IoU in SAM's low-res frame, as the reward
 workers score it), so a GRPO run's reward can be compared across checkpoints.
 On synthetic samples `reasoning_acc` is the share of answers whose reasoning
 settles on exactly the target shapes (a refusal for a false premise), read with
-the generator's own vocabulary (`data.synthetic.answers`).
+the generator's own vocabulary (`data.synthetic.answers`), and `guided_giou`
+is the gIoU of the masks decoded after the *reference* reasoning (teacher-forced,
+as SFT trains): what the head makes of a right answer. The two split a low gIoU
+into the policy's reasoning and the head.
 For the READ head, target samples are also scored at each image's best
 threshold (READ A.1): how much a calibrated threshold would buy.
 """
@@ -23,6 +26,7 @@ from tqdm import tqdm
 from data.loader import SegDataset, SegItem
 from data.mask_frames import lowres_side, lowres_to_image, slot_targets
 from data.synthetic import DATASET as SYNTHETIC
+from data.synthetic import sft_target
 from data.synthetic.answers import reasoning_correct
 from models.generate import generate
 from models.prompt import prompt_ids
@@ -96,6 +100,24 @@ def answer_batch(model: Segmenter, tokenizer, items: list[SegItem], ref_token: s
     return responses, out, heads
 
 
+def teacher_forced(model: Segmenter, tokenizer, items: list[SegItem], ref_token: str):
+    """(policy output, head outputs or None for a refusal) over each item's reference response,
+    teacher-forced: SFT's forward, and the eval's guided masks."""
+    prompts = [prompt_ids(tokenizer, it.sample.question, ref_token) for it in items]
+    responses = [tokenizer(sft_target(it.sample, ref_token), add_special_tokens=False)["input_ids"]
+                 + [tokenizer.eos_token_id] for it in items]
+    return model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items])
+
+
+def guided_heads(model: Segmenter, tokenizer, items: list[SegItem], ref_token: str) -> list:
+    """Head outputs after the items' reference responses (``teacher_forced``), checked finite."""
+    if not items:
+        return []
+    out, heads = teacher_forced(model, tokenizer, items, ref_token)
+    require_finite(out, heads, [str(it.sample.sample_id) for it in items])
+    return heads
+
+
 @torch.no_grad()
 def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, ref_token: str,
              max_new_tokens: int, num_slots: int = 1, conf_threshold: float = 0.5, batch_size: int = 16,
@@ -103,7 +125,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
     """Greedy answers of up to ``max_new_tokens``, scored; ``threshold_metrics`` (READ head,
     K = 1) adds ``THRESHOLD_METRICS``."""
     model.eval()
-    meter, texts, formats, rewards, searched, reasoned = SegMetrics(), [], [], [], [], []
+    meter, guided, texts, formats, rewards, searched, reasoned = SegMetrics(), SegMetrics(), [], [], [], [], []
     order = range(0, len(dataset), batch_size)
     for start in tqdm(order, desc="eval", unit="batch", disable=not progress):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -121,6 +143,10 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
                                       conf_threshold, preset))
             if threshold_metrics and np.logical_and(*target_pixels(item)).any():
                 searched.append(threshold_search(head, item, img_size))
+        reference = [item for item in items if item.sample.dataset == SYNTHETIC and item.sample.reasoning is not None]
+        for item, head in zip(reference, guided_heads(model, tokenizer, reference, ref_token)):
+            pred = None if head is None else predicted_mask(head, item, img_size, num_slots, conf_threshold)
+            guided.add(pred, item.sample.gt_stack.any(0), item.sample.ignore_mask)
     model.train()
     summary = meter.summary()
     if threshold_metrics:
@@ -131,6 +157,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
     summary["mask_reward"] = float(np.mean(rewards)) if rewards else float("nan")
     if reasoned:
         summary["reasoning_acc"] = float(np.mean(reasoned))
+        summary["guided_giou"] = guided.summary()["giou"]
     return EvalResult(summary, texts)
 
 
@@ -172,7 +199,7 @@ def table_lines(rows: dict[str, dict]) -> list[str]:
     """A fixed-width table of the headline metrics, one row per label; READ's threshold search
     (over target samples: at 0.5, at the best threshold, similarity map) when a row has it."""
     cols = [("format", "format_valid"), ("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_acc"),
-            ("reason", "reasoning_acc"), ("mask-R", "mask_reward")]
+            ("reason", "reasoning_acc"), ("guided", "guided_giou"), ("mask-R", "mask_reward")]
     if any(THRESHOLD_METRICS[0] in m for m in rows.values()):
         cols += list(zip(("tgt@.5", "tgt@t*", "sim@t*"), THRESHOLD_METRICS))
     lines = [f"{'':10}" + "".join(f"{name:>8}" for name, _ in cols) + f"{'n':>6}"]

@@ -21,21 +21,15 @@ from config import Config, dump_config
 from config.builders import build_segmenter, feature_store, head_spec
 from data.loader import SegDataset, SegItem
 from data.mask_frames import slot_targets
-from data.synthetic import sft_target
 from models.losses import segmentation_loss
 from models.optim import build_optimizer, clip_grad_norm, one_cycle, param_groups
-from models.prompt import prompt_ids
 from models.segmenter import save_segmenter
-from pipelines.evaluate import evaluate_with_config, table_lines
+from pipelines.evaluate import evaluate_with_config, table_lines, teacher_forced
 
 
 def sft_step(model, tokenizer, items: list[SegItem], config: Config) -> tuple[torch.Tensor, dict]:
     """Loss of one batch: mean per-sequence CE + seg_coef x mean segmentation loss."""
-    ref = config.model.ref_token
-    prompts = [prompt_ids(tokenizer, it.sample.question, ref) for it in items]
-    responses = [tokenizer(sft_target(it.sample, ref), add_special_tokens=False)["input_ids"]
-                 + [tokenizer.eos_token_id] for it in items]
-    out, heads = model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items])
+    out, heads = teacher_forced(model, tokenizer, items, config.model.ref_token)
     ce = -(out.logprobs.sum(1) / out.response_mask.sum(1)).mean()
     w = config.seg_loss
     seg_terms = [

@@ -121,13 +121,19 @@ def test_reasoning_accuracy_counts_answers_that_settle_on_exactly_the_targets(re
     tokenizer = AutoTokenizer.from_pretrained(read_config.resolve_path(read_config.model.name_or_path))
     samples, ref = _val_samples(read_config), read_config.model.ref_token
     answer_each(monkeypatch, [sft_target(s, ref) for s in samples], tokenizer)
+    torch.manual_seed(0)  # the folder has no head weights: both evals build the same fresh head
     metrics = run_eval(read_config, split="val", limit=N_ITEMS, out=str(tmp_path / "own.json"))["metrics"]
     assert metrics["reasoning_acc"] == 1.0
+    assert metrics["guided_giou"] == pytest.approx(metrics["giou"])  # its answers are the reference ones
+    guided = metrics["guided_giou"]
     refusal = f"<think>The question asks for it. There is no star in the image.</think> {NO_TARGET_ANSWER}"
     answer_each(monkeypatch, [refusal] * N_ITEMS, tokenizer)
+    torch.manual_seed(0)
     metrics = run_eval(read_config, split="val", limit=N_ITEMS, out=str(tmp_path / "refuse.json"))["metrics"]
     assert metrics["reasoning_acc"] == pytest.approx(np.mean([s.no_target for s in samples]))
-    assert "reason" in table_lines({"val": metrics})[0]
+    assert metrics["giou"] == pytest.approx(np.mean([s.no_target for s in samples]))
+    assert metrics["guided_giou"] == pytest.approx(guided)  # what the model answers does not change it
+    assert "reason" in table_lines({"val": metrics})[0] and "guided" in table_lines({"val": metrics})[0]
 
 
 def test_eval_prints_the_baselines_beside_the_model(read_config, monkeypatch, tmp_path):
