@@ -100,6 +100,11 @@ def answer_batch(model: Segmenter, tokenizer, items: list[SegItem], ref_token: s
     return responses, out, heads
 
 
+def has_reference(item: SegItem) -> bool:
+    """A synthetic sample with its reference reasoning: reasoning accuracy and the guided masks apply."""
+    return item.sample.dataset == SYNTHETIC and item.sample.reasoning is not None
+
+
 def teacher_forced(model: Segmenter, tokenizer, items: list[SegItem], ref_token: str):
     """(policy output, head outputs or None for a refusal) over each item's reference response,
     teacher-forced: SFT's forward, and the eval's guided masks."""
@@ -134,7 +139,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
             text = tokenizer.decode(resp, skip_special_tokens=True)
             texts.append(text)
             formats.append(response_format_score(text, ref_token, preset))
-            if item.sample.dataset == SYNTHETIC and item.sample.reasoning is not None:
+            if has_reference(item):
                 reasoned.append(reasoning_correct(text, item.sample.reasoning, ref_token))
             pred = None if head is None else predicted_mask(head, item, img_size, num_slots, conf_threshold)
             meter.add(pred, item.sample.gt_stack.any(0), item.sample.ignore_mask)
@@ -143,7 +148,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
                                       conf_threshold, preset))
             if threshold_metrics and np.logical_and(*target_pixels(item)).any():
                 searched.append(threshold_search(head, item, img_size))
-        reference = [item for item in items if item.sample.dataset == SYNTHETIC and item.sample.reasoning is not None]
+        reference = [item for item in items if has_reference(item)]
         for item, head in zip(reference, guided_heads(model, tokenizer, reference, ref_token)):
             pred = None if head is None else predicted_mask(head, item, img_size, num_slots, conf_threshold)
             guided.add(pred, item.sample.gt_stack.any(0), item.sample.ignore_mask)

@@ -29,7 +29,7 @@ from pipelines.grpo.elastic import ElasticRollouts
 from pipelines.grpo.ledger import Ledger
 from pipelines.grpo.metrics_log import require_loggers
 from pipelines.grpo.prompts import PromptStream, prompt_rows
-from pipelines.grpo.publish import Publisher, after_step, publish_interval
+from pipelines.grpo.publish import MODEL, Publisher, after_step, publish_interval
 from pipelines.grpo.resume import driver_state, restore
 from pipelines.grpo.run_checkpoints import (
     Checkpointer,
@@ -92,13 +92,13 @@ def run_grpo(config: Config, run_dir: Path, checkpoint: RunCheckpoint | None):
         checkpointer = Checkpointer(run_dir / "checkpoints", config.train.checkpoint_every,
                                     config.train.keep_checkpoints, actors.learner, snapshot)
         elastic = ElasticRollouts.from_config(config, actors, scheduler.timer)
-        publisher = Publisher(run_dir / "model", publish_interval(config.train), config.train.steps, actors.learner)
+        publisher = Publisher(run_dir / MODEL, publish_interval(config.train), config.train.steps, actors.learner)
         log = RunLog(run_dir, config.train.steps, scheduler.timer, after_step(checkpointer, publisher),
                      controller.learner_version, config.train.loggers, hooks=[elastic] if elastic else [])
         scheduler.on_step = log
         try:
             report = scheduler.run(config.train.steps - controller.learner_version)
-            final = actors.learner.save_model(str(run_dir / "model"))
+            final = actors.learner.save_model(str(run_dir / MODEL))
         finally:
             log.close()
             if elastic:
