@@ -6,6 +6,7 @@ re-parse every question, and work the answer out again.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from data.synthetic import (
     sft_target,
     words,
 )
+from data.synthetic.generate import draws
 from data.synthetic.templates import DIRECTIONS, EXTREMES, FUNCTIONS
 
 N = 40  # per split
@@ -287,3 +289,15 @@ def test_rasterised_masks_are_disjoint_nonempty_and_exactly_painted(seed, image_
     # Read back from the pixels alone, each shape has the kind and size it was drawn with.
     read = sorted((o.colour, o.kind, o.size) for o in objects(scene.image))
     assert read == sorted((s.colour, s.kind, s.size) for s in scene.shapes)
+
+
+def test_the_draw_stream_is_the_written_split(data_dir):
+    """`draws` is what make_synthetic writes, sample for sample, so a control built on the stream
+    (bench/text_control.py) sees the dataset's own val questions and answers."""
+    for split in SPLITS:
+        written = read_samples(data_dir / f"{split}.parquet")
+        drawn = list(itertools.islice(draws(split, seed=0), len(written)))
+        assert [(query_kind(s.sample_id), s.question, s.reasoning) for s in written] == \
+            [(kind, q.question, q.reasoning) for kind, _, q in drawn]
+        assert all(np.array_equal(s.gt_stack, np.stack([scene.shapes[t].mask for t in q.targets]))
+                   for s, (_, scene, q) in zip(written, drawn) if q.targets)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from . import templates as T
-from .phrases import found, reading_order
+from .phrases import found, inventory, reading_order
 from .queries import pick
 from .scene import COLOURS, KINDS, Scene
 
 
 def describe(scene: Scene) -> tuple[str, str]:
-    return T.DESCRIBE_Q, found(scene, reading_order(scene, list(range(len(scene.shapes)))))
+    return T.DESCRIBE_Q, inventory(scene)
 
 
 def list_group(scene: Scene, noun: str, members: list[int]) -> tuple[str, str]:

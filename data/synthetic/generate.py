@@ -7,6 +7,7 @@ across splits. The query kind is recorded as the last part of the sample id
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,22 @@ def _draw(rng: np.random.Generator, kind: str, image_size: int) -> tuple[Scene, 
     raise RuntimeError(f"no scene admitted a {kind!r} query in {_SCENE_TRIES} tries (image_size={image_size})")
 
 
-def _split(out_dir: Path, split: str, n: int, seed: int, image_size: int,
-           mixture: tuple[list[str], np.ndarray], progress: bool) -> list[Sample]:
+def draws(split: str, seed: int = 0, image_size: int = 64,
+          query_weights: dict[str, float] | None = None) -> Iterator[tuple[str, Scene, Query]]:
+    """(query kind, scene, query) of a split's stream, endless: its first n are the split of size n."""
     rng = np.random.default_rng([seed, SPLITS.index(split)])
-    names, p = mixture
+    names, p = _mixture(query_weights)
+    while True:
+        kind = names[rng.choice(len(names), p=p)]
+        yield (kind, *_draw(rng, kind, image_size))
+
+
+def _split(out_dir: Path, split: str, n: int, seed: int, image_size: int,
+           query_weights: dict[str, float] | None, progress: bool) -> list[Sample]:
+    stream = draws(split, seed, image_size, query_weights)
     samples = []
     for i in tqdm(range(n), desc=f"synthetic {split}", unit="sample", disable=not progress):
-        kind = names[rng.choice(len(names), p=p)]
-        scene, query = _draw(rng, kind, image_size)
+        kind, scene, query = next(stream)
         image_id = f"{split}-{i:05d}"
         image_path = f"{IMAGE_DIR}/{image_id}.png"
         Image.fromarray(scene.image).save(out_dir / image_path)
@@ -92,10 +101,10 @@ def make_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_va
     if any(n < 0 for n in sizes.values()):
         raise ValueError(f"split sizes must be non-negative, got {sizes}")
     check_image_size(image_size)
-    mixture = _mixture(query_weights)
+    _mixture(query_weights)  # a bad mixture fails before any file is written
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n in sizes.items():
-        samples = _split(out_dir, split, n, seed, image_size, mixture, progress)
+        samples = _split(out_dir, split, n, seed, image_size, query_weights, progress)
         paths[split] = write_samples(samples, out_dir / f"{split}.parquet")
     return paths

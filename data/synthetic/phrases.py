@@ -70,6 +70,11 @@ def names(scene: Scene, indices: list[int]) -> str:
     return join([name(scene.shapes[i], scene.size) for i in indices])
 
 
+def inventory(scene: Scene) -> str:
+    """Every shape of the scene by its full name, in reading order: 'There are three: X, Y and Z.'"""
+    return found(scene, reading_order(scene, list(range(len(scene.shapes)))))
+
+
 def found(scene: Scene, indices: list[int]) -> str:
     """'There is one: X.' or 'There are three: X, Y and Z.'"""
     if len(indices) == 1:
