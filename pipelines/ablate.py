@@ -87,14 +87,30 @@ def run_variant(config: Config, sft_config: Config, base: Config, force: bool) -
             "run": config.resolve_path(config.train.output)}
 
 
+def previous_results(path: Path) -> dict[str, dict[str, dict]]:
+    """The rows earlier `segrl ablate` calls wrote to ``path`` ({} without the file). Read before any
+    run, so a file that cannot be kept fails the call at once, not after hours of training."""
+    if not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); move it aside to start a new table") from None
+    if not isinstance(results, dict) or not all(isinstance(by_seed, dict) for by_seed in results.values()):
+        raise ValueError(f"{path} does not hold {{variant: {{seed: result}}}}; move it aside to start a new table")
+    return results
+
+
 def run_ablations(config_path: str | None, base_overrides: list[str], names: list[str], seeds: list[int],
                   force: bool = False) -> dict:
-    """Every (variant, seed) result, written to ``{runs_dir}/ablate/ablations.json``."""
+    """Every (variant, seed) result, written to ``{runs_dir}/ablate/ablations.json`` beside the rows
+    earlier calls wrote there (a row this call measures again is replaced)."""
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; known: {', '.join(ABLATIONS)}")
     base = load_config(config_path, base_overrides)
-    results: dict[str, dict[str, dict]] = {}
+    path = Path(base.resolve_path("{runs_dir}")) / "ablate" / "ablations.json"
+    results = previous_results(path)
     for seed in seeds:
         for name in names:
             ablation = ABLATIONS[name]
@@ -102,7 +118,6 @@ def run_ablations(config_path: str | None, base_overrides: list[str], names: lis
             sft_config = sft_start_config(config_path, base_overrides, ablation, seed, base.seed)
             print(f"ablate: {name}, seed {seed}", flush=True)
             results.setdefault(name, {})[str(seed)] = run_variant(config, sft_config, base, force)
-    path = Path(base.resolve_path("{runs_dir}")) / "ablate" / "ablations.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(results, indent=2, default=float))
     return {"results": results, "path": str(path)}

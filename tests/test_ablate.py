@@ -93,3 +93,30 @@ def test_the_command_line_takes_variants_and_seeds_before_the_overrides():
     assert (args.variants, args.seeds, args.overrides) == (["read-head"], [1, 2], ["optim.lr=1e-4", "train.steps=5"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ablate", "--variant", "no-such-variant"])
+
+
+def test_a_later_call_keeps_the_earlier_rows(tmp_path, monkeypatch):
+    """`segrl ablate --seed 1` after a full table adds its rows; it does not wipe seed 0's."""
+    import json
+
+    from pipelines import ablate
+
+    path = tmp_path / "runs" / "ablate" / "ablations.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"default": {"0": {"earlier": True}}, "no-seg-loss": {"1": {"stale": True}}}))
+    monkeypatch.setattr(ablate, "run_variant", lambda config, sft_config, base, force: {"seed": config.seed})
+    out = ablate.run_ablations(CONFIG, [f"paths.work_dir={tmp_path}"], ["default", "no-seg-loss"], [1])
+    expected = {"default": {"0": {"earlier": True}, "1": {"seed": 1}}, "no-seg-loss": {"1": {"seed": 1}}}
+    assert out["results"] == expected == json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"default": 3}'])
+def test_an_unreadable_table_stops_the_call_before_any_run(tmp_path, monkeypatch, content):
+    from pipelines import ablate
+
+    path = tmp_path / "runs" / "ablate" / "ablations.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    monkeypatch.setattr(ablate, "run_variant", lambda *a: pytest.fail("a variant ran"))
+    with pytest.raises(ValueError, match="move it aside"):
+        ablate.run_ablations(CONFIG, [f"paths.work_dir={tmp_path}"], ["default"], [0])
