@@ -17,6 +17,7 @@ from pathlib import Path
 
 from config import Config, load_config
 from data.atomic import write_atomic
+from data.schema import DataError
 from pipelines.build import cached_step, grpo_params, sft_params
 
 
@@ -95,9 +96,9 @@ def previous_results(path: Path) -> dict[str, dict[str, dict]]:
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); move it aside to start a new table") from None
+        raise DataError(path, None, None, f"not valid JSON ({exc}); move it aside to start a new table") from None
     if not isinstance(results, dict) or not all(isinstance(by_seed, dict) for by_seed in results.values()):
-        raise ValueError(f"{path} does not hold {{variant: {{seed: result}}}}; move it aside to start a new table")
+        raise DataError(path, None, None, "does not hold {variant: {seed: result}}; move it aside to start a new table")
     return results
 
 

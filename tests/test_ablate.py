@@ -2,6 +2,7 @@
 import pytest
 
 from config import dump_config, load_config
+from data.schema import DataError
 from pipelines.ablate import (
     ABLATIONS,
     Ablation,
@@ -118,5 +119,6 @@ def test_an_unreadable_table_stops_the_call_before_any_run(tmp_path, monkeypatch
     path.parent.mkdir(parents=True)
     path.write_text(content)
     monkeypatch.setattr(ablate, "run_variant", lambda *a: pytest.fail("a variant ran"))
-    with pytest.raises(ValueError, match="move it aside"):
+    with pytest.raises(DataError, match="ablations.json: .*move it aside"):
         ablate.run_ablations(CONFIG, [f"paths.work_dir={tmp_path}"], ["default"], [0])
+    assert path.read_text() == content  # left for the user to look at
