@@ -1,18 +1,13 @@
 """bench/text_control.py: the text-only control trains the tiny LM on scenes given as text and scores val."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
+from bench import text_control
 from data.synthetic.answers import conclusion
-
-_SPEC = importlib.util.spec_from_file_location("text_control", Path(__file__).parent.parent / "bench" / "text_control.py")
-text_control = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(text_control)
 
 
 def test_the_prompt_holds_every_shape_of_the_scene_and_the_question(tiny_workspace):
