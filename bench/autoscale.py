@@ -55,7 +55,8 @@ from cluster.rollout_scaling import RolloutScalingPolicy  # noqa: E402
 from config.schema import RolloutAutoscaleConfig  # noqa: E402
 from pipelines.grpo.admission import StalenessController  # noqa: E402
 from pipelines.grpo.elastic import ElasticRollouts  # noqa: E402
-from pipelines.grpo.scheduler import Scheduler, StepRecord  # noqa: E402
+from pipelines.grpo.handoff import StepRecord  # noqa: E402
+from pipelines.grpo.scheduler import Scheduler  # noqa: E402
 
 ACTORS = 16  # the learner side is sized for this many engines (as bench/scheduler.py's profile counts them)
 FIXED_POOLS = (8, 16, 32, 64)

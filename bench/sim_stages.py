@@ -23,7 +23,8 @@ import ray
 from bench.sim_engines import RETIRING, SERVING, STARTING, EngineBank
 from bench.sim_profile import Profile, Service
 from pipelines.grpo.admission import StalenessController
-from pipelines.grpo.scheduler import Handoff, Scheduler
+from pipelines.grpo.handoff import Handoff
+from pipelines.grpo.scheduler import Scheduler
 
 TICK_S = 0.01  # wall seconds between pool updates: completions are resolved to this grain
 # payload columns, one row per group: what later stages need to cost and check their work

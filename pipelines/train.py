@@ -26,6 +26,7 @@ from models.sam import sam_image_size
 from models.segmenter import verify_model_folder
 from pipelines.grpo.admission import StalenessController
 from pipelines.grpo.elastic import ElasticRollouts
+from pipelines.grpo.handoff import LearnerFailure
 from pipelines.grpo.ledger import Ledger
 from pipelines.grpo.metrics_log import require_loggers
 from pipelines.grpo.prompts import PromptStream, prompt_rows
@@ -38,7 +39,7 @@ from pipelines.grpo.run_checkpoints import (
 )
 from pipelines.grpo.run_folder import prepare_run_folder
 from pipelines.grpo.run_log import RunLog
-from pipelines.grpo.scheduler import LearnerFailure, Scheduler
+from pipelines.grpo.scheduler import Scheduler
 from pipelines.grpo.stages import ActorStages
 
 

@@ -22,8 +22,8 @@ from cluster.rollout_scaling import Decision
 from cluster.topology import reserve
 from config import load_config
 from pipelines.grpo.elastic import ElasticRollouts
+from pipelines.grpo.handoff import StepRecord
 from pipelines.grpo.phase_timer import PhaseTimer
-from pipelines.grpo.scheduler import StepRecord
 
 CONFIG = ["cluster.rollout.num_gpus=1", "cluster.rollout.num_cpus=1", "cluster.rollout_actors=1",
           "cluster.rollout_autoscale.min=1", "cluster.rollout_autoscale.max=2", "cluster.learner.num_cpus=0.5",

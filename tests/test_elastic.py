@@ -12,8 +12,8 @@ from cluster.rollout_scaling import Decision, RolloutScalingPolicy
 from config import load_config
 from config.schema import RolloutAutoscaleConfig
 from pipelines.grpo.elastic import ElasticRollouts, run_bundles, scaling_inputs
+from pipelines.grpo.handoff import ROLLOUT, StepRecord
 from pipelines.grpo.phase_timer import PhaseTimer
-from pipelines.grpo.scheduler import ROLLOUT, StepRecord
 
 
 def record(step: int, wait_s: float = 1.0, learn_s: float = 1.0, staleness=None) -> StepRecord:

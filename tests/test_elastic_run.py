@@ -5,7 +5,9 @@ admitted group trained once, re-queued, or dropped with a reason (nothing lost, 
 
 The decisions come from a scripted policy (the real policy's rule has its own tests); it also holds
 the driver after the add until the new engine has started (a vLLM engine takes tens of seconds on
-these CPUs), so that a short run sees the whole cycle.
+these CPUs), so that a short run sees the whole cycle. The engine joins only once it has also
+loaded every weight update broadcast meanwhile, which can take a few more (half-second) steps:
+STEPS leaves room for that.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pipelines.grpo.elastic import ElasticRollouts
 from pipelines.grpo.metrics_log import read_metrics
 from pipelines.train import train
 
-STEPS = 8
+STEPS = 12
 SERVED_AT_TWO = 3  # steps observed with two engines before the script scales back down
 
 

@@ -15,8 +15,8 @@ from ray.exceptions import RayActorError
 from config.schema import TrainConfig
 from data.atomic import atomic_folder
 from models.segmenter import write_manifest
+from pipelines.grpo.handoff import LearnerFailure
 from pipelines.grpo.publish import Publisher, after_step, publish_interval, publishes
-from pipelines.grpo.scheduler import LearnerFailure
 from pipelines.serve.follow import KEPT, Follower
 
 

@@ -14,8 +14,9 @@ import pytest
 import ray
 
 from pipelines.grpo.admission import STALE, StalenessController
+from pipelines.grpo.handoff import Handoff
 from pipelines.grpo.phase_timer import PhaseTimer
-from pipelines.grpo.scheduler import Handoff, Scheduler
+from pipelines.grpo.scheduler import Scheduler
 
 PAYLOAD_FLOATS = 1 << 20  # 4 MB per chunk: bulk the driver must never fetch
 BATCH, PER_CALL, STEPS = 4, 2, 5

@@ -4,8 +4,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 from pycocotools import mask as coco_mask
+from refusals import png_header
 
 from data.rle import decode_rle
 from pipelines.serve import api, response
@@ -28,15 +27,6 @@ def png(height: int, width: int, fmt: str = "PNG", seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` (no pixel data): what a crafted upload looks like."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def body(image: bytes, **fields) -> bytes:
@@ -70,11 +60,11 @@ def test_jpeg_is_accepted_and_other_formats_are_415():
 @pytest.mark.parametrize("raw, status", [
     (b"\x00\xffgarbage bytes, not an image", 400),
     (b"", 400),
-    (png_header_only(0, 0), 400),
-    (png_header_only(10, 0), 400),
+    (png_header(0, 0), 400),
+    (png_header(10, 0), 400),
     (png(40, 2), 400),                       # 20:1, over the aspect cap: SAM's resize would lose a side
     (png(300, 300), 413),                    # 90,000 pixels over the 65,536 cap
-    (png_header_only(100_000, 100_000), 413),  # the header alone is refused: nothing is allocated
+    (png_header(100_000, 100_000), 413),  # the header alone is refused: nothing is allocated
     (png(64, 64)[:60], 400),                 # truncated
 ])
 def test_bad_images(raw, status):
@@ -115,7 +105,8 @@ def test_bad_fields(fields, status):
 
 def test_multipart_fields_are_parsed_and_checked():
     req = api.parse_form(png(12, 10), {"query": "a ring", "max_new_tokens": "4", "outputs": "rle, overlay"}, LIMITS)
-    assert (req.image.shape, req.query, req.max_new_tokens, req.outputs) == ((12, 10, 3), "a ring", 4, ("rle", "overlay"))
+    assert (req.image.shape, req.query, req.max_new_tokens, req.outputs) == (
+        (12, 10, 3), "a ring", 4, ("rle", "overlay"))
     assert status_of(api.parse_form, None, {"query": "a"}, LIMITS) == 422
     assert status_of(api.parse_form, png(8, 8), {"query": "a", "temperature": "warm"}, LIMITS) == 422
     assert status_of(api.parse_form, png(8, 8), {"query": "a", "colour": "red"}, LIMITS) == 422
@@ -164,8 +155,8 @@ def test_response_shape_with_and_without_target():
     image = np.zeros((5, 7, 3), np.uint8)
     mask = np.zeros((5, 7), bool)
     mask[1:3, 2:6] = True
-    body = response.segment_response(image, "<think>r</think> a <SEG>", "<SEG>", [mask], [0.75], ("rle", "png", "overlay"),
-                            3, {"encode": 1.234})
+    body = response.segment_response(image, "<think>r</think> a <SEG>", "<SEG>", [mask], [0.75],
+                                     ("rle", "png", "overlay"), 3, {"encode": 1.234})
     assert body["has_target"] and body["image_size"] == [5, 7] and body["weights_version"] == 3
     (entry,) = body["masks"]
     assert entry["bbox"] == [2, 1, 4, 2] and entry["area"] == 8 and entry["score"] == 0.75

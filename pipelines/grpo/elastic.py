@@ -32,7 +32,7 @@ from actors.dispatch import JOIN_FAILED, JOINED, REMOVED
 from cluster.placement import Plan
 from cluster.rollout_scaling import Decision, RolloutScalingPolicy, StepMetrics
 from config import Config
-from pipelines.grpo.scheduler import ROLLOUT, StepRecord
+from pipelines.grpo.handoff import ROLLOUT, StepRecord
 
 ROLLOUT_KIND = "rollout"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from ray.exceptions import RayError
 
 from config.schema import TrainConfig
-from pipelines.grpo.scheduler import LearnerFailure
+from pipelines.grpo.handoff import LearnerFailure
 
 MODEL = "model"
 """The run folder's servable model folder (mid-run and final)."""

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipelines.grpo.handoff import StepRecord
 from pipelines.grpo.metrics_log import DEFAULT_LOGGERS, MetricsLog
-from pipelines.grpo.scheduler import StepRecord
 
 
 def step_metrics(record: StepRecord, phases: dict) -> dict:

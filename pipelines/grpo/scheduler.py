@@ -26,62 +26,30 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from actors.dispatch import error_summary
 from pipelines.grpo.admission import StalenessController
+from pipelines.grpo.handoff import (
+    LEARN,
+    REFERENCE,
+    REWARD,
+    ROLLOUT,
+    SYNC,
+    Handoff,
+    LearnerFailure,
+    RunReport,
+    Stages,
+    StepRecord,
+)
 from pipelines.grpo.ledger import Ledger
 from pipelines.grpo.phase_timer import PhaseTimer
 from pipelines.grpo.watchdog import Watchdog
 
-ROLLOUT, REFERENCE, REWARD, LEARN, SYNC = "rollout", "reference", "reward", "learn", "sync"
 META_TIMEOUT_S = 60.0  # metadata refs are fetched only once ready; this bounds a hang
-
-
-@dataclass(frozen=True)
-class Handoff:
-    """A stage call's outputs: ``data`` stays in the object store, ``meta`` is a small dict."""
-
-    data: ray.ObjectRef
-    meta: ray.ObjectRef
-    worker: str | None = None  # the actor running the call: recovery and the watchdog
-    samples: tuple[str, ...] = ()  # rollout only: the data key of each group, in order
-    watch: tuple[ray.ObjectRef, ...] = ()  # more small refs whose failure fails the call (other learner ranks)
-
-
-class LearnerFailure(RuntimeError):
-    """A learner step failed (a rank died or hung): the run must resume from a checkpoint."""
-
-
-class Stages(Protocol):
-    """The pipeline's stages as the scheduler sees them; every call returns at once."""
-
-    def rollout(self, group_ids: list[int]) -> Handoff:
-        """Sample the groups; meta has ``weights_version``, the version that sampled them."""
-
-    def reference(self, data: ray.ObjectRef) -> Handoff:
-        """Reference logprobs and masks for a rollout batch."""
-
-    def reward(self, data: ray.ObjectRef) -> Handoff:
-        """Rewards and advantages; ``data`` is what the learner trains on."""
-
-    def learn(self, step: int, data: list[ray.ObjectRef]) -> Handoff:
-        """One optimiser step on the batches; data is the exported weights, meta the metrics."""
-
-    def sync(self, weights: ray.ObjectRef, version: int) -> list[ray.ObjectRef | tuple[ray.ObjectRef, str]]:
-        """Push the weights to the rollout pool and the reference actors; an ack ref (or (ref, actor)) per copy."""
-
-    def requeue(self, samples: list[str]) -> None:
-        """Give these data keys out again, before any new ones."""
-
-    def recover(self, worker: str) -> bool:
-        """Replace the failed actor ``worker``; False if it was already replaced."""
-
-    def kill(self, worker: str) -> None:
-        """Kill a stalled actor; its calls then fail and take the failure path."""
 
 
 @dataclass(eq=False)
@@ -98,29 +66,6 @@ class _Call:
     item: object  # a _Chunk; LEARN: (chunks, weights, started, wait_s); SYNC: the version
     worker: str | None
     watch: tuple[ray.ObjectRef, ...] = ()
-
-
-@dataclass
-class StepRecord:
-    """What one learner step trained and how long the learner waited for it."""
-
-    step: int
-    metrics: dict  # the learner's metadata
-    staleness: dict[int, int]  # s - v -> groups
-    rewards: list[dict]  # the reward stage's metadata of each chunk
-    groups: int
-    wait_s: float  # learner idle before this step
-    learn_s: float
-    faults: dict = field(default_factory=dict)  # run totals so far: failures, restarts, retries, stalls
-    interrupted_updates: int = 0  # engine weight loads that landed inside a running call, since the last step
-
-
-@dataclass
-class RunReport:
-    steps: list[StepRecord]
-    admission: dict  # StalenessController.stats()
-    phases: dict  # PhaseTimer.report(): busy/idle per stage, queue lengths
-    wall_s: float
 
 
 class Scheduler:

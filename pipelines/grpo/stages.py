@@ -12,8 +12,8 @@ import pyarrow as pa
 import ray
 
 from data.trajectory import LEARNER_DROPS, attach_rewards
+from pipelines.grpo.handoff import Handoff
 from pipelines.grpo.prompts import PromptStream
-from pipelines.grpo.scheduler import Handoff
 
 LEARNER = "learner"  # the learner group's name as a Handoff worker
 
@@ -80,7 +80,8 @@ class ActorStages:
         return Handoff(weights, metrics[0], LEARNER, watch=tuple(metrics[1:]))
 
     def sync(self, weights: ray.ObjectRef, version: int) -> list[tuple[ray.ObjectRef, str]]:
-        return self.rollout_pool.broadcast_named(weights, version) + self.reference_pool.broadcast_named(weights, version)
+        return (self.rollout_pool.broadcast_named(weights, version)
+                + self.reference_pool.broadcast_named(weights, version))
 
     def requeue(self, samples: list[str]) -> None:
         self.prompts.requeue(samples)
