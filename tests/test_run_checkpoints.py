@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from config import ConfigError
 from data.integrity import describe, files_under
 from pipelines.cli import config_source
+from pipelines.grpo.handoff import LearnerFailure
 from pipelines.grpo.ledger import Ledger
 from pipelines.grpo.metrics_log import MetricsLog, read_metrics
 from pipelines.grpo.prompts import PromptStream
@@ -96,7 +98,8 @@ def sizes_only(manifest: Path) -> None:
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "step4" / "optim_states.pt").write_bytes((d / "step4" / "optim_states.pt").read_bytes()[:10]),
      "step4/optim_states.pt: 10 bytes, step4.manifest.json says"),
-    (lambda d: (d / "step4" / "model_states.pt").unlink(), "step4/model_states.pt: missing (listed in step4.manifest.json)"),
+    (lambda d: (d / "step4" / "model_states.pt").unlink(),
+     "step4/model_states.pt: missing (listed in step4.manifest.json)"),
     (lambda d: flip_a_bit(d / "step4" / "model_states.pt"), "step4/model_states.pt: damaged (its SHA-256 differs"),
     (lambda d: (d / "step4" / "extra.pt").write_bytes(b"x"), "step4/extra.pt: not listed in step4.manifest.json"),
     (lambda d: (d / "step4.manifest.json").unlink(), "no manifest"),
@@ -120,6 +123,23 @@ def test_a_crash_before_the_manifest_leaves_no_complete_checkpoint(tmp_path):
     said = []
     assert latest_checkpoint(tmp_path, said.append) is None and "no manifest" in said[0]
     assert latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.parametrize("failure", [RayActorError(), GetTimeoutError("a rank hung")])
+def test_a_learner_failing_while_it_saves_fails_the_attempt_and_leaves_the_last_checkpoint(tmp_path, failure):
+    """The run's driver resumes from its last checkpoint on a LearnerFailure; any other error ends the run."""
+    fake_checkpoint(tmp_path, 2)
+
+    class DyingLearner(FakeLearner):
+        def save_checkpoint(self, directory: str, tag: str) -> dict[str, dict]:
+            super().save_checkpoint(directory, tag)  # some files are written, then a rank dies
+            raise failure
+
+    snapshots = []
+    checkpointer = Checkpointer(tmp_path, 2, 1, DyingLearner(), lambda: snapshots.append(1) or ({}, Ledger()))
+    with pytest.raises(LearnerFailure, match=f"saving checkpoint step4 failed: {type(failure).__name__}"):
+        checkpointer(4)
+    assert snapshots == [] and latest_checkpoint(tmp_path, lambda _: None).step == 2  # keep=1 deleted nothing
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
@@ -207,7 +227,8 @@ def test_segrl_ledger_prints_the_summary_and_the_check(tmp_path, capsys):
 
     assert main(["ledger", str(tmp_path)]) == 2
     assert "not a `segrl train` output folder" in capsys.readouterr().err
-    (tmp_path / "config.yaml").write_text("train:\n  staleness: 1\n  groups_per_call: 1\ngrpo:\n  prompts_per_step: 1\n")
+    (tmp_path / "config.yaml").write_text(
+        "train:\n  staleness: 1\n  groups_per_call: 1\ngrpo:\n  prompts_per_step: 1\n")
     fake_checkpoint(tmp_path / "checkpoints", 4, ledger=trained_ledger([0, 1, 2, 3], in_flight=9))
     assert main(["ledger", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -29,9 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray.exceptions import RayError
+
 from data.atomic import write_atomic
 from data.integrity import IntegrityError, describe, files_under, verify
 from models.learner_checkpoint import check_globals
+from pipelines.grpo.handoff import LearnerFailure
 from pipelines.grpo.ledger import Ledger, LedgerError
 
 TAG = re.compile(r"^step(\d+)$")  # a checkpoint of N steps trained is step<N>
@@ -66,7 +69,9 @@ class Checkpointer:
 
     ``learner`` (a LearnerGroup) writes its DeepSpeed folder first and returns its files,
     ``describe``d; ``snapshot()`` -> (driver state, ledger) is taken next, still between two
-    learner steps, so both agree.
+    learner steps, so both agree. A rank that dies or hangs while it writes fails the run's
+    attempt as a failed step does (``LearnerFailure``: the run resumes from its last complete
+    checkpoint; this one, without a manifest, does not count), not the run.
     """
 
     def __init__(self, folder: Path, every: int, keep: int, learner, snapshot: Callable[[], tuple[dict, Ledger]]):
@@ -79,7 +84,10 @@ class Checkpointer:
     def save(self, step: int) -> None:
         """Write ``step<step>``, manifest last, then delete all but the newest ``keep`` tags."""
         folder, tag = self.folder, f"step{step}"
-        learner_files = self.learner.save_checkpoint(str(folder), tag)  # relative to folder
+        try:
+            learner_files = self.learner.save_checkpoint(str(folder), tag)  # relative to folder
+        except RayError as exc:  # a rank died or hung: the attempt fails, the run resumes from the last one
+            raise LearnerFailure(f"saving checkpoint {tag} failed: {type(exc).__name__}") from exc
         state, ledger = self.snapshot()
         write_json_atomic(folder / _name(tag, "state"), {"step": step, **state})
         ledger.save(folder / _name(tag, "ledger"))
