@@ -132,7 +132,8 @@ def learner_loss(
     rows, live = [r for r, _ in kept], [a for _, a in kept]
     feats = [features.get(r["image_hash"]) for r in rows]
     out, heads = model([r["prompt_ids"] for r in rows], [f["vision"] for f in feats],
-                       [r["response_ids"] for r in rows], [f["sam"] for f in feats])
+                       [r["response_ids"] for r in rows], [f["sam"] for f in feats],
+                       [tuple(f["sam_input_size"].tolist()) for f in feats])
 
     width = out.logprobs.shape[1]
     mask = out.response_mask & torch.tensor(live)[:, None]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.image_grid import TokenGrid, token_grid
 from models.projector import Projector, load_projector
 from models.prompt import IMAGE_TOKEN, build_prompt_embeds
 
@@ -39,6 +40,7 @@ class PolicyOutput:
     layer_ref_hidden: list[torch.Tensor]  # per sample [n_ref, H], layer k at the reference tokens
     attention_mask: torch.Tensor  # [B, T]
     image_spans: list[tuple[int, int]]  # per sample [start, end) of the image tokens in the sequence
+    image_grids: list[TokenGrid | None]  # per sample, where its image tokens lie on the image (READ's points)
 
 
 class Policy(nn.Module):
@@ -141,6 +143,8 @@ class Policy(nn.Module):
             layer_ref_hidden=[captured["layer"][i, idx] for i, idx in enumerate(ref_idx)],
             attention_mask=mask,
             image_spans=spans,
+            # Qwen2.5-VL's merger sets its window; other projectors map one feature to one token.
+            image_grids=[token_grid(v, getattr(self.projector, "spatial_merge_size", 1)) for v in vision_features],
         )
 
     def _position_ids(self, prompt_ids, vision_features, response_ids, length: int) -> torch.Tensor:

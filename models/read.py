@@ -51,8 +51,40 @@ class ReadParams:
 @dataclass
 class ReadPrompts:
     sim: torch.Tensor  # [h, w] in [0, 1], differentiable
-    coords: np.ndarray  # [P, 2] (x, y) pixels of the original image
+    coords: np.ndarray  # [P, 2] (x, y) pixels of SAM's input frame, inside the image
     labels: np.ndarray  # [P] in {1, 0, -1}
+
+
+@dataclass(frozen=True)
+class MapPlacement:
+    """Where the similarity map lies in SAM's input frame.
+
+    SAM resizes an image's longest side to its frame and pads bottom-right, so the image
+    is [0, w) x [0, h) of the frame, (h, w) its ``sam_input_size``. A tower that padded
+    the image to a centred square (``TokenGrid.padded_square``) saw a square of side
+    max(h, w) centred on it: the map spans that square, shifted by half the padding;
+    otherwise the map spans exactly the image. Points are found on the map's own extent
+    (``size``), then shifted by ``offset`` and clamped into the image: a point on the
+    padding lands on the image's edge.
+    """
+
+    size: tuple[int, int]  # (H, W) pixels the map spans
+    offset: tuple[float, float]  # (x, y) of the map's top-left corner in the frame
+    image: tuple[int, int]  # (h, w): the image's extent in the frame
+
+    @classmethod
+    def of(cls, input_size: tuple[int, int], padded_square: bool) -> MapPlacement:
+        h, w = _check_image_size(input_size, "input_size")
+        if not padded_square:
+            return cls((h, w), (0.0, 0.0), (h, w))
+        side = max(h, w)
+        return cls((side, side), ((w - side) / 2, (h - side) / 2), (h, w))
+
+    def to_image(self, coords: np.ndarray) -> np.ndarray:
+        """(x, y) on the map's extent -> (x, y) in the frame, inside the image."""
+        h, w = self.image
+        shifted = np.asarray(coords, dtype=np.float64) + np.asarray(self.offset)
+        return np.stack([np.clip(shifted[:, 0], 0, w - 1), np.clip(shifted[:, 1], 0, h - 1)], axis=-1)
 
 
 # ----------------------------------------------------------------- validation
@@ -241,15 +273,16 @@ def read_prompts(
     seg_hidden: torch.Tensor,
     image_hidden: torch.Tensor,
     grid: tuple[int, int],
-    image_size: tuple[int, int],
+    placement: MapPlacement,
     params: ReadParams = ReadParams(),
 ) -> ReadPrompts:
-    """Similarity map → SasP points → DtoC (on the full-resolution, un-downsampled map)."""
+    """Similarity map → SasP points → DtoC (on the full-resolution, un-downsampled map), on the
+    map's extent, then placed in SAM's frame (``MapPlacement``)."""
     sim = similarity_map(seg_hidden, image_hidden, grid)
     sim_np = sim.detach().cpu().numpy()
     coords, labels = similarity_to_points(
-        _downsample(sim_np, params.downsample), params.num_points, params.t_pos, params.t_neg, image_size
+        _downsample(sim_np, params.downsample), params.num_points, params.t_pos, params.t_neg, placement.size
     )
     if params.refine:
-        coords = refine_points(coords, labels, sim_np, image_size, params.sigma)
-    return ReadPrompts(sim=sim, coords=coords, labels=labels)
+        coords = refine_points(coords, labels, sim_np, placement.size, params.sigma)
+    return ReadPrompts(sim=sim, coords=placement.to_image(coords), labels=labels)

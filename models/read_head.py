@@ -12,36 +12,27 @@ models.read):
    embedding. Gradients reach the LM through that projection (and through the
    similarity map in `heatmaps`, which no loss uses).
 
-The map is taken to cover SAM's square input frame, which holds for square
-images (LLaVA pads to a centred square, SAM pads bottom-right: a non-square
-image would need its size here to place the points).
+Where the map lies in SAM's frame follows the policy's token grid
+(``models.image_grid``: a square-padding tower's or Qwen2.5-VL's whole-image grid)
+and the image's ``sam_input_size``: SAM pads bottom-right, LLaVA to a centred
+square, so on a non-square image the two frames differ (``models.read.MapPlacement``).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.read import ReadParams, read_prompts
+from models.image_grid import TokenGrid
+from models.read import MapPlacement, ReadParams, read_prompts
 from models.seghead import SegHeadOutput
-
-
-def square_grid(num_tokens: int) -> tuple[int, int]:
-    """(h, w) of a square image-token grid (LLaVA-1.5 and the tiny tower are square)."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens or side == 0:
-        raise ValueError(f"{num_tokens} image tokens are not a square grid: READ needs the grid passed "
-                         f"(dynamic-resolution towers such as Qwen2.5-VL)")
-    return side, side
 
 
 class ReadHead(nn.Module):
     """Projection of the `<SEG>` state + SAM prompt encoder and mask decoder; no SAE, one mask."""
 
     kind = "read"
-    policy_inputs = ("ref_hidden", "image_hidden")  # PolicyOutput fields the Segmenter passes, per sample
+    policy_inputs = ("ref_hidden", "image_hidden", "image_grids")  # PolicyOutput fields the Segmenter passes
 
     def __init__(self, sam: nn.Module, lm_dim: int, params: ReadParams = ReadParams()):
         super().__init__()
@@ -55,21 +46,27 @@ class ReadHead(nn.Module):
         return {"mask_decoder": nn.ModuleList([self.projection, self.prompt_encoder, self.mask_decoder])}
 
     def decode_batch(self, ref_hidden: list[torch.Tensor], image_hidden: list[torch.Tensor],
-                     sam_embeddings: list[torch.Tensor]) -> list[SegHeadOutput]:
+                     image_grids: list[TokenGrid | None], sam_embeddings: list[torch.Tensor],
+                     sam_input_sizes: list[tuple[int, int]] | None = None) -> list[SegHeadOutput]:
         """``forward`` per sample: point selection is per image, so READ decodes one at a time."""
-        return [self(ref, image, emb) for ref, image, emb in zip(ref_hidden, image_hidden, sam_embeddings)]
+        sizes = sam_input_sizes or [None] * len(ref_hidden)
+        return [self(*sample) for sample in zip(ref_hidden, image_hidden, sam_embeddings, image_grids, sizes)]
 
     def forward(self, ref_hidden: torch.Tensor, image_hidden: torch.Tensor, sam_embedding: torch.Tensor,
-                grid: tuple[int, int] | None = None) -> SegHeadOutput:
-        """ref_hidden [n_ref, H] and image_hidden [N, H] last layer; sam_embedding [C, h, w].
+                grid: TokenGrid | None, sam_input_size: tuple[int, int] | None = None) -> SegHeadOutput:
+        """ref_hidden [n_ref, H] and image_hidden [N, H] last layer; sam_embedding [C, h, w]; the
+        image's token grid and its extent in SAM's frame (None: the whole square frame).
 
-        The first reference token is decoded (K = 1); `grid` defaults to a square one.
+        The first reference token is decoded (K = 1).
         """
         if ref_hidden.shape[0] == 0:
             raise ValueError("no reference token in the response: a false-premise answer has no mask to decode")
+        if grid is None:
+            raise ValueError(f"{image_hidden.shape[0]} image tokens are not a square grid: READ needs the token "
+                             "grid, which only a square-padding tower or Qwen2.5-VL's patch grid gives")
         seg = ref_hidden[0]
-        frame = tuple(self.prompt_encoder.input_image_size)
-        prompts = read_prompts(seg, image_hidden, grid or square_grid(image_hidden.shape[0]), frame, self.params)
+        placement = MapPlacement.of(sam_input_size or tuple(self.prompt_encoder.input_image_size), grid.padded_square)
+        prompts = read_prompts(seg, image_hidden, (grid.rows, grid.cols), placement, self.params)
         device = sam_embedding.device
         points = (torch.as_tensor(prompts.coords, dtype=torch.float32, device=device)[None],
                   torch.as_tensor(prompts.labels, dtype=torch.int64, device=device)[None])

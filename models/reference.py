@@ -72,8 +72,10 @@ class ReferenceCore:
             rows = np.flatnonzero(versions == version).tolist()
             for start in range(0, len(rows), self.micro_batch):
                 idx = rows[start:start + self.micro_batch]
-                out, heads = self.model([prompts[i] for i in idx], [feats[hashes[i]]["vision"] for i in idx],
-                                        [responses[i] for i in idx], [feats[hashes[i]]["sam"] for i in idx])
+                images = [feats[hashes[i]] for i in idx]
+                out, heads = self.model([prompts[i] for i in idx], [f["vision"] for f in images],
+                                        [responses[i] for i in idx], [f["sam"] for f in images],
+                                        [tuple(f["sam_input_size"].tolist()) for f in images])
                 for j, i in enumerate(idx):
                     ref_lp[i] = out.logprobs[j, : len(responses[i])].numpy()
                     side = lowres_side(feats[hashes[i]]["sam"])

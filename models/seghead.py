@@ -116,9 +116,10 @@ class SegCompassHead(nn.Module):
         return self.decode_batch([ref_hidden], [layer_ref_hidden], [sam_embedding])[0]
 
     def decode_batch(self, ref_hidden: list[torch.Tensor], layer_ref_hidden: list[torch.Tensor],
-                     sam_embeddings: list[torch.Tensor]) -> list[SegHeadOutput]:
+                     sam_embeddings: list[torch.Tensor], sam_input_sizes=None) -> list[SegHeadOutput]:
         """``forward`` for B samples at once: each module runs once for the batch, not once
-        per sample (under ZeRO-3 each module call is a parameter gather)."""
+        per sample (under ZeRO-3 each module call is a parameter gather). The heatmaps are
+        made on SAM's own embedding, already in its frame: ``sam_input_sizes`` is not needed."""
         counts = [r.shape[0] for r in ref_hidden]
         if min(counts) == 0:
             raise ValueError("no reference token in the response: a false-premise answer has no mask to decode")

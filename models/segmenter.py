@@ -64,7 +64,7 @@ class Segmenter(nn.Module):
     """One forward: policy logprobs + hidden states, then masks for every response with a reference token.
 
     The head names the per-sample PolicyOutput fields it reads (`policy_inputs`),
-    called once per batch as head.decode_batch(*field lists, sam_embeddings) over the
+    called once per batch as head.decode_batch(*field lists, sam_embeddings, sam_input_sizes=...) over the
     responses with a reference token: SegCompass the layer-k reference states, READ
     the image-token states, both from the same forward.
     """
@@ -78,11 +78,16 @@ class Segmenter(nn.Module):
         return {"lm": self.policy.lm, "projector": self.policy.projector, **self.head.param_modules()}
 
     def forward(self, prompt_ids: list[list[int]], vision: list[torch.Tensor], response_ids: list[list[int]],
-                sam_embeddings: list[torch.Tensor]) -> tuple[PolicyOutput, list[SegHeadOutput | None]]:
+                sam_embeddings: list[torch.Tensor], sam_input_sizes: list[tuple[int, int]] | None = None,
+                ) -> tuple[PolicyOutput, list[SegHeadOutput | None]]:
+        """``sam_input_sizes``: each image's extent in SAM's frame (the feature cache's
+        ``sam_input_size``); None takes every image to fill the square frame."""
         out = self.policy(prompt_ids, vision, response_ids)
         rows = [i for i, ref in enumerate(out.ref_hidden) if ref.shape[0]]
         fields = [[getattr(out, name)[i] for i in rows] for name in self.head.policy_inputs]
-        decoded = self.head.decode_batch(*fields, [sam_embeddings[i] for i in rows]) if rows else []
+        sizes = [tuple(sam_input_sizes[i]) for i in rows] if sam_input_sizes is not None else None
+        decoded = (self.head.decode_batch(*fields, [sam_embeddings[i] for i in rows], sam_input_sizes=sizes)
+                   if rows else [])
         masks: list[SegHeadOutput | None] = [None] * len(out.ref_hidden)
         for i, head_out in zip(rows, decoded):
             masks[i] = head_out

@@ -95,7 +95,8 @@ def answer_batch(model: Segmenter, tokenizer, items: list[SegItem], ref_token: s
     prompts = [prompt_ids(tokenizer, it.sample.question, ref_token) for it in items]
     embeds = [model.policy.prompt_embeds(p, it.vision) for p, it in zip(prompts, items)]
     responses = generate(model.policy, tokenizer, embeds, max_new_tokens)
-    out, heads = model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items])
+    out, heads = model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items],
+                       [it.sam_input_size for it in items])
     require_finite(out, heads, [str(it.sample.sample_id) for it in items])
     return responses, out, heads
 
@@ -111,7 +112,8 @@ def teacher_forced(model: Segmenter, tokenizer, items: list[SegItem], ref_token:
     prompts = [prompt_ids(tokenizer, it.sample.question, ref_token) for it in items]
     responses = [tokenizer(sft_target(it.sample, ref_token), add_special_tokens=False)["input_ids"]
                  + [tokenizer.eos_token_id] for it in items]
-    return model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items])
+    return model(prompts, [it.vision for it in items], responses, [it.sam_embedding for it in items],
+                 [it.sam_input_size for it in items])
 
 
 def guided_heads(model: Segmenter, tokenizer, items: list[SegItem], ref_token: str) -> list:
@@ -209,5 +211,6 @@ def table_lines(rows: dict[str, dict]) -> list[str]:
         cols += list(zip(("tgt@.5", "tgt@t*", "sim@t*"), THRESHOLD_METRICS))
     lines = [f"{'':10}" + "".join(f"{name:>8}" for name, _ in cols) + f"{'n':>6}"]
     for label, m in rows.items():
-        lines.append(f"{label:10}" + "".join(f"{m.get(key, float('nan')):8.3f}" for _, key in cols) + f"{m['count']:6d}")
+        values = "".join(f"{m.get(key, float('nan')):8.3f}" for _, key in cols)
+        lines.append(f"{label:10}" + values + f"{m['count']:6d}")
     return lines

@@ -20,14 +20,14 @@ class FakeSegmenter:
     def __init__(self, logprobs: list[list[float]]):
         self.leaves = [torch.tensor(lp, requires_grad=True) for lp in logprobs]
 
-    def __call__(self, prompts, vision, responses, sam):
+    def __call__(self, prompts, vision, responses, sam, sam_input_sizes):
         width = max(len(r) for r in responses)
         logprobs = torch.stack([F.pad(self.leaves[p[0]], (0, width - len(self.leaves[p[0]]))) for p in prompts])
         mask = torch.tensor([[t < len(r) for t in range(width)] for r in responses])
         return SimpleNamespace(logprobs=logprobs, response_mask=mask), [None] * len(prompts)
 
 
-FEATURES = {"img": {"vision": None, "sam": None}}
+FEATURES = {"img": {"vision": None, "sam": None, "sam_input_size": torch.tensor([64, 64])}}
 SEG = {"seg_coef": 1.0, "dice_weight": 1.0, "bce_weight": 1.0, "conf_weight": 0.2}
 
 

@@ -83,6 +83,8 @@ def test_policy_forward_passes_mrope_positions(tiny_qwen, split):
         torch.testing.assert_close(out.layer_hidden[i, :length], want.hidden_states[1][0], atol=1e-5, rtol=1e-5)
         s, e = out.image_spans[i]
         assert e - s == feats[i].shape[1] * feats[i].shape[2] // 4
+        grid = out.image_grids[i]  # READ's points: the merged grid over the whole image, not square
+        assert (grid.rows, grid.cols, grid.padded_square) == (feats[i].shape[1] // 2, feats[i].shape[2] // 2, False)
         torch.testing.assert_close(out.image_hidden[i], want.hidden_states[-1][0, s:e], atol=1e-5, rtol=1e-5)
 
 

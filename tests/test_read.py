@@ -8,6 +8,7 @@ from hypothesis.extra import numpy as hnp
 
 from models.read import (
     DEFAULT_SIGMA,
+    MapPlacement,
     ReadParams,
     read_prompts,
     refine_points,
@@ -210,11 +211,59 @@ def test_refine_leaves_neutrals_and_handles_tiny_sigma():
 def test_read_prompts_pipeline_and_downsample():
     torch.manual_seed(0)
     seg, image = torch.randn(8), torch.randn(24, 8)
-    prompts = read_prompts(seg, image, (4, 6), (45, 90), ReadParams(num_points=10))
+    prompts = read_prompts(seg, image, (4, 6), MapPlacement.of((45, 90), False), ReadParams(num_points=10))
     assert prompts.sim.shape == (4, 6) and prompts.coords.shape == (10, 2)
     raw, _ = similarity_to_points(prompts.sim.numpy(), 10, 0.8, 0.2, (45, 90))
     assert np.abs(prompts.coords - raw).max() < 2.0
-    coarse = read_prompts(seg, image, (4, 6), (45, 90), ReadParams(num_points=100, downsample=2, refine=False))
+    coarse = read_prompts(seg, image, (4, 6), MapPlacement.of((45, 90), False),
+                          ReadParams(num_points=100, downsample=2, refine=False))
     assert coarse.coords.shape == (6, 2)  # 2×3 cells after downsampling
     with pytest.raises(ValueError, match="downsample"):
         ReadParams(downsample=0)
+
+
+# ------------------------------------------------------------ the map in SAM's frame
+
+frames = st.tuples(st.integers(1, 1024), st.integers(1, 1024))
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames, st.booleans(), st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=20))
+def test_placed_points_always_lie_inside_the_image(input_size, padded, fractions):
+    placement = MapPlacement.of(input_size, padded)
+    extent_h, extent_w = placement.size
+    coords = np.array([(fx * (extent_w - 1), fy * (extent_h - 1)) for fx, fy in fractions])
+    placed = placement.to_image(coords)
+    h, w = input_size
+    assert placed.shape == coords.shape
+    assert (placed[:, 0] >= 0).all() and (placed[:, 0] <= w - 1).all()
+    assert (placed[:, 1] >= 0).all() and (placed[:, 1] <= h - 1).all()
+
+
+@given(frames)
+def test_a_padded_squares_centre_is_the_images_centre_and_a_whole_image_map_is_the_image(input_size):
+    h, w = input_size
+    padded, whole = MapPlacement.of(input_size, True), MapPlacement.of(input_size, False)
+    side = max(h, w)
+    assert padded.size == (side, side) and whole.size == (h, w) and whole.offset == (0.0, 0.0)
+    centre = padded.to_image(np.array([[side / 2, side / 2]]))[0]
+    np.testing.assert_allclose(centre, [min(w / 2, w - 1), min(h / 2, h - 1)])
+    if h == w:  # a square image: both layouts are the frame itself
+        assert padded == whole
+
+
+def test_a_peak_on_a_padded_grid_is_placed_where_it_lies_in_the_image():
+    """A 32 x 20 (w x h) image in a 32-pixel SAM frame; LLaVA's tower saw it centred in a 32-pixel
+    square, 6 pixels of padding above and below. The token at row 4, column 2 of its 8 x 8 grid
+    covers square pixels x 8-12, y 16-20: image pixels x 8-12, y 10-14."""
+    seg = torch.zeros(8)
+    seg[0] = 1.0
+    image = torch.zeros(64, 8)
+    image[4 * 8 + 2, 0] = 1.0
+    params = ReadParams(num_points=3, refine=False)
+    padded = read_prompts(seg, image, (8, 8), MapPlacement.of((20, 32), True), params)
+    assert padded.labels.tolist() == [1, 0, 0]
+    np.testing.assert_allclose(padded.coords[0], [10.0, 12.0])
+    whole = read_prompts(seg, image, (8, 8), MapPlacement.of((20, 32), False), params)
+    np.testing.assert_allclose(whole.coords[0], [10.0, 11.25])  # the grid stretched over the image instead
+    assert (padded.coords[:, 1] <= 19).all() and (padded.coords[:, 1] >= 0).all()

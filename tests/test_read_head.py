@@ -15,10 +15,11 @@ from data.loader import SegDataset
 from data.schema import read_samples, resolve_image
 from data.synthetic import sft_target
 from models.heads import HEADS
+from models.image_grid import TokenGrid, token_grid
 from models.optim import build_optimizer, param_groups
 from models.prompt import prompt_ids
 from models.read import similarity_map
-from models.read_head import ReadHead, square_grid
+from models.read_head import ReadHead
 from models.sae import SparseAutoencoder
 from models.sam import TinySamSpec, build_tiny_sam, load_sam
 from models.seghead import SegCompassHead
@@ -27,6 +28,7 @@ from pipelines.sft import sft_step
 
 LM_DIM = 48
 N_ITEMS = 6
+SQUARE = TokenGrid(8, 8, padded_square=True)  # the tiny tower's 64 tokens
 
 
 def _head():
@@ -38,7 +40,7 @@ def _head():
 # ------------------------------------------------------------------ the head alone
 
 
-@pytest.mark.parametrize("n_ref, grid", [(1, None), (3, None), (1, (4, 16))])
+@pytest.mark.parametrize("n_ref, grid", [(1, SQUARE), (3, SQUARE), (1, TokenGrid(4, 16, padded_square=False))])
 def test_output_shapes_and_heatmap_is_the_upsampled_similarity_map(n_ref, grid):
     head, _ = _head()
     ref, image = torch.randn(n_ref, LM_DIM), torch.randn(64, LM_DIM)
@@ -46,7 +48,7 @@ def test_output_shapes_and_heatmap_is_the_upsampled_similarity_map(n_ref, grid):
     assert out.mask_logits.shape == out.heatmaps.shape == (1, 32, 32)
     assert out.conf_logits.shape == out.iou_pred.shape == (1,)
     assert out.sae_ids.shape == out.sae_acts.shape == (n_ref, 0)
-    sim = similarity_map(ref[0], image, grid or (8, 8))
+    sim = similarity_map(ref[0], image, (grid.rows, grid.cols))
     expected = F.interpolate(sim[None, None], size=(32, 32), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(out.heatmaps, expected)
 
@@ -54,7 +56,7 @@ def test_output_shapes_and_heatmap_is_the_upsampled_similarity_map(n_ref, grid):
 def test_gradients_reach_projection_decoder_and_lm_side_not_sam_encoder():
     head, sam = _head()
     ref = torch.randn(1, LM_DIM, requires_grad=True)
-    out = head(ref, torch.randn(64, LM_DIM), torch.randn(32, 8, 8))
+    out = head(ref, torch.randn(64, LM_DIM), torch.randn(32, 8, 8), SQUARE)
     out.mask_logits.mean().backward()
     for part in (head.projection, head.mask_decoder, head.prompt_encoder.point_embeddings):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
@@ -66,9 +68,10 @@ def test_gradients_reach_projection_decoder_and_lm_side_not_sam_encoder():
 def test_no_reference_token_and_non_square_grid_are_clear_errors():
     head, _ = _head()
     with pytest.raises(ValueError, match="no reference token"):
-        head(torch.zeros(0, LM_DIM), torch.randn(64, LM_DIM), torch.randn(32, 8, 8))
-    with pytest.raises(ValueError, match="not a square grid"):
-        square_grid(60)
+        head(torch.zeros(0, LM_DIM), torch.randn(64, LM_DIM), torch.randn(32, 8, 8), SQUARE)
+    assert token_grid(torch.randn(60, LM_DIM)) is None
+    with pytest.raises(ValueError, match="60 image tokens are not a square grid"):
+        head(torch.randn(1, LM_DIM), torch.randn(60, LM_DIM), torch.randn(32, 8, 8), None)
 
 
 def test_the_mask_follows_the_similarity_points():
@@ -76,11 +79,28 @@ def test_the_mask_follows_the_similarity_points():
     ref, embedding = torch.randn(1, LM_DIM), torch.randn(32, 8, 8)
     image = torch.randn(64, LM_DIM)
     with torch.no_grad():
-        base = head(ref, image, embedding).mask_logits
-        again = head(ref, image.clone(), embedding).mask_logits
-        moved = head(ref, torch.roll(image, 9, dims=0), embedding).mask_logits  # the peaks move elsewhere
+        base = head(ref, image, embedding, SQUARE).mask_logits
+        again = head(ref, image.clone(), embedding, SQUARE).mask_logits
+        moved = head(ref, torch.roll(image, 9, dims=0), embedding, SQUARE).mask_logits  # the peaks move elsewhere
     torch.testing.assert_close(base, again)
     assert not torch.allclose(base, moved)
+
+
+def test_a_non_square_image_gets_its_points_inside_its_part_of_the_frame(monkeypatch):
+    """Qwen2.5-VL's 4 x 6 token grid of a wide image, and a square-padding tower's 8 x 8 one: SAM's
+    prompt encoder sees points only inside the image's 64 x 40 part of its 64-pixel frame."""
+    head, _ = _head()
+    seen = []
+    encode = head.prompt_encoder.forward
+    monkeypatch.setattr(head.prompt_encoder, "forward",
+                        lambda points, boxes, masks: seen.append(points) or encode(points, boxes, masks))
+    with torch.no_grad():
+        head(torch.randn(1, LM_DIM), torch.randn(24, LM_DIM), torch.randn(32, 8, 8),
+             TokenGrid(4, 6, padded_square=False), (40, 64))
+        head(torch.randn(1, LM_DIM), torch.randn(64, LM_DIM), torch.randn(32, 8, 8), SQUARE, (40, 64))
+    for coords, labels in seen:
+        placed = coords[0][labels[0] >= 0]
+        assert len(placed) and (placed[:, 0] <= 63).all() and (placed[:, 1] <= 39).all() and (placed >= 0).all()
 
 
 def test_neutral_points_carry_no_location():
@@ -156,7 +176,9 @@ def test_segmenter_feeds_image_states_in_one_forward_and_skips_responses_without
     model.policy.lm.model.register_forward_hook(lambda *_: calls.append(1))
     out, heads = model([prompt, prompt], [item.vision] * 2, [with_ref, without], [item.sam_embedding] * 2)
     assert len(calls) == 1 and heads[1] is None and heads[0] is not None
-    sim = similarity_map(out.ref_hidden[0][0], out.image_hidden[0], square_grid(out.image_hidden[0].shape[0]))
+    grid = out.image_grids[0]
+    assert grid.padded_square and grid.rows * grid.cols == out.image_hidden[0].shape[0]
+    sim = similarity_map(out.ref_hidden[0][0], out.image_hidden[0], (grid.rows, grid.cols))
     side = 4 * item.sam_embedding.shape[-1]
     expected = F.interpolate(sim[None, None], size=(side, side), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(heads[0].heatmaps, expected)

@@ -39,7 +39,7 @@ HEADS_KEPT = 2
 class Answer:
     text: str
     has_target: bool
-    fields: dict[str, torch.Tensor]  # the head's policy_inputs of this sample (empty without a reference token)
+    fields: dict[str, object]  # the head's policy_inputs of this sample (empty without a reference token)
     weights_version: int
     model_dir: str
     error: str | None = None  # why this question was not asked (its prompt is too long)
@@ -104,10 +104,15 @@ class PolicyCore:
         answers = []
         for i, resp in enumerate(responses):
             has_target = bool(out.ref_hidden[i].shape[0])
-            fields = {name: getattr(out, name)[i].detach().clone() for name in names} if has_target else {}
+            fields = {name: _detached(getattr(out, name)[i]) for name in names} if has_target else {}
             answers.append(Answer(self.tokenizer.decode(resp, skip_special_tokens=True), has_target, fields,
                                   self.version, self.model_dir))
         return answers
+
+
+def _detached(value):
+    """A policy output of one sample, off the autograd graph: tensors copied, the token grid as it is."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 @dataclass
@@ -162,11 +167,11 @@ class SegmentCore:
         self.load_head(answer.model_dir, answer.weights_version)
         head = self.heads[answer.weights_version]
         fields = [[answer.fields[name]] for name in head.policy_inputs]
-        head_out = head.decode_batch(*fields, [features["sam"]])[0]
+        input_size = tuple(int(v) for v in features["sam_input_size"])
+        head_out = head.decode_batch(*fields, [features["sam"]], sam_input_sizes=[input_size])[0]
         if not torch.isfinite(head_out.mask_logits).all():
             raise NonFiniteError("the head's mask logits are not finite (NaN or inf): its weights are damaged")
         size = tuple(int(v) for v in features["original_size"])
-        input_size = tuple(int(v) for v in features["sam_input_size"])
         m = self.config.model
         logits, slots = kept_slot_logits(head_out, input_size, size, self.img_size, m.num_slots,
                                          self.config.reward.confidence_threshold)
