@@ -19,6 +19,7 @@ from config import Config, load_config
 from data.atomic import write_atomic
 from data.schema import DataError
 from pipelines.build import cached_step, grpo_params, sft_params
+from pipelines.grpo.reward_trend import reward_trend
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,9 @@ def run_variant(config: Config, sft_config: Config, base: Config, force: bool) -
                              lambda: sft.run_sft(sft_config), force)
     grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params(config, sft_step),
                        lambda: train(config, overwrite=True), force)
-    rewards = grpo["rewards"]
-    k = max(1, len(rewards) // 5)
-    return {"sft": sft_report["after"], "grpo": grpo["eval"], "reward_first": sum(rewards[:k]) / k,
-            "reward_last": sum(rewards[-k:]) / k, "steps": len(rewards), "wall_s": grpo.get("wall_s"),
+    trend = reward_trend(grpo["rewards"])
+    return {"sft": sft_report["after"], "grpo": grpo["eval"], "reward_first": trend.first,
+            "reward_last": trend.last, "steps": len(grpo["rewards"]), "wall_s": grpo.get("wall_s"),
             "run": config.resolve_path(config.train.output)}
 
 

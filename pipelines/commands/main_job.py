@@ -20,6 +20,7 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
     from pipelines import sae_train, sft
     from pipelines.build import cached_step, grpo_params, report_lines, sft_params, step_params
     from pipelines.evaluate import table_lines
+    from pipelines.grpo.reward_trend import reward_trend
     from pipelines.plot import plot_run
     from pipelines.report import write_main_report
     from pipelines.train import train
@@ -34,12 +35,11 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
                              lambda: sft.run_sft(config), args.force)
     grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params(config, sft_step),
                        lambda: train(config, overwrite=True), args.force)
-    rewards, k = grpo["rewards"], max(1, len(grpo["rewards"]) // 5)
     print("\n".join(
         report_lines(config, data, tiny, feats) + sae_train.report_lines(sae_report)
         + ["val metrics (first %d samples):" % config.train.eval_samples]
         + table_lines({"after SFT": sft_report["after"], "after GRPO": grpo["eval"]})
-        + [f"reward: first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f}",
+        + [reward_trend(grpo["rewards"]).line(),
            f"GRPO model {grpo['model']}; metrics {config.resolve_path(config.train.output)}/metrics.jsonl"]))
     print(f"report {write_main_report(config, sft_report['after'], grpo['eval'])}")
     print("\n".join(plot_run(config, config.resolve_path(config.train.output)).lines()))

@@ -42,6 +42,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(config: Config, args: argparse.Namespace) -> dict:
     from pipelines.evaluate import table_lines
     from pipelines.grpo.ledger import format_summary
+    from pipelines.grpo.reward_trend import reward_trend
     from pipelines.train import train
 
     summary = train(config, resume=True if args.resume else config.train.resume, overwrite=args.overwrite)
@@ -50,8 +51,7 @@ def cmd_train(config: Config, args: argparse.Namespace) -> dict:
     if summary["eval"]:
         print("\n".join(table_lines({"after GRPO": summary["eval"]})))
     if rewards:
-        k = max(1, len(rewards) // 5)
-        print(f"reward: first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f}")
+        print(reward_trend(rewards).line())
     print(f"model {summary['model']}")
     return summary
 
