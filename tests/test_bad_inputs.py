@@ -175,13 +175,16 @@ def test_eval_on_a_bad_split(case, split_root, eval_argv, tmp_path, capsys):
     nothing_written(tmp_path, "metrics.json")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bit flip", "not parquet"])
+@pytest.mark.parametrize("damage", ["truncated", "bit flip", "page bit flip", "not parquet"])
 def test_eval_on_a_damaged_split_file(damage, split_root, eval_argv, tmp_path, capsys):
     raw = bytearray((split_root / "val.parquet").read_bytes())
     if damage == "truncated":
         raw = raw[: len(raw) // 2]
     elif damage == "bit flip":
         raw[-7] ^= 0xFF  # the footer's length
+    elif damage == "page bit flip":  # in the sample ids' page: without its CRC, read back as another id
+        ids = pq.ParquetFile(split_root / "val.parquet").metadata.row_group(0).column(0)
+        raw[(ids.dictionary_page_offset or ids.data_page_offset) + 44] ^= 0x01
     else:
         raw = b"PAR1 this is not a parquet file"
     (tmp_path / "val.parquet").write_bytes(bytes(raw))
