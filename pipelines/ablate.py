@@ -84,7 +84,8 @@ def run_variant(config: Config, sft_config: Config, base: Config, force: bool) -
                        lambda: train(config, overwrite=True), force)
     trend = reward_trend(grpo["rewards"])
     return {"sft": sft_report["after"], "grpo": grpo["eval"], "reward_first": trend.first,
-            "reward_last": trend.last, "steps": len(grpo["rewards"]), "wall_s": grpo.get("wall_s"),
+            "reward_last": trend.last, "reward_change_se": trend.change_se, "steps": len(grpo["rewards"]),
+            "wall_s": grpo.get("wall_s"),
             "run": config.resolve_path(config.train.output)}
 
 
@@ -129,13 +130,16 @@ COLUMNS = (("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> list[str]:
     """One row per (variant, seed): val after GRPO, its gIoU change over its own SFT start, and the
-    training reward's first-fifth and last-fifth means."""
+    training reward's first-fifth and last-fifth means with the change's standard error (rows
+    written before it was recorded show the means alone)."""
     head = "| variant | seed | " + " | ".join(c for c, _ in COLUMNS) + " | gIoU vs SFT | reward first → last |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
     for name, by_seed in results.items():
         for seed, r in by_seed.items():
             cells = " | ".join(f"{r['grpo'].get(key, float('nan')):.3f}" for _, key in COLUMNS)
             gain = r["grpo"]["giou"] - r["sft"]["giou"]
-            lines.append(f"| {name} | {seed} | {cells} | {gain:+.3f} | "
-                         f"{r['reward_first']:.3f} → {r['reward_last']:.3f} |")
+            trend = f"{r['reward_first']:.3f} → {r['reward_last']:.3f}"
+            if "reward_change_se" in r:
+                trend += f" ({r['reward_last'] - r['reward_first']:+.3f} ± {r['reward_change_se']:.3f})"
+            lines.append(f"| {name} | {seed} | {cells} | {gain:+.3f} | {trend} |")
     return lines
