@@ -1,8 +1,9 @@
 """The shipped KubeRay manifests: KubeRay accepts them (each validated strictly against its CRD's schema,
 so that a misspelled field fails), they name the installed Ray, their entrypoints parse with segrl's own
 CLI, and their GPU pods hold the configs they run (the RayService's Serve config:
-tests/test_kuberay_rayservice.py); auth is on (every Ray container takes the token from the Secret) and NetworkPolicies admit only the cluster's
-own pods (plus submitters on the head's Jobs/client ports).
+tests/test_kuberay_rayservice.py); auth is on (every Ray container takes the token from the Secret) and
+NetworkPolicies admit only the cluster's own pods (plus submitters on the head's Jobs/client ports; the
+RayService's policies: tests/test_kuberay_rayservice.py), each a valid networking.k8s.io/v1 NetworkPolicy.
 
 The CRD schemas (ray.io/v1, each CRD's openAPIV3Schema as JSON) are read from ``../shared/kuberay``
 beside the repository; where that folder is absent the schema tests skip, saying so.
@@ -34,6 +35,14 @@ SUBMIT_PORTS = {8265, 10001}  # dashboard / Jobs API, Ray client
 
 def _documents() -> list[dict]:
     return [d for p in sorted(KUBERAY.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def _file_documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d]
+
+
+def _network_policies() -> list[dict]:
+    return [d for d in _documents() if d["kind"] == "NetworkPolicy"]
 
 
 def _raycluster() -> dict:
@@ -81,9 +90,10 @@ def test_a_rayservices_cluster_takes_the_token_of_the_shared_secret():
 
 def test_network_policies_admit_only_the_cluster_and_submitters():
     name = _raycluster()["metadata"]["name"]
-    policies = [d for d in _documents() if d["kind"] == "NetworkPolicy"]
+    policies = _file_documents("networkpolicy.yaml")  # the RayCluster's (the RayService's: networkpolicy-serve.yaml)
+    assert {p["kind"] for p in policies} == {"NetworkPolicy"}
     selected = {p["spec"]["podSelector"]["matchLabels"]["ray.io/node-type"]: p for p in policies}
-    assert set(selected) == {"head", "worker"}
+    assert set(selected) == {"head", "worker"} and len(policies) == 2
     for node_type, policy in selected.items():
         spec = policy["spec"]
         assert spec["podSelector"]["matchLabels"]["ray.io/cluster"] == name
@@ -182,10 +192,47 @@ def test_a_misspelled_field_fails_strict_validation_only(doc, misspell):
     assert len(found) == 1 and f"'{name}' was unexpected" in found[0], found
 
 
+def network_policy_schema() -> dict:
+    """networking.k8s.io/v1 NetworkPolicy: its rules and label selectors are the Kubernetes types (from
+    k8s.io/api/networking/v1) that KubeRay's RayCluster CRD embeds in spec.networkPolicy.head, wrapped in the
+    policy's own fields (spec.podSelector required, policyTypes Ingress or Egress)."""
+    spec = crd_schema("RayCluster")["properties"]["spec"]["properties"]
+    if "networkPolicy" not in spec:
+        pytest.skip("this KubeRay CRD embeds no NetworkPolicy rules to validate against")
+    rules = spec["networkPolicy"]["properties"]["head"]["properties"]
+    ingress, egress = rules["ingressRules"]["items"], rules["egressRules"]["items"]
+    selector = ingress["properties"]["from"]["items"]["properties"]["podSelector"]
+    strings = {"type": "object", "additionalProperties": {"type": "string"}}
+    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"}, "kind": {"const": "NetworkPolicy"},
+        "metadata": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "namespace": {"type": "string"}, "labels": strings, "annotations": strings}},
+        "spec": {"type": "object", "required": ["podSelector"], "properties": {
+            "podSelector": selector,
+            "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+            "ingress": {"type": "array", "items": ingress}, "egress": {"type": "array", "items": egress}}}}}
+
+
+@pytest.mark.parametrize("policy", _network_policies(), ids=lambda d: d["metadata"]["name"])
+def test_every_network_policy_validates_strictly_as_networking_v1(policy):
+    assert problems(strict(network_policy_schema()), policy) == []
+    assert all(p["protocol"] == "TCP" and isinstance(p["port"], int)
+               for rule in policy["spec"].get("ingress", []) for p in rule.get("ports", []))
+
+
+def test_a_misspelled_network_policy_field_fails_strict_validation():
+    bad = copy.deepcopy(_network_policies()[0])
+    rule = next(r for r in bad["spec"]["ingress"] if "ports" in r)
+    rule["port"] = rule.pop("ports")
+    found = problems(strict(network_policy_schema()), bad)
+    assert len(found) == 1 and "'port' was unexpected" in found[0], found
+
+
 def test_the_strict_schema_keeps_free_form_maps_free():
     schema = {"type": "object", "properties": {
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-        "raw": {"type": "object", "properties": {"a": {"type": "integer"}}, "x-kubernetes-preserve-unknown-fields": True},
+        "raw": {"type": "object", "properties": {"a": {"type": "integer"}},
+                "x-kubernetes-preserve-unknown-fields": True},
         "list": {"type": "array", "items": {"type": "object", "properties": {"b": {"type": "string"}}}}}}
     assert problems(strict(schema), {"labels": {"any": "x"}, "raw": {"a": 1, "extra": 2}, "list": [{"b": "y"}]}) == []
     assert problems(strict(schema), {"list": [{"b": "y", "c": 1}]}) == \

@@ -1,21 +1,33 @@
 """The shipped RayService serves segrl: its Serve config is what `segrl serve-config` writes for the
-command its annotation names, builds segrl's application, reads from the volume and fits its pods.
+command its annotation names, builds segrl's application, reads from the volume and fits its pods; the
+NetworkPolicies of networkpolicy-serve.yaml select its pods by labels KubeRay gives them and open its Serve port.
 (Strict schema validation of every manifest, this one included: tests/test_kuberay_manifests.py.)"""
 from __future__ import annotations
 
 import copy
 import importlib
+import re
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
-from test_kuberay_manifests import PAPER, ROOT, _at, _containers, _ids, _mounts, _services
+from test_kuberay_manifests import (
+    KUBERAY,
+    PAPER,
+    ROOT,
+    _at,
+    _containers,
+    _file_documents,
+    _ids,
+    _mounts,
+    _raycluster,
+    _services,
+)
 
 from cluster.placement import raycluster_nodes, raycluster_spec
 from config import Config
 from pipelines.cli import build_parser
-
 
 # --- the RayService serves segrl: its Serve config is segrl's own and fits its pods ------------------------
 
@@ -150,3 +162,205 @@ def test_readme_shows_how_to_serve_on_kubernetes():
     readme = (ROOT / "README.md").read_text()
     assert "kubectl apply -f cluster/kuberay/rayservice.yaml" in readme
     assert "segrl serve-config --config configs/llava15-7b-reasonseg.yaml" in readme
+
+
+# --- NetworkPolicies: networkpolicy-serve.yaml selects the RayService's pods and opens its Serve port --------
+
+SERVE_POLICIES = "networkpolicy-serve.yaml"
+KUBERAY_PROTECTED = {"ray.io/node-type", "ray.io/group", "ray.io/cluster"}  # a template cannot set these
+
+
+def kuberay_pod_labels(doc: dict, cluster: str, group: dict | None, serving: bool = False) -> dict[str, str]:
+    """The labels KubeRay puts on a pod of ``doc``'s cluster, named ``cluster``: the head's when ``group`` is
+    None, else a pod of that worker group's. KubeRay ray-operator/controllers/ray/common/pod.go: labelPod
+    (from DefaultHeadPodTemplate / DefaultWorkerPodTemplate) sets the keys below and copies the pod template's
+    labels over them except ray.io/node-type, ray.io/group and ray.io/cluster; BuildPod adds ray.io/serve to a
+    RayService's pods, "true" on workers, "false" on the head until the operator finds its proxy healthy
+    (``serving``; rayservice_controller.go: updateHeadPodServeLabel). The ray.io/originated-from-cr-name/-crd
+    labels go on the RayCluster object only (rayservice_controller.go: constructRayClusterForRayService), not
+    on its pods."""
+    spec = raycluster_spec(doc)
+    node_type = "head" if group is None else "worker"
+    template = (spec["headGroupSpec"] if group is None else group)["template"]
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/cluster": cluster, "ray.io/node-type": node_type,
+              "ray.io/group": "headgroup" if group is None else group["groupName"],
+              "ray.io/identifier": f"{cluster}-{node_type}",
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    template_labels = template.get("metadata", {}).get("labels", {})
+    labels.update({k: v for k, v in template_labels.items() if k not in KUBERAY_PROTECTED})
+    if doc["kind"] == "RayService":
+        labels["ray.io/serve"] = "true" if group is not None or serving else "false"
+    return labels
+
+
+def kuberay_pods(doc: dict, cluster: str, serving: bool = False) -> dict[str, dict[str, str]]:
+    """{"head" or the worker group's name: its pods' labels} of ``doc``'s cluster named ``cluster``."""
+    groups = raycluster_spec(doc)["workerGroupSpecs"]
+    return {"head": kuberay_pod_labels(doc, cluster, None, serving),
+            **{g["groupName"]: kuberay_pod_labels(doc, cluster, g) for g in groups}}
+
+
+def service_clusters(service: dict) -> list[str]:
+    """Two names KubeRay could give the service's clusters (<name>-raycluster-<5 random characters>, a new one
+    at each upgrade): the policies must hold for any."""
+    return [f"{service['metadata']['name']}-raycluster-{suffix}" for suffix in ("x7k2p", "q9m4z")]
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, selector  # the policies here use matchLabels only
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def serve_policies() -> dict[str, dict]:
+    policies = _file_documents(SERVE_POLICIES)
+    assert {p["kind"] for p in policies} == {"NetworkPolicy"}
+    return {p["metadata"]["name"]: p for p in policies}
+
+
+def selected(policy: dict, pods: dict[str, dict[str, str]]) -> set[str]:
+    return {name for name, labels in pods.items() if selects(policy["spec"]["podSelector"], labels)}
+
+
+def own_pods_rule(rule: dict) -> dict | None:
+    """The rule's pod selector when it admits, on every port, pods of this namespace chosen by one selector."""
+    if "ports" in rule or len(rule["from"]) != 1 or set(rule["from"][0]) != {"podSelector"}:
+        return None
+    return rule["from"][0]["podSelector"]
+
+
+def test_kuberay_pod_labels_match_a_rayservice_head_pod_seen_in_a_cluster():
+    """The rule above against the labels of a RayService's head pod as `kubectl describe` showed them
+    (ray-project/kuberay issue #3133, KubeRay v1.3.0): nothing more, nothing less."""
+    sample = {"kind": "RayService", "spec": {"rayClusterConfig": {
+        "headGroupSpec": {"template": {"spec": {}}}, "workerGroupSpecs": []}}}
+    assert kuberay_pod_labels(sample, "rayservice-sample-raycluster-vpjz2", None) == {
+        "app.kubernetes.io/created-by": "kuberay-operator", "app.kubernetes.io/name": "kuberay",
+        "ray.io/cluster": "rayservice-sample-raycluster-vpjz2", "ray.io/group": "headgroup",
+        "ray.io/identifier": "rayservice-sample-raycluster-vpjz2-head", "ray.io/is-ray-node": "yes",
+        "ray.io/node-type": "head", "ray.io/serve": "false"}
+
+
+def another_service(service: dict) -> dict:
+    """Someone else's RayService in the namespace: another name, pod templates without segrl's labels."""
+    other = copy.deepcopy(service)
+    other["metadata"]["name"] = "other-serve"
+    spec = raycluster_spec(other)
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        group["template"].pop("metadata", None)
+    return other
+
+
+@pytest.mark.parametrize("service", _services(), ids=_ids)
+def test_the_serve_policies_select_the_services_pods_whatever_its_clusters_are_named(service):
+    """Under any generated cluster name, the head serving or not yet, the head policy selects the head only, the
+    workers policy every worker only, and the own-pods rules admit every pod of the service (of the old and the
+    new cluster of an upgrade alike); none of them selects or admits a pod of the RayCluster `segrl` or of
+    another RayService, and networkpolicy.yaml's policies select none of the service's pods."""
+    policies = serve_policies()
+    assert set(policies) == {"segrl-serve-head", "segrl-serve-workers", "segrl-serve-http"}
+    clusters = [kuberay_pods(service, name, serving) for name in service_clusters(service) for serving in (False, True)]
+    every = [labels for pods in clusters for labels in pods.values()]
+    other = another_service(service)
+    foreign = [*kuberay_pods(_raycluster(), _raycluster()["metadata"]["name"]).values(),
+               *[labels for serving in (False, True) for name in service_clusters(other)
+                 for labels in kuberay_pods(other, name, serving).values()]]
+    for pods in clusters:
+        workers = set(pods) - {"head"}
+        assert workers and selected(policies["segrl-serve-head"], pods) == {"head"}
+        assert selected(policies["segrl-serve-workers"], pods) == workers
+        assert selected(policies["segrl-serve-http"], pods) == set(pods)
+        for policy in _file_documents("networkpolicy.yaml"):
+            assert selected(policy, pods) == set()
+    for policy in policies.values():
+        assert not any(selects(policy["spec"]["podSelector"], labels) for labels in foreign)
+    for name in ("segrl-serve-head", "segrl-serve-workers"):
+        spec = policies[name]["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        (own,) = [s for s in map(own_pods_rule, spec["ingress"]) if s is not None]
+        assert all(selects(own, labels) for labels in every)
+        assert not any(selects(own, labels) for labels in foreign)
+
+
+def serve_port(service: dict) -> int:
+    """Where Serve's HTTP proxy listens (http_options.port, Serve's default 8000): it must be the head
+    container's port named "serve", or 8000 when it names none, which is the port KubeRay's serve Service
+    forwards to and its proxy health check calls (common/service.go getServicePorts, utils.DefaultServingPort)."""
+    port = embedded_serve_config(service).get("http_options", {}).get("port", 8000)
+    head = raycluster_spec(service)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    named = {p["name"]: p["containerPort"] for p in head.get("ports", []) if "name" in p}
+    assert named.get("serve", 8000) == port
+    return port
+
+
+def dashboard_port(service: dict) -> int:
+    """The dashboard's port, where the operator PUTs the Serve config (rayStartParams dashboard-port, default
+    8265; the head Service forwards the container port named "dashboard", default 8265)."""
+    spec = raycluster_spec(service)["headGroupSpec"]
+    port = int(spec["rayStartParams"].get("dashboard-port", 8265))
+    named = {p["name"]: p["containerPort"] for p in spec["template"]["spec"]["containers"][0].get("ports", [])
+             if "name" in p}
+    assert named.get("dashboard", 8265) == port
+    return port
+
+
+def ports(rule: dict) -> set[int]:
+    assert all(p["protocol"] == "TCP" for p in rule["ports"])
+    return {p["port"] for p in rule["ports"]}
+
+
+@pytest.mark.parametrize("service", _services(), ids=_ids)
+def test_the_http_policy_opens_the_serve_port_to_labelled_clients_on_every_proxy(service):
+    """Serve's port and nothing else, to pods labelled segrl.io/serve-client: "true", on every pod that runs a
+    proxy (HeadOnly: the head; otherwise also the workers that hold replicas)."""
+    spec = serve_policies()["segrl-serve-http"]["spec"]
+    (rule,) = spec["ingress"]
+    assert ports(rule) == {serve_port(service)}
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"segrl.io/serve-client": "true"}}}]
+    pods = kuberay_pods(service, service_clusters(service)[0])
+    proxies = {"head"} if embedded_serve_config(service).get("proxy_location") == "HeadOnly" else set(pods)
+    assert proxies <= selected(serve_policies()["segrl-serve-http"], pods)
+
+
+@pytest.mark.parametrize("service", _services(), ids=_ids)
+def test_the_head_admits_the_operator_on_the_dashboard_and_proxy_and_submitters_on_the_dashboard(service):
+    """Besides its own pods the head takes submitters on the dashboard only, and the KubeRay operator's pods, from
+    the operator's namespace by its kubernetes.io/metadata.name, on exactly the dashboard (Serve config and
+    status) and the Serve port (the proxy's /-/healthz); the workers take their own pods only."""
+    policies = serve_policies()
+    head = [r for r in policies["segrl-serve-head"]["spec"]["ingress"] if own_pods_rule(r) is None]
+    by_peer = {yaml.safe_dump(r["from"], sort_keys=True): r for r in head}
+    assert len(by_peer) == len(head) == 2
+    submitter = by_peer.pop(yaml.safe_dump([{"podSelector": {"matchLabels": {"segrl.io/ray-submitter": "true"}}}]))
+    assert ports(submitter) == {dashboard_port(service)}
+    (operator,) = by_peer.values()
+    (peer,) = operator["from"]
+    assert set(peer["namespaceSelector"]["matchLabels"]) == {"kubernetes.io/metadata.name"}
+    assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}
+    assert ports(operator) == {dashboard_port(service), serve_port(service)}
+    (rule,) = policies["segrl-serve-workers"]["spec"]["ingress"]
+    assert own_pods_rule(rule) is not None
+
+
+def operator_namespace(text: str) -> str:
+    """The namespace the head policy admits the operator from, in the policies' file ``text``."""
+    head = next(p for p in yaml.safe_load_all(text) if p and p["metadata"]["name"] == "segrl-serve-head")
+    (peer,) = [r["from"][0] for r in head["spec"]["ingress"] if "namespaceSelector" in r["from"][0]]
+    return peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+
+
+def test_the_operator_namespace_is_a_placeholder_the_header_and_readme_set():
+    """The header says the namespace is a placeholder to set; the README applies the policies with the
+    RayService, and its sed sets the namespace and changes nothing else."""
+    text = (KUBERAY / SERVE_POLICIES).read_text()
+    placeholder = operator_namespace(text)
+    header = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    assert f"({placeholder} is a placeholder;" in header
+    readme = (ROOT / "README.md").read_text()
+    assert f"kubectl apply -f cluster/kuberay/rayservice.yaml -f cluster/kuberay/{SERVE_POLICIES}" in readme
+    sed = re.search(rf"sed -i 's#([^#]+)#([^#]+)#' cluster/kuberay/{re.escape(SERVE_POLICIES)}\n", readme)
+    old, new = sed.groups()
+    assert text.count(old) == 1
+    edited = text.replace(old, new)
+    assert operator_namespace(edited) not in (placeholder, "")
+    assert [line for line in edited.splitlines() if line not in text.splitlines()] == \
+        [line.replace(old, new) for line in text.splitlines() if old in line]
