@@ -31,6 +31,7 @@ from pipelines.grpo.reward_trend import RewardTrend, reward_trend  # noqa: E402
 
 SPLIT = "memorize"
 VARIANTS = {"default": (), "no-seg-loss": ("seg_loss.seg_coef=0",)}
+HEADERS = ("K gIoU", "K reason", "val gIoU", "val reason")  # the K prompts, then val
 
 
 def prompt_split(train_file: Path, k: int, folder: Path) -> Path:
@@ -63,7 +64,7 @@ def scores(config: Config, prompts: Config, checkpoint: str, n_val: int, out: Pa
 def row(label: str, trend: RewardTrend | None, metrics: dict[str, dict]) -> str:
     reward = (f"{trend.first:.3f} -> {trend.last:.3f} ({trend.change:+.3f} ± {trend.change_se:.3f})"
               if trend else "")
-    cells = "".join(f"{metrics[part][key]:8.3f}" for part in ("prompts", "val") for key in ("giou", "reasoning_acc"))
+    cells = "".join(f"{metrics[part][key]:11.3f}" for part in ("prompts", "val") for key in ("giou", "reasoning_acc"))
     return f"{label:12s} {reward:32s}{cells}"
 
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     print(f"GRPO on the first {args.prompts} training prompts only, {args.steps} steps (every step: each prompt once)")
-    print(f"{'':12s} {'reward first -> last (change)':32s}{'K gIoU':>8}{'K reason':>9}{'val gIoU':>8}{'val rsn':>8}")
+    print(f"{'':12s} {'reward first -> last (change)':32s}" + "".join(f"{h:>11}" for h in HEADERS))
     for label, result in results.items():
         print(row(label, result.get("trend"), result["scores"]))
     return results

@@ -8,6 +8,7 @@ import pytest
 
 from bench import grpo_memorize
 from data.schema import read_samples, resolve_image
+from pipelines.grpo.reward_trend import RewardTrend
 
 
 def _train_file(config) -> Path:
@@ -47,3 +48,13 @@ def test_every_step_trains_one_group_of_each_prompt_and_nothing_else_changes(tmp
     assert config.train.output == str(tmp_path / "no-seg-loss")
     assert config.seg_loss.seg_coef == 0 and config.seed == 3
     assert config.train.init_from == "{runs_dir}/sft/model"  # the main job's SFT model
+
+
+def test_a_row_shows_the_reward_trend_then_the_four_scores_under_their_headers():
+    trend = RewardTrend(8, 0.490, 0.567, 0.008, 0.007)
+    metrics = {"prompts": {"giou": 0.574, "reasoning_acc": 0.375}, "val": {"giou": 0.372, "reasoning_acc": 0.165}}
+    line = grpo_memorize.row("no-seg-loss", trend, metrics)
+    assert "0.490 -> 0.567 (+0.077 ± 0.011)" in line
+    assert line.split()[-4:] == ["0.574", "0.375", "0.372", "0.165"]
+    assert len(grpo_memorize.HEADERS) == 4
+    assert grpo_memorize.row("sft", None, metrics).split() == ["sft", "0.574", "0.375", "0.372", "0.165"]
