@@ -49,7 +49,8 @@ class LearnerGroup:
         return metrics, weights[0]
 
     def export_weights(self) -> ray.ObjectRef:
-        """Ref of the full weights (``lm.*``, ``projector.*``, ``head.*``) as a PackedState, put once by rank 0's return."""
+        """Ref of the full weights (``lm.*``, ``projector.*``, ``head.*``) as a PackedState, put once by rank 0's
+        return."""
         refs = [r.export_weights.remote() for r in self.ranks]
         ray.get(refs[1:], timeout=self.timeout_s)  # the other ranks return None; this surfaces their errors
         return refs[0]

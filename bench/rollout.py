@@ -93,7 +93,8 @@ def build_50m(config, folder: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(config.resolve_path(config.model.name_or_path))
     torch.manual_seed(0)
     lm = build_lm(LM_50M, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    lm.generation_config.eos_token_id, lm.generation_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    lm.generation_config.eos_token_id, lm.generation_config.pad_token_id = (tokenizer.eos_token_id,
+                                                                           tokenizer.pad_token_id)
     lm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     save_projector(Projector(config.model.tiny.vision.hidden_size, LM_50M.hidden_size), folder / "projector")

@@ -107,7 +107,8 @@ class TinySamPretrainConfig(Section):
     """Promptable-segmentation pretraining of the tiny SAM (as the real SAM arrives pretrained), then frozen."""
 
     steps: PositiveInt = TinySamPretrainSpec.steps
-    batch_images: PositiveInt = Field(TinySamPretrainSpec.batch_images, description="scenes per step; every object is a prompt")
+    batch_images: PositiveInt = Field(TinySamPretrainSpec.batch_images,
+                                      description="scenes per step; every object is a prompt")
     lr: float = Field(TinySamPretrainSpec.lr, gt=0)
     weight_decay: float = Field(TinySamPretrainSpec.weight_decay, ge=0)
     warmup_steps: int = Field(TinySamPretrainSpec.warmup_steps, ge=0)
@@ -117,7 +118,8 @@ class TinySamPretrainConfig(Section):
     mask_prompt_fraction: float = Field(TinySamPretrainSpec.mask_prompt_fraction, ge=0, le=1,
                                         description="objects decoded from a coarse noisy GT mask prompt alone")
     seed_offset: int = Field(TinySamPretrainSpec.seed_offset, description="scene streams come from (seed, seed_offset)")
-    eval_scenes: PositiveInt = Field(TinySamPretrainSpec.eval_scenes, description="held-out scenes for the recorded IoUs")
+    eval_scenes: PositiveInt = Field(TinySamPretrainSpec.eval_scenes,
+                                     description="held-out scenes for the recorded IoUs")
 
 
 class TinyConfig(Section):

@@ -192,7 +192,8 @@ class TrainConfig(Section):
     """The GRPO run: length, staleness bound, checkpoints, where it starts from and writes to."""
 
     steps: PositiveInt = 30
-    staleness: int = Field(1, ge=0, description="eta: a response from weights version v trains step s only if s - v <= eta")
+    staleness: int = Field(1, ge=0,
+                           description="eta: a response from weights version v trains step s only if s - v <= eta")
     staleness_mode: Literal["strict", "admission"] = Field(
         "strict", description="strict: s - v <= eta for every trained group; admission: AReaL's, eta bounds "
         "admission only and the learner never waits for or drops a slow group")
@@ -272,7 +273,8 @@ class ClusterConfig(Section):
     reward_workers: PositiveInt = 1
     reward: ActorResources = ActorResources(num_cpus=0.25)
     reference: ActorResources = ActorResources(num_cpus=0.25)
-    max_actor_restarts: int = Field(3, ge=0, description="replacements of failed rollout/reference/reward actors, per pool")
+    max_actor_restarts: int = Field(3, ge=0,
+                                    description="replacements of failed rollout/reference/reward actors, per pool")
     start_timeout_s: float = Field(900.0, gt=0, description="longest wait for actors to start (engines, learner group)")
     placement_timeout_s: float = Field(300.0, gt=0, description="longest wait for the placement groups (an "
                                        "autoscaler may add nodes); past it the run stops before any actor starts")

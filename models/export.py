@@ -205,7 +205,8 @@ def describe_parts(folder: Path, policy, tokenizer, settings: ExportSettings, he
         "projector": {"path": "projector", **_read(folder, "projector")},
         "vision": ({"path": "vision", "source": sources["vision"], **_vision_settings(folder / "vision")}
                    if (folder / "vision").is_dir() else None),
-        "sam": ({"path": "sam", "source": sources["sam"], "modules": ["image_encoder", "prompt_encoder", "mask_decoder"],
+        "sam": ({"path": "sam", "source": sources["sam"],
+                 "modules": ["image_encoder", "prompt_encoder", "mask_decoder"],
                  **_sam_settings(folder / "sam")} if (folder / "sam").is_dir() else None),
         "head": {"path": "head" if head["trained"] else None, "lm_dim": lm.hidden_size, **head},
         "sae": ({"path": "sae", **_sae_shape(_read(folder, "sae"))}

@@ -237,7 +237,8 @@ class RolloutCore:
         """Names and shapes, all checked before anything is loaded: an update is all or nothing."""
         expected = {f"lm.{k}": s for k, s in self.lm_shapes.items()}
         expected |= {f"projector.{k}": tuple(v.shape) for k, v in self.projector.state_dict().items()}
-        unknown = sorted(k for k in set(state) - set(expected) if not k.startswith("head."))  # head: the reference actor's
+        unknown = sorted(k for k in set(state) - set(expected)
+                         if not k.startswith("head."))  # head: the reference actor's
         missing = sorted(set(expected) - set(state))
         wrong = sorted(k for k, s in expected.items() if k in state and tuple(state[k].shape) != s)
         if unknown or missing or wrong:

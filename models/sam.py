@@ -174,7 +174,8 @@ def load_sam(variant: str, checkpoint: str | Path | None) -> torch.nn.Module:
         if missing or unexpected:
             raise ValueError(
                 f"{weights}: does not match SAM {variant}: "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )
     return sam.eval()
 

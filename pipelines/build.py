@@ -89,7 +89,8 @@ def build_tiny(config: Config, force: bool = False) -> dict:
     data_root = Path(config.resolve_path(config.data.root))
     train_file = data_root / f"{config.data.train_split}.parquet"
     if not train_file.exists():
-        raise FileNotFoundError(f"{train_file}: the tokenizer is trained on the synthetic set; run `segrl make-data` first")
+        raise FileNotFoundError(
+            f"{train_file}: the tokenizer is trained on the synthetic set; run `segrl make-data` first")
     texts = corpus(data_root, ref_token=config.model.ref_token)
     spec = tiny_spec(config)
     params = {"spec": asdict(spec), "corpus_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}

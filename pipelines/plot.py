@@ -136,8 +136,8 @@ def phase_data(rows: list[dict], report: dict | None) -> dict:
     per_step = [(r["step"], r["time/learn_s"], r.get("time/learner_wait_s", 0.0)) for r in rows
                 if finite(r.get("time/learn_s"))]
     steps, learn, wait = (list(c) for c in zip(*per_step)) if per_step else ([], [], [])
-    phases = {name: {"busy_s": p["busy_s"], "idle_s": p["idle_s"]} for name, p in (report or {}).get("phases", {}).items()
-              if "busy_s" in p}
+    phases = {name: {"busy_s": p["busy_s"], "idle_s": p["idle_s"]}
+              for name, p in (report or {}).get("phases", {}).items() if "busy_s" in p}
     return {"phases": phases, "wall_s": (report or {}).get("wall_s"), "step": steps, "learn_s": learn,
             "learner_wait_s": wait}
 

@@ -1,8 +1,8 @@
 """The reward role's core, Ray-free: a reference batch in, rewards and advantages out.
 
 The reward worker actor is a shell over ``reward_batch``. Input is a ``REFERENCE_SCHEMA``
-batch, output a ``REWARD_SCHEMA`` batch: the key columns and the reward columns only, in the input's row order. The masks are
-not sent back: the learner does not need them, and returning them would copy the bulk of
+batch, output a ``REWARD_SCHEMA`` batch: the key columns and the reward columns only, in the input's row order.
+The masks are not sent back: the learner does not need them, and returning them would copy the bulk of
 the batch into the object store a second time (``attach_rewards`` joins the two batches).
 
 Per row:

@@ -61,8 +61,10 @@ class FakeLearner:
     def save_checkpoint(self, directory: str, tag: str) -> dict[str, dict]:
         shard = Path(directory) / tag
         shard.mkdir(parents=True)
-        torch.save({"module": {"w": torch.ones(4)}, "global_steps": 2}, shard / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-        torch.save({"optimizer_state_dict": {"exp_avg": torch.zeros(4)}}, shard / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        torch.save({"module": {"w": torch.ones(4)}, "global_steps": 2},
+                   shard / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        torch.save({"optimizer_state_dict": {"exp_avg": torch.zeros(4)}},
+                   shard / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
         return describe(directory, files_under(directory, tag))
 
 
@@ -211,7 +213,8 @@ def test_auto_starts_a_run_in_a_new_or_empty_folder(tmp_path):
     empty.mkdir()
     for folder in (tmp_path / "new" / "run", empty):
         said = []
-        assert prepare_run_folder(folder, str(tmp_path / "init"), resume="auto", overwrite=False, say=said.append) is None
+        assert prepare_run_folder(folder, str(tmp_path / "init"), resume="auto", overwrite=False,
+                                  say=said.append) is None
         assert files_under(folder) == [MARKER]
         assert said == [f"[segrl] train.resume=auto: starting a new run in {folder}"]
     said = []  # started, then stopped before its first checkpoint: the rerun continues it from step 0

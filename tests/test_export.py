@@ -97,7 +97,8 @@ def target_masks(config, folder: Path, items) -> list[torch.Tensor]:
     with torch.no_grad():
         _, heads = model([prompt_ids(tokenizer, it.sample.question, ref) for it in targets],
                          [it.vision for it in targets],
-                         [tokenizer(sft_target(it.sample, ref), add_special_tokens=False)["input_ids"] for it in targets],
+                         [tokenizer(sft_target(it.sample, ref), add_special_tokens=False)["input_ids"]
+                          for it in targets],
                          [it.sam_embedding for it in targets])
     return [h.mask_logits for h in heads]
 
@@ -162,8 +163,10 @@ def test_a_read_export_loads_as_read(read_pair, world, tmp_path, capsys):
     masks, exported = (target_masks(world["read"], source, world["items"]),
                        target_masks(world["segcompass"], export, world["items"]))
     assert len(masks) == len(exported) > 0 and all(torch.equal(a, b) for a, b in zip(masks, exported))
-    overrides = overrides_for(world["segcompass"]) + [f"paths.cache_dir={world['tmp']}/cache", f"eval.max_new_tokens={NEW_TOKENS}"]
-    assert main(["eval", "--checkpoint", str(export), "--limit", "2", "--out", str(tmp_path / "e.json"), *overrides]) == 0
+    overrides = overrides_for(world["segcompass"]) + [f"paths.cache_dir={world['tmp']}/cache",
+                                                      f"eval.max_new_tokens={NEW_TOKENS}"]
+    assert main(["eval", "--checkpoint", str(export), "--limit", "2", "--out", str(tmp_path / "e.json"),
+                 *overrides]) == 0
     metrics = json.loads((tmp_path / "e.json").read_text())["metrics"]
     assert set(THRESHOLD_METRICS) <= set(metrics)  # scored as READ: the threshold search ran
     assert "tgt@t*" in capsys.readouterr().out

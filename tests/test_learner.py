@@ -127,7 +127,8 @@ def test_micro_batch_losses_sum_to_the_full_batch_loss(tiny_workspace, tiny_sae,
     full, _ = learner_loss(model, rows, store, loss_settings(config))
     totals = LossTotals.of(rows, config.grpo.loss_aggregation, model.policy.ref_token_id)
     chunks = [rows[i:i + 3] for i in range(0, len(rows), 3)]
-    parts = [learner_loss(model, chunk + rows[:1], store, loss_settings(config), totals, [True] * len(chunk) + [False])[0]
+    parts = [learner_loss(model, chunk + rows[:1], store, loss_settings(config), totals,
+                          [True] * len(chunk) + [False])[0]
              for chunk in chunks]  # each with a non-live padding row
     assert torch.allclose(sum(parts), full, rtol=1e-5)
     bad = [dict(rows[0], error="null_field")] + rows

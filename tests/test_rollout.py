@@ -139,7 +139,8 @@ def test_weight_push_gives_transformers_greedy_tokens(tiny_workspace, pool, work
         assert set(out.column("weights_version").to_pylist()) == {7}
         assert ray.get(worker.version.remote()) == 7
     finally:
-        ray.get([ack for ack, _ in pool.broadcast_named(ray.put(original), 8)])  # a plain dict works too (versions only grow)
+        # a plain dict works too (versions only grow)
+        ray.get([ack for ack, _ in pool.broadcast_named(ray.put(original), 8)])
     _load(policy, new)
     with torch.no_grad():
         embeds = [policy.prompt_embeds(ids, v) for ids, v in

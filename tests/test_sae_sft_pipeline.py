@@ -58,7 +58,8 @@ def test_sft_runs_saves_and_reloads(tiny_workspace, tiny_sae, tmp_path):
         assert {"giou", "ciou", "n_acc", "t_acc", "format_valid"} <= set(report[tag])
     ckpt = Path(report["checkpoint"])
     assert (ckpt / "head" / "model.safetensors").is_file() and (ckpt / "projector").is_dir()
-    assert (ckpt / "sam" / "sam.pt").read_bytes() == (Path(tiny_workspace["tiny"]["path"]) / "sam" / "sam.pt").read_bytes()
+    assert ((ckpt / "sam" / "sam.pt").read_bytes()
+            == (Path(tiny_workspace["tiny"]["path"]) / "sam" / "sam.pt").read_bytes())
     reloaded, _, _ = build_segmenter(config, str(ckpt))
     trained, _, _ = build_segmenter(config, str(ckpt))
     for (name, a), (_, b) in zip(reloaded.state_dict().items(), trained.state_dict().items()):

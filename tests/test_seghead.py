@@ -82,7 +82,8 @@ def test_decode_per_prompt_equals_sam_decoder_one_prompt_at_a_time():
     pe = sam.prompt_encoder.get_dense_pe()
     masks, iou = decode_per_prompt(sam.mask_decoder, emb, pe, sparse, dense)
     for i in range(3):
-        low, pred = sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=pe, sparse_prompt_embeddings=sparse[i:i + 1],
+        low, pred = sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=pe,
+                                     sparse_prompt_embeddings=sparse[i:i + 1],
                                      dense_prompt_embeddings=dense[i:i + 1], multimask_output=False)
         assert torch.allclose(masks[i], low[0, 0], atol=1e-5) and torch.allclose(iou[i], pred[0, 0], atol=1e-5)
 

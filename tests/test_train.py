@@ -61,7 +61,8 @@ def test_steps_are_logged_with_rewards_and_staleness(run):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert 0.0 <= r["reward/total"] <= 1.0 and 0.0 <= r["reward/mask"] <= 1.0
-        assert all(int(k) <= config.train.staleness for k in (key.split("/")[1] for key in r if key.startswith("staleness/")))
+        assert all(int(k) <= config.train.staleness
+                   for k in (key.split("/")[1] for key in r if key.startswith("staleness/")))
         assert r["loss/kl"] >= 0 and r["grad_norm"] >= 0
         assert 0 <= r["rollout/interrupted_updates"] <= config.cluster.rollout_actors
     # The tiny policy before SFT never writes the format: every reward is 0 and step 1, still at the

@@ -48,7 +48,8 @@ def match_slots(mask_logits: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
     cost = 1.0 - soft_iou_matrix(torch.sigmoid(mask_logits.float()), gt_masks.float())
     rows, cols = linear_sum_assignment(cost.cpu().numpy().astype(np.float64))
     device = mask_logits.device
-    return torch.as_tensor(rows, device=device, dtype=torch.long), torch.as_tensor(cols, device=device, dtype=torch.long)
+    return (torch.as_tensor(rows, device=device, dtype=torch.long),
+            torch.as_tensor(cols, device=device, dtype=torch.long))
 
 
 def _check(mask_logits: Tensor, gt_masks: Tensor, confidence_logits: Tensor | None) -> None:

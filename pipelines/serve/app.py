@@ -31,7 +31,8 @@ def absolute_paths(config: Config) -> Config:
     """A copy whose path folders are absolute: replicas do not share the driver's working directory."""
     config = config.model_copy(deep=True)
     for name in FOLDERS:
-        setattr(config.paths, name, str(Path(config.paths.resolve(name)).resolve()).replace("{", "{{").replace("}", "}}"))
+        setattr(config.paths, name,
+                str(Path(config.paths.resolve(name)).resolve()).replace("{", "{{").replace("}", "}}"))
     return config
 
 
@@ -88,7 +89,8 @@ def serve_config(config: Config, model_dir: str | None, version: int, timeout_s:
             "import_path": IMPORT_PATH,
             "args": {"config": config.model_dump(mode="json")},
             "deployments": [
-                _deployment("ingress", s.ingress.serve_options(), {"request_timeout_s": timeout_s or s.request_timeout_s}),
+                _deployment("ingress", s.ingress.serve_options(),
+                            {"request_timeout_s": timeout_s or s.request_timeout_s}),
                 _deployment("policy", policy_options(config), policy_user_config(config, model_dir, version)),
                 _deployment("segment", s.segment.serve_options(), weights_user_config(model_dir, version))],
         }],

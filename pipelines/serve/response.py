@@ -20,7 +20,8 @@ OVERLAY_ALPHA = 0.5
 
 def split_answer(text: str, ref_token: str) -> tuple[str, str]:
     """(reasoning inside <think> </think>, the rest) of a response; without both tags all of it is the answer."""
-    if text.count(THINK_OPEN) == 1 and text.count(THINK_CLOSE) == 1 and text.index(THINK_OPEN) < text.index(THINK_CLOSE):
+    if (text.count(THINK_OPEN) == 1 and text.count(THINK_CLOSE) == 1
+            and text.index(THINK_OPEN) < text.index(THINK_CLOSE)):
         head, rest = text.split(THINK_OPEN, 1)
         reasoning, tail = rest.split(THINK_CLOSE, 1)
         return reasoning.strip(), (head + tail).strip()

@@ -24,7 +24,8 @@ class SegmentDeployment:
         self.lock = threading.Lock()
 
     def reconfigure(self, user_config: dict) -> None:
-        """``{"model_dir", "version"}``: the encoders load from the first folder (they are frozen), the head per version."""
+        """``{"model_dir", "version"}``: the encoders load from the first folder (they are frozen), the head per
+        version."""
         model_dir, version = user_config.get("model_dir"), int(user_config.get("version", 0))
         if not model_dir:
             return
