@@ -43,6 +43,12 @@ def content_hash(path: str | Path) -> str:
     return file_sha256(path)
 
 
+def sam_input_size_of(features: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """An image's ``sam_input_size`` (h, w) as ints: the shard holds it as an int32 tensor."""
+    h, w = (int(v) for v in features["sam_input_size"])
+    return h, w
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from data.features import FeatureStore, content_hash
+from data.features import FeatureStore, content_hash, sam_input_size_of
 from data.mask_frames import lowres_gt
 from data.schema import DataError, Sample, read_samples, resolve_image
 
@@ -54,6 +54,5 @@ class SegDataset:
         except FileNotFoundError as exc:
             problem = f"image {image} not found" if not image.is_file() else str(exc)
             raise DataError(self.split_file, sample.sample_id, None, problem) from None
-        input_size = tuple(int(v) for v in feats["sam_input_size"])
-        return SegItem(sample, feats["vision"], feats["sam"], input_size,
+        return SegItem(sample, feats["vision"], feats["sam"], sam_input_size_of(feats),
                        lowres_gt(sample.gt_stack, feats, self.sam_img_size))

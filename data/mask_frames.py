@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from data.features import sam_input_size_of
+
 
 def lowres_side(sam_embedding: torch.Tensor) -> int:
     """Side of the low-res mask frame of a SAM image embedding [..., C, h, w] (the decoder upscales 4x)."""
@@ -21,8 +23,7 @@ def lowres_side(sam_embedding: torch.Tensor) -> int:
 def lowres_gt(gt: np.ndarray, features: dict[str, torch.Tensor], img_size: int) -> torch.Tensor:
     """``gt_to_lowres`` for an image with cached features (``data.features``): its SAM embedding
     fixes the frame's side, its ``sam_input_size`` where the image lies in SAM's square."""
-    input_size = tuple(int(v) for v in features["sam_input_size"])
-    return gt_to_lowres(gt, input_size, img_size, lowres_side(features["sam"]))
+    return gt_to_lowres(gt, sam_input_size_of(features), img_size, lowres_side(features["sam"]))
 
 
 def gt_to_lowres(masks: np.ndarray | torch.Tensor, input_size: tuple[int, int], img_size: int,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.features import sam_input_size_of
 from models.losses import grpo_loss, segmentation_loss, truncated_is_weights
 from models.sae_fit import evaluate_sae
 
@@ -133,7 +134,7 @@ def learner_loss(
     feats = [features.get(r["image_hash"]) for r in rows]
     out, heads = model([r["prompt_ids"] for r in rows], [f["vision"] for f in feats],
                        [r["response_ids"] for r in rows], [f["sam"] for f in feats],
-                       [tuple(f["sam_input_size"].tolist()) for f in feats])
+                       [sam_input_size_of(f) for f in feats])
 
     width = out.logprobs.shape[1]
     mask = out.response_mask & torch.tensor(live)[:, None]

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from data.features import FeatureStore
+from data.features import FeatureStore, sam_input_size_of
 from data.mask_frames import lowres_side
 from data.reference_rows import mask_list_array
 from data.trajectory import REF_LOGPROBS_FIELD, REFERENCE_FIELDS
@@ -75,7 +75,7 @@ class ReferenceCore:
                 images = [feats[hashes[i]] for i in idx]
                 out, heads = self.model([prompts[i] for i in idx], [f["vision"] for f in images],
                                         [responses[i] for i in idx], [f["sam"] for f in images],
-                                        [tuple(f["sam_input_size"].tolist()) for f in images])
+                                        [sam_input_size_of(f) for f in images])
                 for j, i in enumerate(idx):
                     ref_lp[i] = out.logprobs[j, : len(responses[i])].numpy()
                     side = lowres_side(feats[hashes[i]]["sam"])

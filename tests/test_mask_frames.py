@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data.features import sam_input_size_of
 from data.mask_frames import gt_to_lowres, lowres_gt, lowres_side, lowres_to_image, slot_targets
 from models.sam import TinySamSpec, build_tiny_sam
 
@@ -45,6 +46,12 @@ def test_cached_features_give_the_frame():
     feats = {"sam": torch.zeros(16, 8, 8), "sam_input_size": torch.tensor([43, 64])}
     assert lowres_side(feats["sam"]) == lowres_side(feats["sam"][None]) == 32
     torch.testing.assert_close(lowres_gt(gt, feats, img_size=64), gt_to_lowres(gt, (43, 64), 64, 32))
+
+
+@given(st.integers(1, 4096), st.integers(1, 4096))
+def test_the_cached_input_size_reads_as_a_pair_of_python_ints(h, w):
+    got = sam_input_size_of({"sam_input_size": torch.tensor([h, w], dtype=torch.int32)})
+    assert got == (h, w) and all(type(v) is int for v in got)
 
 
 def test_no_target_gives_empty_stack():

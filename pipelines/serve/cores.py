@@ -26,6 +26,7 @@ import torch
 
 from config import Config
 from config.builders import build_head, build_policy
+from data.features import sam_input_size_of
 from models.encoders import FrozenEncoders
 from models.prompt import prompt_ids
 from models.segmenter import NonFiniteError, require_finite, verify_model_folder
@@ -167,7 +168,7 @@ class SegmentCore:
         self.load_head(answer.model_dir, answer.weights_version)
         head = self.heads[answer.weights_version]
         fields = [[answer.fields[name]] for name in head.policy_inputs]
-        input_size = tuple(int(v) for v in features["sam_input_size"])
+        input_size = sam_input_size_of(features)
         head_out = head.decode_batch(*fields, [features["sam"]], sam_input_sizes=[input_size])[0]
         if not torch.isfinite(head_out.mask_logits).all():
             raise NonFiniteError("the head's mask logits are not finite (NaN or inf): its weights are damaged")
