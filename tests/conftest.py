@@ -73,7 +73,7 @@ def tiny_features(tiny_workspace, ray_cluster):
 
 @pytest.fixture(scope="session")
 def default_world(tmp_path_factory, ray_cluster):
-    """configs/tiny.yaml as the main job runs it (2,000 training samples, every pretraining budget and SAE
+    """configs/tiny.yaml as the main job runs it (6,000 training samples, every pretraining budget and SAE
     default) with a smaller val/test, built, featurised and with its SAE trained once for the modules that
     check the quality of those defaults (minutes)."""
     from pipelines.build import build_synthetic, build_tiny

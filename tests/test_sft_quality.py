@@ -1,7 +1,7 @@
 """The supervised warm start does its job: the policy emits the format, segments better than at the start,
 and its masks depend on what the answer says.
 
-The main job's SFT stage as it is (2000 synthetic training samples, 3 epochs) on the
+The main job's SFT stage as it is (6000 synthetic training samples, 3 epochs) on the
 session's `default_world` (configs/tiny.yaml's models, features and SAE, shared with the
 SAE check), val measured on 64 samples before and after (greedy decoding).
 The untrained policy never emits `<SEG>`, so its gIoU is the share of false premises
@@ -43,6 +43,19 @@ def test_sft_raises_val_giou_above_its_start(report):
     before, after = report["before"], report["after"]
     assert after["giou"] > before["giou"]
     assert after["t_acc"] > 0.5  # it segments objects that exist instead of refusing everything
+
+
+def test_sft_segments_well_above_every_trivial_baseline(sft_run):
+    """On the same 64 val samples the best trivial baseline (the largest shape) scores gIoU 0.443; the
+    main job's SFT measured 0.521 there (0.837 after the reference reasoning). With 2,000 training
+    samples (375 steps) it reached about 0.40 on val 200, below segmenting every coloured pixel."""
+    from pipelines.baselines import split_baselines
+
+    config, report = sft_run
+    val = Path(config.resolve_path(config.data.root)) / "val.parquet"
+    best = max(b["giou"] for b in split_baselines(val, config.sft.eval_samples, config.seed).values())
+    assert report["after"]["giou"] > best + 0.03
+    assert report["after"]["guided_giou"] > 0.7
 
 
 @pytest.fixture(scope="module")
