@@ -86,7 +86,7 @@ def test_make_tiny_records_pretrained_vision_and_aligned_lm(tiny_workspace):
 def test_the_default_budgets_give_a_tower_that_tells_kinds_and_an_lm_that_names_shapes(default_world):
     """make-tiny at configs/tiny.yaml's budgets (the session's default world): the tower reads shape kind per
     object patch (1,200 steps at lr 2e-3 read it at 0.60, and the LM then named 0.58 of a scene's shapes;
-    these budgets measured 0.82 and 0.75)."""
+    these budgets measured 0.82 and 0.77)."""
     tiny = json.loads((Path(default_world.resolve_path(default_world.model.name_or_path)) / "tiny.json").read_text())
     accuracy = tiny["vision"]["object_patch_accuracy"]
     assert accuracy["colour"] >= 0.99 and accuracy["kind"] >= 0.75, accuracy
