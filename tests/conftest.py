@@ -74,15 +74,17 @@ def tiny_features(tiny_workspace, ray_cluster):
 @pytest.fixture(scope="session")
 def default_world(tmp_path_factory, ray_cluster):
     """configs/tiny.yaml as the main job runs it (6,000 training samples, every pretraining budget and SAE
-    default) with a smaller val/test, built, featurised and with its SAE trained once for the modules that
-    check the quality of those defaults (minutes)."""
+    default) with a smaller val/test and SFT at 3 of the main job's 7 epochs (1,125 steps: the suite's time),
+    built, featurised and with its SAE trained once for the modules that check the quality of those defaults
+    (minutes)."""
     from pipelines.build import build_synthetic, build_tiny
     from pipelines.precompute import precompute
     from pipelines.sae_train import run_sae_train
 
     work = tmp_path_factory.mktemp("default-world")
     config = load_config("configs/tiny.yaml", [f"paths.work_dir={work}", "data.synthetic.n_val=64",
-                                               "data.synthetic.n_test=4", "sft.eval_samples=64"])
+                                               "data.synthetic.n_test=4", "sft.eval_samples=64",
+                                               "sft.epochs=3"])
     build_synthetic(config)
     build_tiny(config)
     precompute(config, splits=["train", "val"], batch_size=64)

@@ -1,7 +1,7 @@
 """The supervised warm start does its job: the policy emits the format, segments better than at the start,
 and its masks depend on what the answer says.
 
-The main job's SFT stage as it is (6000 synthetic training samples, 3 epochs) on the
+The main job's SFT stage (6000 synthetic training samples) for 3 of its 7 epochs, on the
 session's `default_world` (configs/tiny.yaml's models, features and SAE, shared with the
 SAE check), val measured on 64 samples before and after (greedy decoding).
 The untrained policy never emits `<SEG>`, so its gIoU is the share of false premises
@@ -46,9 +46,9 @@ def test_sft_raises_val_giou_above_its_start(report):
 
 
 def test_sft_segments_well_above_every_trivial_baseline(sft_run):
-    """On the same 64 val samples the best trivial baseline (the largest shape) scores gIoU 0.443; the
-    main job's SFT measured 0.598 there (0.888 after the reference reasoning). With 2,000 training
-    samples (375 steps) it reached about 0.40 on val 200, below segmenting every coloured pixel."""
+    """On the same 64 val samples the best trivial baseline (the largest shape) scores gIoU 0.443; SFT for
+    3 epochs measured 0.598 there (0.888 after the reference reasoning). With 2,000 training samples
+    (375 steps) it reached about 0.40 on val 200, below segmenting every coloured pixel."""
     from pipelines.baselines import split_baselines
 
     config, report = sft_run
