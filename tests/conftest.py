@@ -74,7 +74,7 @@ def tiny_features(tiny_workspace, ray_cluster):
 @pytest.fixture(scope="session")
 def default_world(tmp_path_factory, ray_cluster):
     """configs/tiny.yaml as the main job runs it (6,000 training samples, every pretraining budget and SAE
-    default) with a smaller val/test and SFT at 3 of the main job's 7 epochs (1,125 steps: the suite's time),
+    default) with a smaller val/test and SFT for 3 epochs, not the main job's 7 (1,125 steps, for the suite's time),
     built, featurised and with its SAE trained once for the modules that check the quality of those defaults
     (minutes)."""
     from pipelines.build import build_synthetic, build_tiny

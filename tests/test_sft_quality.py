@@ -1,7 +1,7 @@
 """The supervised warm start does its job: the policy emits the format, segments better than at the start,
 and its masks depend on what the answer says.
 
-The main job's SFT stage (6000 synthetic training samples) for 3 of its 7 epochs, on the
+The main job's SFT stage (6000 synthetic training samples) for 3 epochs instead of its 7, on the
 session's `default_world` (configs/tiny.yaml's models, features and SAE, shared with the
 SAE check), val measured on 64 samples before and after (greedy decoding).
 The untrained policy never emits `<SEG>`, so its gIoU is the share of false premises
