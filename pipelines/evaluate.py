@@ -17,7 +17,9 @@ threshold (READ A.1): how much a calibrated threshold would buy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ THRESHOLD_METRICS = ("fixed_threshold_giou", "best_threshold_giou", "similarity_
 class EvalResult:
     metrics: dict
     responses: list[str]
+    per_sample: dict[str, dict] = field(default_factory=dict)  # sample id -> {"iou", "reasoning" (synthetic)}
 
 
 def kept_slot_logits(head_out, sam_input_size: tuple[int, int], image_size: tuple[int, int], img_size: int,
@@ -133,6 +136,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
     K = 1) adds ``THRESHOLD_METRICS``."""
     model.eval()
     meter, guided, texts, formats, rewards, searched, reasoned = SegMetrics(), SegMetrics(), [], [], [], [], []
+    per_sample: dict[str, dict] = {}
     order = range(0, len(dataset), batch_size)
     for start in tqdm(order, desc="eval", unit="batch", disable=not progress):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -141,10 +145,12 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
             text = tokenizer.decode(resp, skip_special_tokens=True)
             texts.append(text)
             formats.append(response_format_score(text, ref_token, preset))
+            scores = per_sample[str(item.sample.sample_id)] = {}
             if has_reference(item):
                 reasoned.append(reasoning_correct(text, item.sample.reasoning, ref_token))
+                scores["reasoning"] = float(reasoned[-1])
             pred = None if head is None else predicted_mask(head, item, img_size, num_slots, conf_threshold)
-            meter.add(pred, item.sample.gt_stack.any(0), item.sample.ignore_mask)
+            scores["iou"] = meter.add(pred, item.sample.gt_stack.any(0), item.sample.ignore_mask)
             probs, conf = slot_probabilities(head, num_slots, lowres_side(item.sam_embedding))
             rewards.append(mask_score(probs, conf, slot_targets(item.gt_lowres, num_slots).numpy(),
                                       conf_threshold, preset))
@@ -165,7 +171,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
     if reasoned:
         summary["reasoning_acc"] = float(np.mean(reasoned))
         summary["guided_giou"] = guided.summary()["giou"]
-    return EvalResult(summary, texts)
+    return EvalResult(summary, texts, per_sample)
 
 
 def evaluate_with_config(config, model: Segmenter, tokenizer, dataset: SegDataset, img_size: int,
@@ -181,9 +187,6 @@ def run_eval(config, checkpoint: str | None = None, split: str | None = None, li
              out: str | None = None, baselines: bool = False) -> dict:
     """`segrl eval`: metrics of a checkpoint on a split, saved as JSON beside it (or at `out`);
     ``baselines`` adds the trivial baselines' metrics on the same samples (synthetic splits)."""
-    import json
-    from pathlib import Path
-
     from config.builders import build_segmenter, config_for_model, feature_store
     from pipelines.baselines import split_baselines
 
@@ -195,11 +198,19 @@ def run_eval(config, checkpoint: str | None = None, split: str | None = None, li
     model, tokenizer, img_size = build_segmenter(config, checkpoint)
     dataset = SegDataset(split_file, feature_store(config), img_size, limit=limit)
     result = evaluate_with_config(config, model, tokenizer, dataset, img_size)
-    path = Path(out) if out else Path(checkpoint) / f"eval-{split}.json"
+    path = write_eval(Path(out) if out else Path(checkpoint) / f"eval-{split}.json", checkpoint, split, result,
+                      trivial)
+    return {"split": split, "metrics": result.metrics, "baselines": trivial, "path": str(path)}
+
+
+def write_eval(path: Path, checkpoint, split: str, result: EvalResult, baselines: dict | None = None) -> Path:
+    """An evaluation as JSON: metrics, baselines, the first answers and every sample's scores (what
+    ``paired_change`` compares two checkpoints by)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "metrics": result.metrics,
-                                "baselines": trivial, "samples": result.responses[:16]}, indent=2))
-    return {"split": split, "metrics": result.metrics, "baselines": trivial, "path": str(path)}
+                                "baselines": baselines or {}, "samples": result.responses[:16],
+                                "per_sample": result.per_sample}, indent=2))
+    return path
 
 
 def table_lines(rows: dict[str, dict]) -> list[str]:

@@ -24,7 +24,7 @@ from data.mask_frames import slot_targets
 from models.losses import segmentation_loss
 from models.optim import build_optimizer, clip_grad_norm, one_cycle, param_groups
 from models.segmenter import save_segmenter
-from pipelines.evaluate import evaluate_with_config, table_lines, teacher_forced
+from pipelines.evaluate import EvalResult, evaluate_with_config, table_lines, teacher_forced, write_eval
 
 
 def sft_step(model, tokenizer, items: list[SegItem], config: Config) -> tuple[torch.Tensor, dict]:
@@ -53,12 +53,12 @@ def run_sft(config: Config, progress: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(config))
 
-    def score(tag: str) -> dict:
+    def score(tag: str) -> EvalResult:
         res = evaluate_with_config(config, model, tokenizer, val, img_size, progress)
         (out_dir / f"samples-{tag}.json").write_text(json.dumps(res.responses[:8], indent=2))
-        return res.metrics
+        return res
 
-    before = score("before")
+    before = score("before").metrics
     s = config.sft
     groups = param_groups(model.param_modules(), s.lr, s.lr_multipliers.model_dump(), config.optim.weight_decay)
     optimizer = build_optimizer(groups, tuple(config.optim.betas))
@@ -83,8 +83,10 @@ def run_sft(config: Config, progress: bool = True) -> dict:
                 bar.update()
     after = score("after")
     source = config.resolve_path(config.model.name_or_path)
-    save_segmenter(model, head_spec(config), tokenizer, source, out_dir / "model")
-    report = {"before": before, "after": after, "steps": step, "checkpoint": str(out_dir / "model")}
+    model_dir = save_segmenter(model, head_spec(config), tokenizer, source, out_dir / "model")
+    split = config.data.eval_splits[0]
+    write_eval(model_dir / f"eval-{split}.json", model_dir, split, after)  # as `segrl eval` would write it
+    report = {"before": before, "after": after.metrics, "steps": step, "checkpoint": str(model_dir)}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -1,4 +1,5 @@
-"""The statistics behind the plots and analyses: EMA smoothing, OLS with a mean confidence band, Pearson r.
+"""The statistics behind the plots and analyses: EMA smoothing, OLS with a mean confidence band, Pearson r,
+and the paired change between two evaluations of the same samples.
 
 SegCompass C.1 (Figure 8) overlays an ordinary-least-squares line and a confidence band of
 the mean on each scatter, and reads the association from Pearson's r and its p-value.
@@ -6,6 +7,7 @@ Pure numpy + scipy, so `segrl plot` and `segrl analyze` share one tested core.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -85,3 +87,33 @@ def ols_fit(x, y, level: float = 0.95, grid_points: int = 50) -> OlsFit:
     fitted = slope * grid + intercept
     return OlsFit(slope, intercept, r, p, int(n), float(level), grid.tolist(), (fitted - half).tolist(),
                   (fitted + half).tolist())
+
+
+@dataclass(frozen=True)
+class PairedChange:
+    """Mean per-sample change (after − before) over ``n`` shared samples, with its standard error."""
+
+    change: float
+    se: float
+    n: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def paired_change(before: Mapping[str, float], after: Mapping[str, float]) -> PairedChange:
+    """The mean of after[k] − before[k] over the keys both hold, and its standard error sd(d)/√n.
+
+    Two checkpoints scored on the same samples differ far less from sample to sample than two
+    independent sets would: pairing removes the spread of sample difficulty, so a change of a
+    point or two can be told from noise (or not) on a few hundred samples. The error is NaN
+    for a single shared sample; no shared sample is an error.
+    """
+    keys = [k for k in before if k in after]
+    if not keys:
+        raise ValueError("the two evaluations share no sample: nothing to compare")
+    d = np.array([float(after[k]) - float(before[k]) for k in keys], dtype=np.float64)
+    if not np.isfinite(d).all():
+        raise ValueError("per-sample scores must be finite")
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    return PairedChange(float(d.mean()), se, int(d.size))

@@ -23,7 +23,7 @@ from data.synthetic import NO_TARGET_ANSWER, random_scene, sft_target
 from models.encoders import FrozenEncoders
 from pipelines.baselines import BASELINES, baseline_metrics, largest_shape, shapes, split_baselines
 from pipelines.evaluate import THRESHOLD_METRICS, run_eval, table_lines, threshold_search
-from pipelines.report import main_report
+from pipelines.report import change_line, eval_change, main_report
 
 N_ITEMS = 6
 
@@ -133,6 +133,15 @@ def test_reasoning_accuracy_counts_answers_that_settle_on_exactly_the_targets(re
     assert metrics["reasoning_acc"] == pytest.approx(np.mean([s.no_target for s in samples]))
     assert metrics["giou"] == pytest.approx(np.mean([s.no_target for s in samples]))
     assert metrics["guided_giou"] == pytest.approx(guided)  # what the model answers does not change it
+    own, refused = (json.loads((tmp_path / f"{name}.json").read_text())["per_sample"] for name in ("own", "refuse"))
+    assert list(refused) == [s.sample_id for s in samples]
+    assert [refused[s.sample_id] for s in samples] == [{"reasoning": float(s.no_target), "iou": float(s.no_target)}
+                                                       for s in samples]
+    assert all(own[s.sample_id]["reasoning"] == 1.0 for s in samples)
+    change = eval_change(tmp_path / "own.json", tmp_path / "refuse.json")
+    assert change["reasoning_acc"]["change"] == pytest.approx(metrics["reasoning_acc"] - 1.0)
+    assert change["giou"]["change"] == pytest.approx(metrics["giou"] - np.mean([own[k]["iou"] for k in own]))
+    assert change["giou"]["n"] == N_ITEMS
     assert "reason" in table_lines({"val": metrics})[0] and "guided" in table_lines({"val": metrics})[0]
 
 
@@ -190,9 +199,37 @@ def test_main_report_reads_the_model_and_sae_folders_and_nulls_what_is_missing(t
     model.mkdir(), sae.mkdir()
     (model / "tiny.json").write_text(json.dumps({"spec": {}}))  # a make-tiny folder from before SAM pretraining
     report = main_report({"giou": 0.5, "reasoning_acc": 0.7}, {"giou": 0.6}, model, sae)
-    assert report == {"sft": {"giou": 0.5, "reasoning_acc": 0.7}, "grpo": {"giou": 0.6}, "sam_box_iou": None,
-                      "sae": {"l0": None, "explained_variance": None}}
+    assert report == {"sft": {"giou": 0.5, "reasoning_acc": 0.7}, "grpo": {"giou": 0.6}, "grpo_vs_sft": {},
+                      "sam_box_iou": None, "sae": {"l0": None, "explained_variance": None}}
     (model / "tiny.json").write_text(json.dumps({"sam": {"box_iou": 0.91, "point_iou": 0.8}}))
     (sae / "metrics.json").write_text(json.dumps({"l0": 32.0, "explained_variance": 0.96, "mse": 1e-3}))
     report = main_report({}, {}, model, sae)
     assert report["sam_box_iou"] == 0.91 and report["sae"] == {"l0": 32.0, "explained_variance": 0.96}
+
+
+def _eval_file(path: Path, per_sample: dict) -> Path:
+    path.write_text(json.dumps({"metrics": {}, "per_sample": per_sample}))
+    return path
+
+
+def test_eval_change_pairs_the_samples_both_evaluations_scored(tmp_path):
+    before = _eval_file(tmp_path / "a.json", {"s0": {"iou": 0.2, "reasoning": 0.0},
+                                              "s1": {"iou": 0.6, "reasoning": 1.0},
+                                              "s2": {"iou": 1.0, "reasoning": 1.0}, "only-a": {"iou": 0.0}})
+    after = _eval_file(tmp_path / "b.json", {"s0": {"iou": 0.8, "reasoning": 1.0},
+                                             "s1": {"iou": 0.6, "reasoning": 1.0},
+                                             "s2": {"iou": 0.9}, "only-b": {"iou": 1.0}})
+    change = eval_change(before, after)
+    d = np.array([0.6, 0.0, -0.1])
+    assert change["giou"] == pytest.approx({"change": d.mean(), "se": d.std(ddof=1) / np.sqrt(3), "n": 3})
+    assert change["reasoning_acc"] == pytest.approx({"change": 0.5, "se": 0.5, "n": 2})
+    line = change_line(change, "GRPO - SFT")
+    assert line == "GRPO - SFT on the same 3 samples (paired, ± standard error): gIoU +0.167 ± 0.219, " \
+                   "reasoning +0.500 ± 0.500"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"metrics": {}}))  # written before per-sample scores were recorded
+    assert eval_change(old, after) == {} and eval_change(tmp_path / "missing.json", after) == {}
+    assert "no per-sample scores" in change_line({}, "GRPO - SFT")
+    model, sae = tmp_path / "model", tmp_path / "sae"
+    model.mkdir(), sae.mkdir()
+    assert main_report({}, {}, model, sae, change)["grpo_vs_sft"] == change

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,11 @@ def test_sft_runs_saves_and_reloads(tiny_workspace, tiny_sae, tmp_path):
     for tag in ("before", "after"):
         assert {"giou", "ciou", "n_acc", "t_acc", "format_valid"} <= set(report[tag])
     ckpt = Path(report["checkpoint"])
+    scored = json.loads((ckpt / "eval-val.json").read_text())  # the "after" eval, as `segrl eval` writes one
+    assert scored["metrics"] == report["after"] and len(scored["per_sample"]) == 8
+    assert np.mean([s["iou"] for s in scored["per_sample"].values()]) == pytest.approx(report["after"]["giou"])
+    assert (np.mean([s["reasoning"] for s in scored["per_sample"].values()])
+            == pytest.approx(report["after"]["reasoning_acc"]))
     assert (ckpt / "head" / "model.safetensors").is_file() and (ckpt / "projector").is_dir()
     assert ((ckpt / "sam" / "sam.pt").read_bytes()
             == (Path(tiny_workspace["tiny"]["path"]) / "sam" / "sam.pt").read_bytes())
