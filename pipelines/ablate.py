@@ -20,6 +20,7 @@ from data.atomic import write_atomic
 from data.schema import DataError
 from pipelines.build import cached_step, grpo_params, sft_params
 from pipelines.grpo.reward_trend import reward_trend
+from pipelines.report import eval_change
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,11 @@ def run_variant(config: Config, sft_config: Config, base: Config, force: bool) -
     grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params(config, sft_step),
                        lambda: train(config, overwrite=True), force)
     trend = reward_trend(grpo["rewards"])
-    return {"sft": sft_report["after"], "grpo": grpo["eval"], "reward_first": trend.first,
+    evals = [Path(folder) / f"eval-{config.data.eval_splits[0]}.json" for folder in (sft_report["checkpoint"],
+                                                                                       grpo["model"])]
+    change = eval_change(*evals)
+    return {"sft": sft_report["after"], "grpo": grpo["eval"], "giou_change_se": change.get("giou", {}).get("se"),
+            "reward_first": trend.first,
             "reward_last": trend.last, "reward_change_se": trend.change_se, "steps": len(grpo["rewards"]),
             "wall_s": grpo.get("wall_s"),
             "run": config.resolve_path(config.train.output)}
@@ -129,7 +134,8 @@ COLUMNS = (("gIoU", "giou"), ("cIoU", "ciou"), ("N-acc", "n_acc"), ("T-acc", "t_
 
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> list[str]:
-    """One row per (variant, seed): val after GRPO, its gIoU change over its own SFT start, and the
+    """One row per (variant, seed): val after GRPO, its gIoU change over its own SFT start (± its paired
+    standard error where both evaluations recorded per-sample scores), and the
     training reward's first-fifth and last-fifth means with the change's standard error (rows
     written before it was recorded show the means alone)."""
     head = "| variant | seed | " + " | ".join(c for c, _ in COLUMNS) + " | gIoU vs SFT | reward first → last |"
@@ -137,9 +143,11 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> list[str]:
     for name, by_seed in results.items():
         for seed, r in by_seed.items():
             cells = " | ".join(f"{r['grpo'].get(key, float('nan')):.3f}" for _, key in COLUMNS)
-            gain = r["grpo"]["giou"] - r["sft"]["giou"]
+            gain = f"{r['grpo']['giou'] - r['sft']['giou']:+.3f}"
+            if r.get("giou_change_se") is not None:
+                gain += f" ± {r['giou_change_se']:.3f}"
             trend = f"{r['reward_first']:.3f} → {r['reward_last']:.3f}"
             if "reward_change_se" in r:
                 trend += f" ({r['reward_last'] - r['reward_first']:+.3f} ± {r['reward_change_se']:.3f})"
-            lines.append(f"| {name} | {seed} | {cells} | {gain:+.3f} | {trend} |")
+            lines.append(f"| {name} | {seed} | {cells} | {gain} | {trend} |")
     return lines

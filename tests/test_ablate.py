@@ -61,11 +61,12 @@ def test_a_name_is_registered_once():
 def test_table_rows_show_the_gain_over_sft_and_the_reward_trend():
     metrics = {"giou": 0.5, "ciou": 0.4, "n_acc": 0.9, "t_acc": 0.95, "reasoning_acc": 0.25}
     results = {"default": {"0": {"sft": {**metrics, "giou": 0.42}, "grpo": metrics,
-                                 "reward_first": 0.31, "reward_last": 0.47, "reward_change_se": 0.021},
+                                 "reward_first": 0.31, "reward_last": 0.47, "reward_change_se": 0.021,
+                                 "giou_change_se": 0.014},
                            "1": {"sft": metrics, "grpo": metrics, "reward_first": 0.3, "reward_last": 0.3}}}
     lines = markdown_table(results)
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|")
-    assert lines[2] == ("| default | 0 | 0.500 | 0.400 | 0.900 | 0.950 | 0.250 | +0.080 | "
+    assert lines[2] == ("| default | 0 | 0.500 | 0.400 | 0.900 | 0.950 | 0.250 | +0.080 ± 0.014 | "
                         "0.310 → 0.470 (+0.160 ± 0.021) |")
     assert lines[3].endswith("| +0.000 | 0.300 → 0.300 |")  # a row from before the error was recorded
 
