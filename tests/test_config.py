@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from config import Config, ConfigError, dump_config, load_config
 from config.builders import learner_settings, loss_settings, rollout_settings
 from config.load import parse_override
-from config.paths import FOLDERS, expand
 from config.model import (
     TinyConfig,
     TinyLMAlignConfig,
@@ -19,6 +18,7 @@ from config.model import (
     TinyVisionConfig,
     TinyVisionPretrainConfig,
 )
+from config.paths import FOLDERS, expand
 from models.tiny_specs import (
     TinyLMAlignSpec,
     TinyLMSpec,
