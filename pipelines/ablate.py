@@ -20,7 +20,7 @@ from data.atomic import write_atomic
 from data.schema import DataError
 from pipelines.build import cached_step, grpo_params, sft_params
 from pipelines.grpo.reward_trend import reward_trend
-from pipelines.report import eval_change
+from pipelines.report import checkpoints_change
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,10 @@ def run_variant(config: Config, sft_config: Config, base: Config, force: bool) -
     grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params(config, sft_step),
                        lambda: train(config, overwrite=True), force)
     trend = reward_trend(grpo["rewards"])
-    evals = [Path(folder) / f"eval-{config.data.eval_splits[0]}.json" for folder in (sft_report["checkpoint"],
-                                                                                       grpo["model"])]
-    change = eval_change(*evals)
+    change = checkpoints_change(config, sft_report["checkpoint"], grpo["model"])
     return {"sft": sft_report["after"], "grpo": grpo["eval"], "giou_change_se": change.get("giou", {}).get("se"),
-            "reward_first": trend.first,
-            "reward_last": trend.last, "reward_change_se": trend.change_se, "steps": len(grpo["rewards"]),
+            "reward_first": trend.first, "reward_last": trend.last, "reward_change_se": trend.change_se,
+            "steps": len(grpo["rewards"]),
             "wall_s": grpo.get("wall_s"),
             "run": config.resolve_path(config.train.output)}
 

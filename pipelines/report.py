@@ -47,6 +47,12 @@ def eval_change(before: str | Path, after: str | Path) -> dict:
     return out
 
 
+def checkpoints_change(config, before: str | Path, after: str | Path) -> dict:
+    """``eval_change`` of two checkpoint folders' evaluations on the config's first eval split."""
+    name = f"eval-{config.data.eval_splits[0]}.json"
+    return eval_change(Path(before) / name, Path(after) / name)
+
+
 def change_line(change: dict, label: str) -> str:
     """One line of ``eval_change``'s result, e.g. "GRPO - SFT ...: gIoU +0.012 ± 0.008, ..."."""
     if not change:

@@ -22,7 +22,7 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
     from pipelines.evaluate import table_lines
     from pipelines.grpo.reward_trend import reward_trend
     from pipelines.plot import plot_run
-    from pipelines.report import change_line, eval_change, write_main_report
+    from pipelines.report import change_line, checkpoints_change, write_main_report
     from pipelines.train import train
 
     data = cmd_make_data(config, args)
@@ -35,9 +35,7 @@ def cmd_main(config: Config, args: argparse.Namespace) -> None:
                              lambda: sft.run_sft(config), args.force)
     grpo = cached_step("train", Path(config.resolve_path(config.train.output)), grpo_params(config, sft_step),
                        lambda: train(config, overwrite=True), args.force)
-    evals = [Path(folder) / f"eval-{config.data.eval_splits[0]}.json" for folder in (sft_report["checkpoint"],
-                                                                                       grpo["model"])]
-    change = eval_change(*evals)
+    change = checkpoints_change(config, sft_report["checkpoint"], grpo["model"])
     print("\n".join(
         report_lines(config, data, tiny, feats) + sae_train.report_lines(sae_report)
         + ["val metrics (first %d samples):" % config.train.eval_samples]
