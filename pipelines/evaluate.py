@@ -135,7 +135,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
     """Greedy answers of up to ``max_new_tokens``, scored; ``threshold_metrics`` (READ head,
     K = 1) adds ``THRESHOLD_METRICS``."""
     model.eval()
-    meter, guided, texts, formats, rewards, searched, reasoned = SegMetrics(), SegMetrics(), [], [], [], [], []
+    meter, guided, texts, formats, rewards, searched = SegMetrics(), SegMetrics(), [], [], [], []
     per_sample: dict[str, dict] = {}
     order = range(0, len(dataset), batch_size)
     for start in tqdm(order, desc="eval", unit="batch", disable=not progress):
@@ -147,8 +147,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
             formats.append(response_format_score(text, ref_token, preset))
             scores = per_sample[str(item.sample.sample_id)] = {}
             if has_reference(item):
-                reasoned.append(reasoning_correct(text, item.sample.reasoning, ref_token))
-                scores["reasoning"] = float(reasoned[-1])
+                scores["reasoning"] = float(reasoning_correct(text, item.sample.reasoning, ref_token))
             pred = None if head is None else predicted_mask(head, item, img_size, num_slots, conf_threshold)
             scores["iou"] = meter.add(pred, item.sample.gt_stack.any(0), item.sample.ignore_mask)
             probs, conf = slot_probabilities(head, num_slots, lowres_side(item.sam_embedding))
@@ -168,6 +167,7 @@ def evaluate(model: Segmenter, tokenizer, dataset: SegDataset, img_size: int, re
     summary["format_valid"] = float(np.mean([f > 0 for f in formats])) if formats else float("nan")
     summary["format_score"] = float(np.mean(formats)) if formats else float("nan")
     summary["mask_reward"] = float(np.mean(rewards)) if rewards else float("nan")
+    reasoned = [s["reasoning"] for s in per_sample.values() if "reasoning" in s]
     if reasoned:
         summary["reasoning_acc"] = float(np.mean(reasoned))
         summary["guided_giou"] = guided.summary()["giou"]

@@ -1,4 +1,5 @@
 """The `segrl` command: the main job's report, conversion, and clear errors."""
+import json
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,9 @@ def test_main_job_builds_and_reports(tiny_workspace, ray_cluster, capsys):
     assert "tokenizer" in out and "LM " in out and "SAM " in out
     assert "0 failed" in out
     assert "explained variance" in out and "after SFT" in out and "after GRPO" in out and "reward: first" in out
+    assert "GRPO - SFT on the same 4 samples (paired, ± standard error): gIoU " in out  # SFT's 8 and GRPO's 4
+    report = json.loads((Path(config.resolve_path("{work_dir}")) / "report.json").read_text())
+    assert report["grpo_vs_sft"]["giou"]["n"] == 4 and report["grpo_vs_sft"]["reasoning_acc"]["n"] == 4
     assert main(["main", *overrides_for(config), *quick]) == 0  # a rerun skips every finished step
     again = capsys.readouterr().out
     assert "sae-train:" in again and "sft:" in again and "train:" in again and again.count("is up to date") == 5
