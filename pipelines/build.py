@@ -78,7 +78,7 @@ def tiny_spec(config: Config):
 
 
 def build_tiny(config: Config, force: bool = False) -> dict:
-    """Train the tokenizer on the synthetic train split and build the tiny models."""
+    """Train the tokenizer on the synthetic set's splits (``corpus``) and build the tiny models."""
     from dataclasses import asdict
 
     from data.synthetic import corpus

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +267,20 @@ def test_corpus_stays_inside_the_vocabulary(data_dir, samples):
     assert {s.question for s in samples} <= set(texts)
     emitted = {w for t in texts for w in words(re.sub(r"</?think>|<SEG>", " ", t))}
     assert emitted <= set(WORDS), emitted - set(WORDS)
+
+
+def test_corpus_reads_only_the_sets_own_splits(data_dir, tmp_path):
+    """An experiment's extra split beside the set's files must not retrain the tokenizer."""
+    for split in SPLITS:
+        (tmp_path / f"{split}.parquet").write_bytes((data_dir / f"{split}.parquet").read_bytes())
+    before = corpus(tmp_path)
+    extra = [replace(s, question="an unseen question") for s in read_samples(data_dir / "train.parquet")[:5]]
+    pq.write_table(samples_to_table(extra), tmp_path / "rl.parquet")
+    assert corpus(tmp_path) == before == corpus(data_dir)
+    for split in SPLITS:
+        (tmp_path / f"{split}.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="train.parquet, val.parquet, test.parquet"):
+        corpus(tmp_path)
 
 
 @settings(max_examples=30, deadline=None, database=None)

@@ -5,6 +5,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..schema import Sample, read_samples
+from .generate import SPLITS
 from .templates import NO_TARGET_ANSWER
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -20,11 +21,15 @@ def sft_target(sample: Sample, ref_token: str = DEFAULT_REF_TOKEN) -> str:
 
 
 def corpus(source: Iterable[Sample] | str | Path, ref_token: str = DEFAULT_REF_TOKEN) -> list[str]:
-    """Questions, reasoning strings and SFT targets of samples, or of every split file in a folder."""
+    """Questions, reasoning strings and SFT targets of samples, or of the set's split files in a folder.
+
+    Only the files `make-data` writes (``SPLITS``, read in sorted order) count: another Parquet file
+    put beside them (an experiment's own split) must not change the tokenizer or `make-tiny`'s stamp.
+    """
     if isinstance(source, (str, Path)):
-        files = sorted(Path(source).glob("*.parquet"))
+        files = [f for f in (Path(source) / f"{split}.parquet" for split in sorted(SPLITS)) if f.is_file()]
         if not files:
-            raise FileNotFoundError(f"no split files (*.parquet) in {source}")
+            raise FileNotFoundError(f"no split files ({', '.join(f'{s}.parquet' for s in SPLITS)}) in {source}")
         source = [s for f in files for s in read_samples(f)]
     texts = []
     for s in source:
