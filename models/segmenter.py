@@ -40,7 +40,8 @@ from models.seghead import SegHeadOutput
 DEFAULT_KIND = "segcompass"
 """Head kind of a head/config.json without a "kind" key: checkpoints written before READ was a head."""
 MANIFEST = "manifest.json"
-WRITTEN_LATER = ("eval-*.json",)
+EVAL_FILE = "eval-{split}.json"
+WRITTEN_LATER = (EVAL_FILE.format(split="*"),)
 """Files that may join a checkpoint folder after it was written: `segrl eval` saves its metrics there."""
 NEEDED = (("config.json",), ("model.safetensors", "model.safetensors.index.json"), ("tokenizer.json",),
           ("tokenizer_config.json",), ("projector/config.json",), ("projector/model.safetensors",))
@@ -107,6 +108,11 @@ def slot_probabilities(head_out: SegHeadOutput | None, num_slots: int, side: int
     conf = (np.ones(1, np.float32) if num_slots == 1
             else torch.sigmoid(head_out.conf_logits.detach()).float().numpy())
     return probs, conf
+
+
+def eval_file(checkpoint: str | Path, split: str) -> Path:
+    """Where an evaluation of ``checkpoint`` on ``split`` is saved beside it (``WRITTEN_LATER``)."""
+    return Path(checkpoint) / EVAL_FILE.format(split=split)
 
 
 def head_state(head: nn.Module) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from data.synthetic import sft_target
 from data.synthetic.answers import reasoning_correct
 from models.generate import generate
 from models.prompt import prompt_ids
-from models.segmenter import Segmenter, require_finite, slot_probabilities
+from models.segmenter import Segmenter, eval_file, require_finite, slot_probabilities
 from rewards import SegMetrics, mask_score, response_format_score
 from rewards.thresholds import best_threshold_iou, fixed_threshold_iou
 
@@ -198,8 +198,7 @@ def run_eval(config, checkpoint: str | None = None, split: str | None = None, li
     model, tokenizer, img_size = build_segmenter(config, checkpoint)
     dataset = SegDataset(split_file, feature_store(config), img_size, limit=limit)
     result = evaluate_with_config(config, model, tokenizer, dataset, img_size)
-    path = write_eval(Path(out) if out else Path(checkpoint) / f"eval-{split}.json", checkpoint, split, result,
-                      trivial)
+    path = write_eval(Path(out) if out else eval_file(checkpoint, split), checkpoint, split, result, trivial)
     return {"split": split, "metrics": result.metrics, "baselines": trivial, "path": str(path)}
 
 

@@ -49,8 +49,10 @@ def eval_change(before: str | Path, after: str | Path) -> dict:
 
 def checkpoints_change(config, before: str | Path, after: str | Path) -> dict:
     """``eval_change`` of two checkpoint folders' evaluations on the config's first eval split."""
-    name = f"eval-{config.data.eval_splits[0]}.json"
-    return eval_change(Path(before) / name, Path(after) / name)
+    from models.segmenter import eval_file
+
+    split = config.data.eval_splits[0]
+    return eval_change(eval_file(before, split), eval_file(after, split))
 
 
 def change_line(change: dict, label: str) -> str:

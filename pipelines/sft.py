@@ -23,7 +23,7 @@ from data.loader import SegDataset, SegItem
 from data.mask_frames import slot_targets
 from models.losses import segmentation_loss
 from models.optim import build_optimizer, clip_grad_norm, one_cycle, param_groups
-from models.segmenter import save_segmenter
+from models.segmenter import eval_file, save_segmenter
 from pipelines.evaluate import EvalResult, evaluate_with_config, table_lines, teacher_forced, write_eval
 
 
@@ -85,7 +85,7 @@ def run_sft(config: Config, progress: bool = True) -> dict:
     source = config.resolve_path(config.model.name_or_path)
     model_dir = save_segmenter(model, head_spec(config), tokenizer, source, out_dir / "model")
     split = config.data.eval_splits[0]
-    write_eval(model_dir / f"eval-{split}.json", model_dir, split, after)  # as `segrl eval` would write it
+    write_eval(eval_file(model_dir, split), model_dir, split, after)  # as `segrl eval` would write it
     report = {"before": before, "after": after.metrics, "steps": step, "checkpoint": str(model_dir)}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
