@@ -9,8 +9,8 @@ models.read):
 2. a trainable projection of the `<SEG>` state is appended to the point tokens
    as SAM's text prompt;
 3. SAM's prompt encoder + mask decoder decode one mask on the cached image
-   embedding. Gradients reach the LM through that projection (and through the
-   similarity map in `heatmaps`, which no loss uses).
+   embedding, for a whole batch at once. Gradients reach the LM through that
+   projection (and through the similarity map in `heatmaps`, which no loss uses).
 
 Where the map lies in SAM's frame follows the policy's token grid
 (``models.image_grid``: a square-padding tower's or Qwen2.5-VL's whole-image grid)
@@ -19,12 +19,16 @@ square, so on a non-square image the two frames differ (``models.read.MapPlaceme
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from models.image_grid import TokenGrid
-from models.read import MapPlacement, ReadParams, read_prompts
+from models.read import MapPlacement, ReadParams, ReadPrompts, read_prompts
+from models.sam import decode_per_prompt
 from models.seghead import SegHeadOutput
 
 
@@ -48,9 +52,24 @@ class ReadHead(nn.Module):
     def decode_batch(self, ref_hidden: list[torch.Tensor], image_hidden: list[torch.Tensor],
                      image_grids: list[TokenGrid | None], sam_embeddings: list[torch.Tensor],
                      sam_input_sizes: list[tuple[int, int]] | None = None) -> list[SegHeadOutput]:
-        """``forward`` per sample: point selection is per image, so READ decodes one at a time."""
+        """``forward`` for B samples. Points are picked per image (a sort); the prompt encoder and
+        mask decoder then run once for all samples with the same number of points (one group
+        unless the token grids differ), not once per sample: about 8x faster SFT steps on CPU, and
+        under ZeRO-3 each module call is a parameter gather. A sample's mask does not depend on
+        its batch: samples with other point counts are decoded apart, never padded."""
         sizes = sam_input_sizes or [None] * len(ref_hidden)
-        return [self(*sample) for sample in zip(ref_hidden, image_hidden, sam_embeddings, image_grids, sizes)]
+        seg = [self._seg_state(r, g, image.shape[0]) for r, g, image in zip(ref_hidden, image_grids, image_hidden)]
+        prompts = [read_prompts(s, image, (g.rows, g.cols), self._placement(g, size), self.params)
+                   for s, image, g, size in zip(seg, image_hidden, image_grids, sizes)]
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(prompts):
+            groups[len(p.labels)].append(i)
+        decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for members in groups.values():
+            low, iou = self._decode(torch.stack([seg[i] for i in members]), [prompts[i] for i in members],
+                                    torch.stack([sam_embeddings[i] for i in members]))
+            decoded.update({i: (low[j:j + 1], iou[j:j + 1]) for j, i in enumerate(members)})
+        return [self._output(*decoded[i], prompts[i].sim, ref_hidden[i].shape[0]) for i in range(len(prompts))]
 
     def forward(self, ref_hidden: torch.Tensor, image_hidden: torch.Tensor, sam_embedding: torch.Tensor,
                 grid: TokenGrid | None, sam_input_size: tuple[int, int] | None = None) -> SegHeadOutput:
@@ -59,33 +78,38 @@ class ReadHead(nn.Module):
 
         The first reference token is decoded (K = 1).
         """
+        return self.decode_batch([ref_hidden], [image_hidden], [grid], [sam_embedding], [sam_input_size])[0]
+
+    @staticmethod
+    def _seg_state(ref_hidden: torch.Tensor, grid: TokenGrid | None, n_image: int) -> torch.Tensor:
         if ref_hidden.shape[0] == 0:
             raise ValueError("no reference token in the response: a false-premise answer has no mask to decode")
         if grid is None:
-            raise ValueError(f"{image_hidden.shape[0]} image tokens are not a square grid: READ needs the token "
+            raise ValueError(f"{n_image} image tokens are not a square grid: READ needs the token "
                              "grid, which only a square-padding tower or Qwen2.5-VL's patch grid gives")
-        seg = ref_hidden[0]
-        placement = MapPlacement.of(sam_input_size or tuple(self.prompt_encoder.input_image_size), grid.padded_square)
-        prompts = read_prompts(seg, image_hidden, (grid.rows, grid.cols), placement, self.params)
-        device = sam_embedding.device
-        points = (torch.as_tensor(prompts.coords, dtype=torch.float32, device=device)[None],
-                  torch.as_tensor(prompts.labels, dtype=torch.int64, device=device)[None])
+        return ref_hidden[0]
+
+    def _placement(self, grid: TokenGrid, sam_input_size: tuple[int, int] | None) -> MapPlacement:
+        return MapPlacement.of(sam_input_size or tuple(self.prompt_encoder.input_image_size), grid.padded_square)
+
+    def _decode(self, seg: torch.Tensor, prompts: list[ReadPrompts],
+                sam_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask logits [B, 4h, 4w], predicted IoU [B]) of B samples with as many points each."""
+        device = sam_embeddings.device
+        points = (torch.as_tensor(np.stack([p.coords for p in prompts]), dtype=torch.float32, device=device),
+                  torch.as_tensor(np.stack([p.labels for p in prompts]), dtype=torch.int64, device=device))
         sparse, dense = self.prompt_encoder(points=points, boxes=None, masks=None)
-        sparse = torch.cat([sparse, self.projection(seg).to(sparse.dtype)[None, None]], 1)
-        low, iou = self.mask_decoder(
-            image_embeddings=sam_embedding[None],
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        heat = F.interpolate(prompts.sim[None, None], size=low.shape[-2:], mode="bilinear", align_corners=False)
-        n_ref = ref_hidden.shape[0]
+        sparse = torch.cat([sparse, self.projection(seg).to(sparse.dtype)[:, None]], 1)
+        return decode_per_prompt(self.mask_decoder, sam_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+
+    @staticmethod
+    def _output(low: torch.Tensor, iou: torch.Tensor, sim: torch.Tensor, n_ref: int) -> SegHeadOutput:
+        heat = F.interpolate(sim[None, None], size=low.shape[-2:], mode="bilinear", align_corners=False)
         return SegHeadOutput(
-            mask_logits=low[:, 0],
+            mask_logits=low,
             conf_logits=iou.new_zeros(1),  # no slot confidence: emitting <SEG> is READ's decision (K = 1)
             heatmaps=heat[:, 0].to(low.dtype),
-            iou_pred=iou[:, 0],
-            sae_ids=torch.zeros(n_ref, 0, dtype=torch.long, device=device),
+            iou_pred=iou,
+            sae_ids=torch.zeros(n_ref, 0, dtype=torch.long, device=low.device),
             sae_acts=low.new_zeros(n_ref, 0),
         )

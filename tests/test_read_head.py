@@ -119,6 +119,28 @@ def test_neutral_points_carry_no_location():
     assert not torch.allclose(base, other)
 
 
+def test_a_batch_decodes_each_sample_as_it_decodes_alone_in_one_decoder_call_per_point_count():
+    """Batching is a speed-up only: a sample's mask, heatmap and IoU are the same in any batch, and
+    samples whose grids give other point counts (25 cells: 25 points, not 30) are decoded apart."""
+    head, _ = _head()
+    grids = [SQUARE, TokenGrid(5, 5, padded_square=True), SQUARE, TokenGrid(4, 16, padded_square=False)]
+    refs = [torch.randn(1 + i % 2, LM_DIM, requires_grad=True) for i in range(len(grids))]
+    images = [torch.randn(g.rows * g.cols, LM_DIM) for g in grids]
+    embeddings = [torch.randn(32, 8, 8) for _ in grids]
+    calls = []
+    hook = head.mask_decoder.transformer.register_forward_hook(lambda m, args, out: calls.append(args[2].shape))
+    batch = head.decode_batch(refs, images, grids, embeddings)
+    hook.remove()
+    # tokens: SAM's 5 output tokens, the points, the padding point SAM adds without a box, the <SEG> projection
+    assert sorted(tuple(c[:2]) for c in calls) == [(1, 5 + 25 + 1 + 1), (3, 5 + 30 + 1 + 1)]
+    for i, out in enumerate(batch):
+        alone = head(refs[i], images[i], embeddings[i], grids[i])
+        for field in ("mask_logits", "heatmaps", "iou_pred", "conf_logits"):
+            torch.testing.assert_close(getattr(out, field), getattr(alone, field), atol=1e-5, rtol=1e-5)
+    sum(o.mask_logits.sum() for o in batch).backward()
+    assert all(r.grad is not None and r.grad[0].abs().sum() > 0 for r in refs)
+
+
 def test_param_groups_cope_with_reads_roles():
     head, _ = _head()
     multipliers = {"query_codebook": 25.0, "slot_mapper": 80.0, "mask_decoder": 10.0}
