@@ -54,9 +54,9 @@ class ReadHead(nn.Module):
                      sam_input_sizes: list[tuple[int, int]] | None = None) -> list[SegHeadOutput]:
         """``forward`` for B samples. Points are picked per image (a sort); the prompt encoder and
         mask decoder then run once for all samples with the same number of points (one group
-        unless the token grids differ), not once per sample: about 8x faster SFT steps on CPU, and
-        under ZeRO-3 each module call is a parameter gather. A sample's mask does not depend on
-        its batch: samples with other point counts are decoded apart, never padded."""
+        unless the token grids differ), not once per sample (`bench/read_decode.py` times both),
+        and under ZeRO-3 each module call is a parameter gather. A sample's mask does not depend
+        on its batch: samples with other point counts are decoded apart, never padded."""
         sizes = sam_input_sizes or [None] * len(ref_hidden)
         seg = [self._seg_state(r, g, image.shape[0]) for r, g, image in zip(ref_hidden, image_grids, image_hidden)]
         prompts = [read_prompts(s, image, (g.rows, g.cols), self._placement(g, size), self.params)
