@@ -44,7 +44,7 @@ class RefusalBias(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         n = len(self.context)
         if input_ids.shape[1] >= n:
-            hit = (input_ids[:, -n:] == self.context).all(dim=1)
+            hit = (input_ids[:, -n:] == self.context.to(input_ids.device)).all(dim=1)
             scores[hit, self.token] += self.bias
         return scores
 

@@ -48,13 +48,19 @@ def test_a_tokenizer_that_splits_the_decision_otherwise_is_refused_by_name():
         refusal_bias.decision_tokens(tokenizer)
 
 
-def test_without_a_bias_the_sweep_scores_what_the_eval_scores(tiny_workspace, tiny_features):
+def test_without_a_bias_the_sweep_scores_what_the_eval_scores(tiny_workspace, tiny_sae, monkeypatch):
+    """The bias is consulted at every generated token, and a zero bias changes no answer."""
     from config.builders import build_segmenter, feature_store
     from data.loader import SegDataset
     from pipelines.evaluate import evaluate_with_config
 
+    consulted = []
+    plain_call = refusal_bias.RefusalBias.__call__
+    monkeypatch.setattr(refusal_bias.RefusalBias, "__call__",
+                        lambda self, ids, scores: consulted.append(ids.shape) or plain_call(self, ids, scores))
     config, checkpoint = tiny_workspace["config"], tiny_workspace["tiny"]["path"]
     swept = refusal_bias.sweep(config, checkpoint, "val", 6, [0.0])
+    assert consulted and consulted[0][0] == 6  # one batch of the 6 samples, from its first generated token
     model, tokenizer, img_size = build_segmenter(config, checkpoint)
     dataset = SegDataset(Path(config.resolve_path(config.data.root)) / "val.parquet", feature_store(config), img_size,
                          limit=6)
